@@ -1,0 +1,80 @@
+"""``fusebench ui``: start the MLflow UI on the configured tracking store, on 127.0.0.1 by default.
+
+The UI shows every param, metric and artifact (including the leaderboards and reports logged to a
+study's parent run), so binding it beyond the loopback interface is an explicit choice that is warned
+about: MLflow's UI has no authentication unless it is set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import subprocess
+import sys
+
+from dashboards._cli import add_tracking_arg
+from dashboards.data import resolve_tracking_uri, warn_stderr
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_tracking_arg(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=5000, help="default: 5000")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the mlflow command and URL, start nothing"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if not is_loopback(host):
+        # MLflow 3 rejects Host headers other than localhost unless they are allowed explicitly
+        command += ["--allowed-hosts", "*"]
+    return command
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.errors import FusebenchError
+
+    if not 0 < args.port < 65536:
+        raise FusebenchError(f"--port {args.port} is not a TCP port")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if not is_loopback(args.host):
+        warn_stderr(
+            f"binding the MLflow UI to {args.host}: anyone who can reach this machine can read (and change) "
+            "the tracking store; MLflow's UI has no authentication by default"
+        )
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+    command = ui_command(uri, args.host, args.port)
+    print(f"MLflow UI for {uri}: http://{shown_host}:{args.port}", flush=True)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
