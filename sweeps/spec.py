@@ -1,0 +1,435 @@
+"""Sweep specs: a YAML file naming the base experiment, the search space, the objectives and the search.
+
+Why strict and early: a sweep runs for hours on machines the user is paying for. A typo found after the
+first trial (or worse, silently ignored) wastes all of that, so every key, range, metric and combination
+is checked here, before the study exists, and each error names the spec file and the key.
+
+Format (see the shipped ``sweeps/*.yaml``)::
+
+    study: quickstart                 # default study name (default: the file's stem)
+    base: {model: {arch: mlp}, ...}   # an experiment config (docs/design.md §2) or a path to one
+    space:
+      fusion.method: {type: categorical, choices: [nt, avg]}
+      fusion.options.sparsity: {type: float, low: 0.25, high: 0.75, step: 0.25, when: {fusion.method: nt}}
+    objectives: [{metric: fused_acc_best_val, direction: maximize}]
+    sampler: {type: tpe, seed: 0}     # tpe | random | grid (= brute force) | nsga2; or just "tpe"
+    pruner: median                    # none | median | hyperband (single objective only)
+    repeats: 1                        # member seeds per configuration (seed, seed+1, ...)
+    n_trials: 10
+    timeout: null                     # seconds; no new trial starts after it
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import config as bench_config
+from bench.errors import ConfigError
+
+TOP_KEYS = ("study", "description", "base", "space", "objectives", "sampler", "pruner", "repeats",
+            "n_trials", "timeout")
+PARAM_KEYS = ("type", "choices", "low", "high", "log", "step", "when")
+PARAM_TYPES = ("categorical", "int", "float")
+SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
+SAMPLER_KEYS = {
+    "tpe": ("type", "seed", "n_startup_trials"),
+    "random": ("type", "seed"),
+    "grid": ("type", "seed"),
+    "bruteforce": ("type", "seed"),
+    "nsga2": ("type", "seed", "population_size"),
+}
+PRUNERS = ("none", "median", "hyperband")
+PRUNER_KEYS = {
+    "none": ("type",),
+    "median": ("type", "n_startup_trials", "n_warmup_steps"),
+    "hyperband": ("type", "min_resource", "reduction_factor"),
+}
+# The metrics of the MLflow run schema (docs/design.md §3) that a trial can be judged by.
+SCHEMA_METRICS = (
+    "members_mean_acc", "best_member_acc", "ensemble_acc", "best_member_ft_acc", "fused_acc",
+    "fused_val_acc", "ft_train_loss", "fused_acc_before_ft", "fused_acc_final", "fused_acc_best_val",
+    "gain_over_best_member", "gain_over_ensemble", "fusion_time_s", "fusion_peak_mem_mb", "fused_params",
+    "member_params", "fused_macs", "member_macs", "fused_latency_ms", "ensemble_latency_ms",
+    "train_time_s", "finetune_time_s", "total_time_s",
+)
+MEMBER_METRIC = re.compile(r"member_\d+_acc")
+# Fusion methods of docs/design.md §1; the installed library may add more.
+KNOWN_METHODS = ("avg", "nt", "nt_hierarchical", "nt_iterative", "ot")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space; ``name`` is the dotted config key it sets."""
+
+    name: str
+    type: str
+    choices: tuple = ()
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    def grid_values(self) -> list:
+        """Every value a full-factorial (brute-force) search visits."""
+        if self.type == "categorical":
+            return list(self.choices)
+        assert self.low is not None and self.high is not None
+        step = self.step if self.step is not None else 1
+        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        return [self.low + i * step for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str  # "maximize" | "minimize"
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep spec. ``base`` is a fully resolved experiment config."""
+
+    source: str
+    study: str
+    base: dict
+    space: dict[str, Param]
+    objectives: list[Objective]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    repeats: int = 1
+    n_trials: int | None = None
+    timeout: float | None = None
+    description: str = ""
+    text: str = ""  # the spec file as written, logged to the study's MLflow run
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def grid_size(self) -> int:
+        """Number of distinct configurations of the space (conditional params counted only when active)."""
+        return len(enumerate_grid(self.space))
+
+    def target_trials(self) -> int:
+        """How many finished trials end the study: ``n_trials``, capped by the grid for grid search."""
+        if self.sampler["type"] in ("grid", "bruteforce"):
+            size = self.grid_size()
+            return min(self.n_trials, size) if self.n_trials else size
+        if not self.n_trials:
+            raise ConfigError(f"{self.source}: 'n_trials' is required for sampler '{self.sampler['type']}'")
+        return self.n_trials
+
+
+def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], source: str, where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_active(param: Param, values: dict[str, Any]) -> bool:
+    """A conditional param is sampled only when every ``when`` param was sampled with an allowed value."""
+    return all(name in values and values[name] in allowed for name, allowed in param.when.items())
+
+
+def enumerate_grid(space: dict[str, Param]) -> list[dict[str, Any]]:
+    """All distinct configurations of ``space`` (declaration order), inactive params left out."""
+    combos: list[dict[str, Any]] = [{}]
+    for param in space.values():
+        grown = []
+        for combo in combos:
+            if is_active(param, combo):
+                grown.extend({**combo, param.name: v} for v in param.grid_values())
+            else:
+                grown.append(combo)
+        combos = grown
+    return combos
+
+
+def nest(params: dict[str, Any]) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict = {}
+    for dotted, value in params.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Merge nested ``update`` into a copy of ``base`` (free mappings such as fusion.options merge too)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_params(base: dict, params: dict[str, Any], *, source: str = "<sweep>") -> dict:
+    """The experiment config of one trial: ``base`` with the sampled dotted keys set, validated."""
+    return bench_config.resolve(deep_merge(base, nest(params)), source=source)
+
+
+def _parse_param(name: str, raw: Any, source: str, earlier: dict[str, Param]) -> Param:
+    where = f"space.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping with 'type' and its range, got {raw!r}")
+    _check_keys(raw, PARAM_KEYS, source, where)
+    ptype = raw.get("type", "categorical" if "choices" in raw else None)
+    if ptype not in PARAM_TYPES:
+        raise ConfigError(f"{source}: '{where}.type' must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}"
+                          f"{_suggest(str(ptype), PARAM_TYPES)}")
+    when: dict[str, tuple] = {}
+    raw_when = raw.get("when") or {}
+    if not isinstance(raw_when, dict):
+        raise ConfigError(f"{source}: '{where}.when' must map a param to a value or a list of values")
+    for cond, allowed in raw_when.items():
+        if cond not in earlier:
+            raise ConfigError(f"{source}: '{where}.when' refers to '{cond}', which is not a param declared "
+                              f"before it in 'space'{_suggest(str(cond), list(earlier))}")
+        allowed_t = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if not allowed_t:
+            raise ConfigError(f"{source}: '{where}.when.{cond}' is an empty list")
+        ref = earlier[cond]
+        if ref.type == "categorical":
+            for v in allowed_t:
+                if v not in ref.choices:
+                    raise ConfigError(f"{source}: '{where}.when.{cond}': {v!r} is not one of the choices "
+                                      f"of '{cond}' {list(ref.choices)}")
+        when[str(cond)] = allowed_t
+    if ptype == "categorical":
+        for key in ("low", "high", "log", "step"):
+            if key in raw:
+                raise ConfigError(f"{source}: '{where}.{key}' does not apply to a categorical param "
+                                  "(use 'choices')")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{source}: '{where}.choices' must be a non-empty list, got {choices!r}")
+        if len({repr(c) for c in choices}) != len(choices):
+            raise ConfigError(f"{source}: '{where}.choices' has duplicates: {choices!r}")
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise ConfigError(f"{source}: '{where}.choices': {c!r} is not a scalar "
+                                  "(Optuna stores only None, bool, int, float and str)")
+        return Param(name, ptype, choices=tuple(choices), when=when)
+    if "choices" in raw:
+        raise ConfigError(f"{source}: '{where}.choices' applies only to type categorical")
+    low, high = raw.get("low"), raw.get("high")
+    for key, v in (("low", low), ("high", high)):
+        if not _is_number(v) or (ptype == "int" and not isinstance(v, int)):
+            raise ConfigError(f"{source}: '{where}.{key}' must be {'an integer' if ptype == 'int' else 'a number'}"
+                              f", got {v!r}")
+    if low > high:
+        raise ConfigError(f"{source}: '{where}': low ({low}) > high ({high})")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{source}: '{where}.log' must be true or false, got {log!r}")
+    step = raw.get("step")
+    if step is not None:
+        if not _is_number(step) or step <= 0 or (ptype == "int" and not isinstance(step, int)):
+            raise ConfigError(f"{source}: '{where}.step' must be a positive {ptype}, got {step!r}")
+        if log:
+            raise ConfigError(f"{source}: '{where}': 'step' and 'log: true' cannot be combined (Optuna)")
+    if log and low <= 0:
+        raise ConfigError(f"{source}: '{where}': 'log: true' needs low > 0, got {low}")
+    if ptype == "float":
+        low, high = float(low), float(high)
+        step = float(step) if step is not None else None
+    return Param(name, ptype, low=low, high=high, log=log, step=step, when=when)
+
+
+def _check_param_values(param: Param, base: dict, source: str) -> None:
+    """Every value the param can take must give a valid experiment config."""
+    where = f"space.{param.name}"
+    if param.type == "categorical":
+        values = list(param.choices)
+    else:
+        values = [param.low, param.high]
+    for v in values:
+        try:
+            apply_params(base, {param.name: v}, source=source)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: '{where}' sets a value the experiment config refuses: "
+                              f"{str(exc).removeprefix(source + ': ')}") from None
+    if param.name == "fusion.method":
+        methods = set(KNOWN_METHODS)
+        try:  # the installed library may register more methods than the design lists
+            import fusion
+
+            methods |= set(fusion.available_methods())
+        except Exception:  # noqa: BLE001 - fusion missing or broken: the design list still applies
+            pass
+        for v in values:
+            if v not in methods:
+                raise ConfigError(f"{source}: '{where}': unknown fusion method {v!r}"
+                                  f"{_suggest(str(v), sorted(methods))}; known: {', '.join(sorted(methods))}")
+    if param.name == "fusion.options.sparsity":
+        for v in values:
+            if not _is_number(v) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"{source}: '{where}': sparsity must be in [0, 1), got {v!r}")
+    if param.name in ("model.arch", "data.name"):
+        for v in values:
+            _check_names({param.name: v}, source, where)
+
+
+def _check_names(names: dict[str, Any], source: str, where: str) -> None:
+    """Architecture and data set names, checked by the harness's own fail-fast checks."""
+    from bench.data import check_name
+    from bench.models import check_arch
+
+    try:
+        if "model.arch" in names:
+            check_arch(str(names["model.arch"]))
+        if "data.name" in names:
+            check_name(str(names["data.name"]))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: '{where}': {exc}") from None
+
+
+def _parse_objectives(raw: Any, source: str) -> list[Objective]:
+    if raw is None:
+        return [Objective("fused_acc_best_val", "maximize")]
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{source}: 'objectives' must be a non-empty list of {{metric, direction}}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"objectives[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping with 'metric' and 'direction'")
+        _check_keys(item, ("metric", "direction"), source, where)
+        metric, direction = item.get("metric"), item.get("direction")
+        if not isinstance(metric, str) or not (metric in SCHEMA_METRICS or MEMBER_METRIC.fullmatch(metric)):
+            raise ConfigError(f"{source}: '{where}.metric': unknown metric {metric!r}"
+                              f"{_suggest(str(metric), SCHEMA_METRICS)} (see docs/design.md §3)")
+        if direction not in ("maximize", "minimize"):
+            raise ConfigError(f"{source}: '{where}.direction' must be maximize or minimize, got {direction!r}")
+        out.append(Objective(metric, direction))
+    if len({o.metric for o in out}) != len(out):
+        raise ConfigError(f"{source}: 'objectives' lists a metric twice")
+    return out
+
+
+def _parse_choice_block(raw: Any, source: str, key: str, names: tuple[str, ...],
+                        keys: dict[str, tuple[str, ...]], default: str) -> dict[str, Any]:
+    if raw is None:
+        raw = {"type": default}
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{key}' must be a name or a mapping with 'type', got {raw!r}")
+    kind = raw.get("type", default)
+    if kind not in names:
+        raise ConfigError(f"{source}: '{key}': unknown {key} {kind!r}{_suggest(str(kind), names)}; "
+                          f"choose one of {', '.join(names)}")
+    _check_keys(raw, keys[kind], source, key)
+    for k, v in raw.items():
+        if k != "type" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ConfigError(f"{source}: '{key}.{k}' must be a non-negative integer, got {v!r}")
+    return {**raw, "type": kind}
+
+
+def _load_base(raw: Any, spec_path: Path | None, source: str) -> dict:
+    if raw is None:
+        raw = {}
+    if isinstance(raw, str):
+        path = Path(raw)
+        if not path.is_absolute() and spec_path is not None:
+            path = spec_path.parent / path
+        return bench_config.load_config(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: 'base' must be an experiment config mapping or a path to one")
+    return bench_config.resolve(raw, source=f"{source}: base")
+
+
+def parse_spec(raw: Any, *, source: str = "<spec>", spec_path: Path | None = None, text: str = "") -> SweepSpec:
+    """Validate a spec already read from YAML; raises ``ConfigError`` naming ``source`` and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a sweep spec must be a mapping, got {type(raw).__name__}")
+    _check_keys(raw, TOP_KEYS, source, "")
+    base = _load_base(raw.get("base"), spec_path, source)
+    _check_names({"model.arch": base["model"]["arch"], "data.name": base["data"]["name"]}, source, "base")
+    raw_space = raw.get("space")
+    if not isinstance(raw_space, dict) or not raw_space:
+        raise ConfigError(f"{source}: 'space' must be a non-empty mapping of dotted config keys to ranges")
+    space: dict[str, Param] = {}
+    for name, praw in raw_space.items():
+        name = str(name)
+        space[name] = _parse_param(name, praw, source, space)
+        _check_param_values(space[name], base, source)
+    objectives = _parse_objectives(raw.get("objectives"), source)
+    sampler = _parse_choice_block(raw.get("sampler"), source, "sampler", SAMPLERS, SAMPLER_KEYS, "tpe")
+    pruner = _parse_choice_block(raw.get("pruner"), source, "pruner", PRUNERS, PRUNER_KEYS, "none")
+    if pruner["type"] != "none":
+        if len(objectives) > 1:
+            raise ConfigError(f"{source}: 'pruner': pruning works only with one objective "
+                              f"(this spec has {len(objectives)}); use 'pruner: none'")
+        if objectives[0].direction != "maximize":
+            raise ConfigError(f"{source}: 'pruner' reports validation accuracy (higher is better) and needs "
+                              "a maximized objective")
+    if sampler["type"] in ("grid", "bruteforce"):
+        for p in space.values():
+            if p.type == "float" and p.step is None:
+                raise ConfigError(f"{source}: 'space.{p.name}': the grid sampler needs a 'step' for float "
+                                  "params (otherwise the grid is infinite)")
+    repeats = raw.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"{source}: 'repeats' must be an integer >= 1, got {repeats!r}")
+    n_trials = raw.get("n_trials")
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise ConfigError(f"{source}: 'n_trials' must be an integer >= 1, got {n_trials!r}")
+    timeout = raw.get("timeout")
+    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+        raise ConfigError(f"{source}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+    study = raw.get("study") or (spec_path.stem if spec_path is not None else "sweep")
+    if not isinstance(study, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study):
+        raise ConfigError(f"{source}: 'study' must be a name of letters, digits, '.', '_' or '-', got {study!r}")
+    description = raw.get("description") or ""
+    spec = SweepSpec(source=source, study=study, base=base, space=space, objectives=objectives,
+                     sampler=sampler, pruner=pruner, repeats=repeats, n_trials=n_trials,
+                     timeout=float(timeout) if timeout is not None else None,
+                     description=str(description), text=text)
+    if sampler["type"] not in ("grid", "bruteforce") and n_trials is None:
+        raise ConfigError(f"{source}: 'n_trials' is required for sampler '{sampler['type']}'")
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read sweep spec: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read sweep spec: not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_spec(raw, source=source, spec_path=path, text=text)
