@@ -1,0 +1,221 @@
+"""Honest measurements of fusion: wall time, peak memory beyond the inputs, size, MACs, latency.
+
+Public helpers (also used by ``bench.perf``):
+
+* ``measure_fusion(models, method, example_inputs, options)`` -> ``FusionMeasurement``
+  (fused model, seconds, peak_mem_mb): on a GPU in-process with synchronization and the allocator's peak;
+  on the CPU in a fresh child process, because ``tracemalloc`` does not see torch tensors and the parent's
+  RSS high-water mark is polluted by everything that ran before (REFERENCE.md §6).
+* ``peak_rss_beyond_baseline(fn, *args, **kwargs)`` -> ``(result, peak_mb, seconds)``: runs a picklable
+  ``fn`` in a spawned child and reports its peak RSS minus its RSS once the arguments are loaded.
+* ``gpu_peak_beyond_baseline(fn, *args, device=..., **kwargs)`` -> ``(result, peak_mb, seconds)``.
+* ``macs_and_params``, ``latency_ms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_MB = 1024.0 * 1024.0
+
+
+@dataclass
+class FusionMeasurement:
+    fused_model: nn.Module
+    seconds: float
+    peak_mem_mb: float
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize()
+
+
+def _maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0) so ru_maxrss starts at the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _touch(obj: Any) -> None:
+    """Read every tensor in ``obj`` once so its pages (shared memory from the parent) are resident
+    before the baseline is taken; otherwise the first read inside ``fn`` would count as ``fn``'s memory."""
+    if isinstance(obj, torch.Tensor):
+        if obj.numel():
+            obj.detach().float().sum() if obj.is_floating_point() else obj.detach().sum()
+    elif isinstance(obj, nn.Module):
+        for t in obj.state_dict().values():
+            _touch(t)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _touch(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _touch(v)
+
+
+def _child_main(conn, preload: tuple[str, ...], threads: int, fn, args, kwargs) -> None:
+    """Runs in the spawned child: the arguments are already unpickled (loaded) when this starts."""
+    try:
+        torch.set_num_threads(threads)
+        for name in preload:  # imports are not the function's memory
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        _touch((args, kwargs))
+        gc.collect()
+        reset = _reset_peak_rss()
+        baseline = _rss_bytes() if reset else _maxrss_bytes()
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        peak = max(0, _maxrss_bytes() - baseline)
+        conn.send(("ok", result, peak / _MB, seconds))
+    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which re-raises
+        try:
+            conn.send(("error", exc, 0.0, 0.0))
+        except Exception:  # noqa: BLE001 - unpicklable exception
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), 0.0, 0.0))
+    finally:
+        conn.close()
+
+
+def peak_rss_beyond_baseline(
+    fn: Callable[..., Any], *args: Any, preload: tuple[str, ...] = (), **kwargs: Any
+) -> tuple[Any, float, float]:
+    """Run ``fn(*args, **kwargs)`` in a fresh spawned process; return (result, peak MiB, seconds).
+
+    The peak is the child's RSS high-water mark during ``fn`` minus its RSS after the arguments were
+    unpickled and ``preload`` modules imported. ``fn``, the arguments and the result must be picklable
+    (nn.Modules are). Exceptions raised by ``fn`` are re-raised here.
+    """
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(child_conn, tuple(preload), torch.get_num_threads(), fn, args, kwargs),
+        daemon=True,
+    )
+    proc.start()
+    child_conn.close()
+    try:
+        status, payload, peak_mb, seconds = parent_conn.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"measurement child process died (exit code {proc.exitcode})") from None
+    finally:
+        parent_conn.close()
+    proc.join()
+    if status == "error":
+        raise payload
+    return payload, peak_mb, seconds
+
+
+def gpu_peak_beyond_baseline(
+    fn: Callable[..., Any], *args: Any, device: torch.device | str = "cuda", **kwargs: Any
+) -> tuple[Any, float, float]:
+    """(result, peak MiB allocated beyond what was allocated before, synchronized seconds)."""
+    device = torch.device(device)
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) - before
+    return result, max(0, peak) / _MB, seconds
+
+
+def _fuse(models, method, example_inputs, options):
+    import fusion
+
+    return fusion.fuse(models, method, example_inputs=example_inputs, **options)
+
+
+def measure_fusion(
+    models: list[nn.Module],
+    method: str,
+    example_inputs: torch.Tensor | None,
+    options: dict | None = None,
+    *,
+    memory: bool = True,
+) -> FusionMeasurement:
+    """Fuse ``models`` with ``fusion.fuse`` and measure it (see the module docstring).
+
+    ``memory=False`` fuses in-process on the CPU (no child process; peak_mem_mb is NaN): for callers that
+    only need the model and the time.
+    """
+    options = dict(options or {})
+    device = next(models[0].parameters()).device
+    with contextlib.suppress(ImportError):  # imports are not fusion time
+        import torch_pruning  # noqa: F401
+    if device.type == "cuda":
+        fused, peak, seconds = gpu_peak_beyond_baseline(
+            _fuse, models, method, example_inputs, options, device=device
+        )
+        return FusionMeasurement(fused, seconds, peak)
+    if not memory:
+        start = time.perf_counter()
+        fused = _fuse(models, method, example_inputs, options)
+        return FusionMeasurement(fused, time.perf_counter() - start, float("nan"))
+    fused, peak, seconds = peak_rss_beyond_baseline(
+        _fuse, models, method, example_inputs, options, preload=("fusion", "torch_pruning")
+    )
+    return FusionMeasurement(fused, seconds, peak)
+
+
+def macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass on ``example_inputs`` (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return int(macs), int(params)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, batch: torch.Tensor, *, repeats: int = 15, warmup: int = 3) -> float:
+    """Median wall time (ms) of one forward pass on ``batch``, synchronized on the GPU."""
+    model.eval()
+    cuda = batch.device.type == "cuda"
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize(batch.device)
+        start = time.perf_counter()
+        model(batch)
+        if cuda:
+            torch.cuda.synchronize(batch.device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)

@@ -1,0 +1,150 @@
+"""MLflow logging of one experiment run, with explicit run ids (no fluent "active run").
+
+Why the client API: sweeps run experiments in worker processes under a parent run; the fluent API's
+process-global active run would attach metrics to the wrong run. Metrics are buffered and written with
+``log_batch`` (one request per flush) so tracking stays a small fraction of a small experiment; the time
+spent here is accounted in ``Tracker.seconds``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from bench.config import flatten, to_yaml
+
+ROLE_EXPERIMENT = "experiment"
+_BATCH_PARAMS, _BATCH_METRICS, _BATCH_TAGS = 100, 1000, 100
+_VERSION_PACKAGES = ("fusebench", "torch", "torchvision", "timm", "torch-pruning", "pot", "mlflow", "numpy")
+
+
+def resolve_tracking_uri(cfg: dict) -> str | None:
+    """Config, else MLFLOW_TRACKING_URI, else None (MLflow's own default, ``sqlite:///mlflow.db``)."""
+    return cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit of the fusebench source tree ("" when not in a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    out = {}
+    for pkg in _VERSION_PACKAGES:
+        try:
+            out[pkg.replace("-", "_")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance_tags() -> dict[str, str]:
+    tags = {f"fusebench.version.{k}": v for k, v in library_versions().items()}
+    tags["fusebench.git_commit"] = git_commit()
+    return tags
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Tracker:
+    """One MLflow run: params, tags, buffered metrics, the config artifact, the final status."""
+
+    def __init__(self, cfg: dict, *, parent_run_id: str | None = None, run_name: str | None = None):
+        start = time.perf_counter()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+        self.experiment_id = self._experiment_id(cfg["experiment"])
+        tags = {"fusebench.role": ROLE_EXPERIMENT}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        self.run_id: str = run.info.run_id
+        self._metrics: list = []
+        self.seconds = time.perf_counter() - start
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # created meanwhile by another worker
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def log_config(self, cfg: dict) -> None:
+        """The resolved config: flattened as params (write-once) and as ``config.yaml``."""
+        from mlflow.entities import Param
+
+        def write():
+            params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+            for chunk in _chunks(params, _BATCH_PARAMS):
+                self.client.log_batch(self.run_id, params=chunk)
+            self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+
+        self._timed(write)
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        def write():
+            items = [RunTag(k, "" if v is None else str(v)[:5000]) for k, v in tags.items()]
+            for chunk in _chunks(items, _BATCH_TAGS):
+                self.client.log_batch(self.run_id, tags=chunk)
+
+        self._timed(write)
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        """Buffer metrics; written by ``flush``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), now, step) for k, v in values.items())
+
+    def flush(self) -> None:
+        if not self._metrics:
+            return
+        pending, self._metrics = self._metrics, []
+
+        def write():
+            for chunk in _chunks(pending, _BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=chunk)
+
+        self._timed(write)
+
+    def end(self, status: str, error: str | None = None) -> None:
+        """Flush what is buffered and terminate the run (FINISHED, FAILED or KILLED)."""
+        try:
+            self.flush()
+            if error is not None:
+                self.set_tags({"fusebench.error": error})
+        finally:
+            self._timed(self.client.set_terminated, self.run_id, status)

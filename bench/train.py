@@ -1,0 +1,227 @@
+"""Training, evaluation and fine-tuning loops.
+
+Progress: a tqdm bar on a terminal; in CI logs (stderr not a TTY) one short line per epoch at most every
+few seconds, so logs stay readable and the loop pays no per-batch cost.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.data import DataBundle, LoaderSplit, TensorSplit
+
+Split = TensorSplit | LoaderSplit
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class Progress:
+    """Epoch progress: tqdm on a TTY, else a line every ``every_s`` seconds (and the last epoch)."""
+
+    def __init__(self, total: int, desc: str, *, every_s: float = 5.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None
+        if self.tty and total > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True)
+        self._last = time.monotonic()
+
+    def update(self, epoch: int, **info: float) -> None:
+        text = " ".join(f"{k}={v:.4f}" for k, v in info.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every_s or epoch == self.total:
+            self._last = now
+            print(f"[fusebench] {self.desc}: epoch {epoch}/{self.total} {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in split.batches(batch_size):
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return correct / max(n, 1), loss_sum / max(n, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x) for x, _ in split.batches(batch_size)])
+
+
+def train_epoch(
+    model: nn.Module,
+    split: Split,
+    opt: torch.optim.Optimizer,
+    batch_size: int,
+    generator: torch.Generator,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+) -> float:
+    """One epoch; returns the mean training loss. With a teacher: KL(student || teacher) at T, times T^2."""
+    model.train()
+    total, n = torch.zeros((), device=_device_of(model)), 0
+    for x, y in split.batches(batch_size, shuffle=True, generator=generator):
+        out = model(x)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(x)
+            loss = F.kl_div(
+                F.log_softmax(out / temperature, dim=1),
+                F.log_softmax(t_out / temperature, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            ) * (temperature**2)
+        else:
+            loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach() * len(y)  # no per-batch host sync
+        n += len(y)
+    return float(total) / max(n, 1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train_model(
+    model: nn.Module,
+    data: DataBundle,
+    *,
+    epochs: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    desc: str = "train",
+) -> nn.Module:
+    """Train from scratch (member recipe). Shuffling is seeded so a member is reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+    progress = Progress(epochs, desc)
+    try:
+        for epoch in range(1, epochs + 1):
+            loss = train_epoch(model, data.train, opt, batch_size, gen)
+            progress.update(epoch, loss=loss)
+    finally:
+        progress.close()
+    model.eval()
+    return model
+
+
+@dataclass
+class FinetuneResult:
+    """Per-epoch curves; index 0 is before any fine-tuning (right after fusion)."""
+
+    test_acc: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # from epoch 1
+    best_epoch: int = 0
+    seconds: float = 0.0  # wall time of the whole fine-tune, per-epoch evaluation included
+
+    @property
+    def final_acc(self) -> float:
+        return self.test_acc[-1]
+
+    @property
+    def best_val_test_acc(self) -> float:
+        return self.test_acc[self.best_epoch]
+
+
+def finetune(
+    model: nn.Module,
+    data: DataBundle,
+    *,
+    epochs: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    epoch_callback: Callable[[int, float], None] | None = None,
+    epoch_hook: Callable[[int, FinetuneResult], None] | None = None,
+    desc: str = "finetune",
+) -> FinetuneResult:
+    """Fine-tune in place for ``epochs`` (0 allowed), evaluating val and test after every epoch.
+
+    The model is selected by validation accuracy (``best_epoch``; ties go to the earlier epoch) and the
+    test accuracy at that epoch is reported; the model itself ends in its final state.
+    ``epoch_hook(epoch, result)`` (logging) runs for epoch 0 and after every epoch, before
+    ``epoch_callback(epoch, val_acc)`` (which may raise to stop, e.g. an Optuna pruner).
+    """
+    start = time.perf_counter()
+    res = FinetuneResult()
+    val, _ = evaluate(model, data.val)
+    test, _ = evaluate(model, data.test)
+    res.val_acc.append(val)
+    res.test_acc.append(test)
+    if epoch_hook is not None:
+        epoch_hook(0, res)
+    if epochs > 0:
+        gen = torch.Generator().manual_seed(seed)
+        opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+        if teacher is not None:
+            teacher.eval()
+        progress = Progress(epochs, desc)
+        try:
+            for epoch in range(1, epochs + 1):
+                loss = train_epoch(model, data.train, opt, batch_size, gen, teacher, temperature)
+                val, _ = evaluate(model, data.val)
+                test, _ = evaluate(model, data.test)
+                res.train_loss.append(loss)
+                res.val_acc.append(val)
+                res.test_acc.append(test)
+                if val > res.val_acc[res.best_epoch]:
+                    res.best_epoch = epoch
+                progress.update(epoch, loss=loss, val_acc=val)
+                if epoch_hook is not None:
+                    epoch_hook(epoch, res)
+                if epoch_callback is not None:
+                    epoch_callback(epoch, val)
+        finally:
+            progress.close()
+    model.eval()
+    res.seconds = time.perf_counter() - start
+    return res
