@@ -1,0 +1,44 @@
+"""Turning a new state into a module: a copy of the first member's structure holding the new tensors."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import FusionError
+from .layers import resize_module
+from .trace import call, map_inputs
+
+# functions fn(model) that fix module attributes beyond the per-layer ones (e.g. attention heads)
+ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = []
+
+
+def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``template``'s structure whose parameters and buffers are ``state`` (no extra copies)."""
+    memo = {}
+    for name, p in template.named_parameters():
+        memo[id(p)] = nn.Parameter(state[name], requires_grad=p.requires_grad)
+    for name, b in template.named_buffers():
+        if b is not None:
+            memo[id(b)] = state[name]
+    model = copy.deepcopy(template, memo)
+    for name, module in model.named_modules():
+        resize_module(module, name)
+    for fix in ATTRIBUTE_FIXERS:
+        fix(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example_inputs) -> None:
+    """The fused model must run on the example inputs; a model that does not is never returned."""
+    if example_inputs is None:
+        return
+    device = next(model.parameters()).device
+    try:
+        call(model.eval(), map_inputs(example_inputs, lambda t: t.to(device)))
+    except Exception as exc:  # noqa: BLE001
+        raise FusionError(f"the fused model does not run: {type(exc).__name__}: {exc}") from exc

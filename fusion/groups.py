@@ -1,0 +1,216 @@
+"""Coupled channel groups and the one operation every method is built from: :meth:`ChannelGraph.assemble`.
+
+A :class:`ChannelGroup` is a set of channels that must move together: every tensor dimension that a
+channel touches (the producing layer's output rows, the normalization's per-channel parameters and
+statistics, every consumer's input columns, skip paths, concatenations...) is one :class:`Slot`. Channels
+are organised in *units* that move whole: a unit is one channel for ordinary groups, one block of a
+grouped convolution (its input and output channels together) and, for attention, one head.
+
+``assemble(states, selection)`` writes a new model state from the states of N members where, for every
+group, ``selection`` lists which units (of which member) the new model has, in order. The new model is
+what "concatenate the members, then keep exactly these units" defines: a tensor entry that connects a
+unit of member a to a unit of member b is the member's own value when a == b and zero otherwise (the
+block-diagonal concatenation); layers that consume channels but produce none (the classifier) are scaled
+by 1/N, and tensors that touch no group are averaged, so that keeping every unit gives exactly the
+output average of the members. With a single member, ``assemble`` permutes (or prunes) a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layers import IN, is_float
+
+Selection = list[tuple[torch.Tensor, torch.Tensor]]  # per group: (member index [K], unit index [K])
+
+
+@dataclass
+class Slot:
+    """One dimension of one tensor that a group's channels occupy.
+
+    ``positions[u, j, r]`` is the index along ``dim`` of channel j of unit u; r counts the repeats of a
+    channel within the tensor (e.g. q, k and v rows of one attention channel); -1 marks "absent".
+    """
+
+    tensor: str
+    dim: int
+    role: str
+    kind: str
+    is_weight: bool
+    layer: str
+    positions: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"Slot({self.tensor}[dim {self.dim}], {self.role}, units={self.positions.shape[0]}x{self.positions.shape[1]})"
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be kept, dropped, permuted or aligned together."""
+
+    name: str  # the module whose output channels root the group
+    n_units: int
+    slots: list[Slot]
+    unit_kind: str = "channel"  # "channel", "conv-block" or "head"
+
+    @property
+    def unit_size(self) -> int:
+        """Channels per unit in the group's root layer."""
+        return self.slots[0].positions.shape[1]
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted({s.layer for s in self.slots})
+
+    def __repr__(self) -> str:
+        return f"ChannelGroup({self.name!r}, {self.n_units} {self.unit_kind}s, {len(self.slots)} slots)"
+
+
+@dataclass
+class ChannelGraph:
+    """The traced channel groups of one architecture; independent of any particular weights."""
+
+    groups: list[ChannelGroup]
+    output_layers: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    attention: list = field(default_factory=list)  # per attention module: (name, heads slot info)
+    # tensor name -> dim -> list of (group index, slot index)
+    tensor_dims: dict[str, dict[int, list[tuple[int, int]]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tensor_dims:
+            for gi, g in enumerate(self.groups):
+                for si, s in enumerate(g.slots):
+                    self.tensor_dims.setdefault(s.tensor, {}).setdefault(s.dim, []).append((gi, si))
+            for dims in self.tensor_dims.values():
+                for refs in dims.values():
+                    # several groups on one dimension (a concatenation): their segments in tensor order
+                    refs.sort(key=lambda r: _min_pos(self._slot(r).positions))
+
+    def __repr__(self) -> str:
+        lines = [f"ChannelGraph: {len(self.groups)} groups, output layers {self.output_layers}"]
+        lines += [f"  {g!r}: {', '.join(g.layers)}" for g in self.groups]
+        return "\n".join(lines)
+
+    def _slot(self, ref: tuple[int, int]) -> Slot:
+        return self.groups[ref[0]].slots[ref[1]]
+
+    def is_consumer_only(self, tensor: str) -> bool:
+        """True for tensors that read group channels but write none (e.g. the classifier's weight)."""
+        dims = self.tensor_dims.get(tensor, {})
+        return bool(dims) and all(self._slot(r).role == IN for refs in dims.values() for r in refs)
+
+    # ------------------------------------------------------------------ selections
+    def identity_selection(self) -> Selection:
+        return [(torch.zeros(g.n_units, dtype=torch.long), torch.arange(g.n_units)) for g in self.groups]
+
+    def random_permutation(self, generator: torch.Generator | None = None) -> Selection:
+        return [
+            (torch.zeros(g.n_units, dtype=torch.long), torch.randperm(g.n_units, generator=generator))
+            for g in self.groups
+        ]
+
+    # ------------------------------------------------------------------ importance
+    def unit_importance(self, gi: int, state: dict[str, torch.Tensor], n_members: int, p: float = 2.0) -> torch.Tensor:
+        """Magnitude importance of every unit of group ``gi`` as the concatenated model would score it.
+
+        Mirrors torch-pruning's ``GroupMagnitudeImportance(p)``: for each conv / linear / norm weight of the
+        group, the p-th power of the p-norm of the channel's slice, averaged over those weights; a unit sums its
+        channels. The zero blocks of the concatenation add nothing, and the classifier's 1/N scaling is applied,
+        so a member's scores equal its scores inside the concatenated model.
+        """
+        g = self.groups[gi]
+        total = None
+        n_items = 0
+        for s in g.slots:
+            if not s.is_weight or s.kind not in ("conv", "linear", "bn", "ln"):
+                continue
+            t = state[s.tensor]
+            other = [d for d in range(t.dim()) if d != s.dim]
+            per_pos = torch.linalg.vector_norm(t.float(), ord=p, dim=other) if other else t.float().abs()
+            per_pos = per_pos.pow(p)
+            if s.role == IN and self.is_consumer_only(s.tensor):
+                per_pos = per_pos * (1.0 / n_members) ** p
+            pos = s.positions.to(per_pos.device)
+            vals = per_pos[pos.clamp(min=0)] * (pos >= 0)
+            unit = vals.sum(dim=(1, 2))
+            total = unit if total is None else total + unit
+            n_items += 1
+        if total is None:
+            return torch.zeros(g.n_units)
+        return total / n_items
+
+    # ------------------------------------------------------------------ assembly
+    def _dim_index(self, refs, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source positions and source members along one tensor dimension of the new model."""
+        pos_parts, mem_parts = [], []
+        for gi, si in refs:
+            members, units = selection[gi]
+            pos = self.groups[gi].slots[si].positions[units]  # [K, u, r]
+            mem = members[:, None, None].expand_as(pos)
+            pos = pos.permute(2, 0, 1).reshape(-1)
+            mem = mem.permute(2, 0, 1).reshape(-1)
+            keep = pos >= 0
+            pos_parts.append(pos[keep])
+            mem_parts.append(mem[keep])
+        return torch.cat(pos_parts), torch.cat(mem_parts)
+
+    def assemble(self, states: list[dict[str, torch.Tensor]], selection: Selection) -> dict[str, torch.Tensor]:
+        """The new model's tensors (see the module docstring). Members' tensors are only read."""
+        n = len(states)
+        new: dict[str, torch.Tensor] = {}
+        for name, ref in states[0].items():
+            dims = self.tensor_dims.get(name)
+            if not dims or not is_float(ref):
+                new[name] = mean_tensor([s[name] for s in states]) if is_float(ref) else ref.clone()
+                continue
+            index = {d: self._dim_index(refs, selection) for d, refs in dims.items()}
+            shape = list(ref.shape)
+            for d, (pos, _) in index.items():
+                shape[d] = pos.numel()
+            scale = 1.0 / n if self.is_consumer_only(name) else 1.0
+            out = ref.new_zeros(shape)
+            # the last slotted dimension is written with index_copy_: its positions belong to one member each,
+            # and all entries of such a slice that are not that member's are zero
+            last = max(index)
+            for m, state in enumerate(states):
+                t = state[name]
+                picks = {}
+                for d, (pos, mem) in index.items():
+                    dst = (mem == m).nonzero().squeeze(1)
+                    if dst.numel() == 0:
+                        break
+                    picks[d] = (dst.to(t.device), pos[dst].to(t.device))
+                else:
+                    sub = t.index_select(last, picks[last][1])
+                    for d, (dst, src) in picks.items():
+                        if d == last:
+                            continue
+                        sub = sub.index_select(d, src)
+                        full_shape = list(sub.shape)
+                        full_shape[d] = shape[d]
+                        full = sub.new_zeros(full_shape)
+                        full.index_copy_(d, dst, sub)
+                        sub = full
+                    if scale != 1.0:
+                        sub = sub * scale
+                    out.index_copy_(last, picks[last][0], sub)
+            new[name] = out
+        return new
+
+
+def mean_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise mean without stacking (no N-sized temporary)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    if len(tensors) > 1:
+        out.div_(len(tensors))
+    return out
+
+
+def _min_pos(positions: torch.Tensor) -> int:
+    valid = positions[positions >= 0]
+    return int(valid.min()) if valid.numel() else 0

@@ -1,0 +1,184 @@
+"""Per-layer-type knowledge, kept in one place.
+
+Two questions are answered here for every layer type fusion supports:
+
+* which tensor dimensions does a channel of a traced group touch (:func:`item_slots`), and
+* how does a module's bookkeeping follow new tensor shapes (:func:`resize_module`).
+
+Everything else in the library is layer-type agnostic. A layer type that is not known here is refused
+with a :class:`FusionError` naming the module, rather than fused by guesswork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner import function as tpf
+
+from .errors import FusionError
+
+OUT, IN = "out", "in"
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One tensor dimension touched by a channel group item (before grouping into units)."""
+
+    tensor: str  # state_dict key
+    dim: int
+    role: str  # OUT: the tensor produces the channels; IN: it consumes them
+    kind: str  # "conv", "linear", "bn", "ln", "param", ... (used by importance)
+    is_weight: bool  # the layer's main weight (magnitude importance looks only at these)
+
+
+@dataclass(frozen=True)
+class GroupedConvLink:
+    """A grouped (not depthwise) convolution couples blocks of its input and output channels."""
+
+    layer: str
+    side: str  # IN or OUT
+    groups: int
+    block: int  # channels per block on this side
+
+
+def _pruner(handler):
+    return getattr(handler, "__self__", None)
+
+
+def _is_out(handler) -> bool:
+    return getattr(handler, "__name__", "") == "prune_out_channels"
+
+
+def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotSpec], GroupedConvLink | None]:
+    """Tensor dimensions of ``module`` (state_dict prefix ``name``) that a group item prunes via ``handler``.
+
+    Returns ``([], None)`` for parameter-free operations (add, concat, reshape...).
+    """
+    pruner = _pruner(handler)
+    out = _is_out(handler)
+    role = OUT if out else IN
+    prefix = f"{name}." if name else ""
+
+    if isinstance(module, nn.Parameter):
+        dim = pruning_dim if pruning_dim >= 0 else module.dim() + pruning_dim
+        return [SlotSpec(name, dim, OUT, "param", True)], None
+
+    if not isinstance(module, nn.Module) or (
+        not list(module.parameters(recurse=False)) and not list(module.buffers(recurse=False))
+    ):
+        return [], None  # a parameter-free operation: nothing to move
+
+    if isinstance(pruner, tpf.DepthwiseConvPruner) or (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups == module.in_channels == module.out_channels
+        and module.groups > 1
+    ):
+        # depthwise: channel c reads only input channel c; both sides move together
+        slots = [SlotSpec(prefix + "weight", 0, OUT, "conv", True)]
+        if module.bias is not None:
+            slots.append(SlotSpec(prefix + "bias", 0, OUT, "conv", False))
+        return slots, None
+
+    if isinstance(pruner, tpf.ConvPruner) and isinstance(module, nn.modules.conv._ConvNd):
+        wdim_out, wdim_in = (1, 0) if module.transposed else (0, 1)
+        if out:
+            slots = [SlotSpec(prefix + "weight", wdim_out, OUT, "conv", True)]
+            if module.bias is not None:
+                slots.append(SlotSpec(prefix + "bias", 0, OUT, "conv", False))
+            link = None
+            if module.groups > 1:
+                link = GroupedConvLink(name, OUT, module.groups, module.out_channels // module.groups)
+            return slots, link
+        if module.groups > 1:
+            if module.transposed:
+                raise FusionError(f"grouped transposed convolution {name!r} is not supported")
+            # the weight's input dimension is local to a block: blocks move whole, nothing to gather
+            return [], GroupedConvLink(name, IN, module.groups, module.in_channels // module.groups)
+        return [SlotSpec(prefix + "weight", wdim_in, IN, "conv", True)], None
+
+    if isinstance(pruner, tpf.LinearPruner) and isinstance(module, nn.Linear):
+        if out:
+            slots = [SlotSpec(prefix + "weight", 0, OUT, "linear", True)]
+            if module.bias is not None:
+                slots.append(SlotSpec(prefix + "bias", 0, OUT, "linear", False))
+            return slots, None
+        return [SlotSpec(prefix + "weight", 1, IN, "linear", True)], None
+
+    if isinstance(pruner, tpf.BatchnormPruner):
+        slots = []
+        for attr, is_w in (("weight", True), ("bias", False), ("running_mean", False), ("running_var", False)):
+            if getattr(module, attr, None) is not None:
+                slots.append(SlotSpec(prefix + attr, 0, OUT, "bn", is_w))
+        return slots, None
+
+    if isinstance(pruner, tpf.LayernormPruner):
+        if len(module.normalized_shape) != 1:
+            raise FusionError(
+                f"LayerNorm {name!r} normalizes over {tuple(module.normalized_shape)}; only 1-D LayerNorm is supported"
+            )
+        slots = []
+        for attr, is_w in (("weight", True), ("bias", False)):
+            if getattr(module, attr, None) is not None:
+                slots.append(SlotSpec(prefix + attr, 0, OUT, "ln", is_w))
+        return slots, None
+
+    if isinstance(pruner, tpf.PReLUPruner):
+        if module.num_parameters == 1:
+            return [], None
+        return [SlotSpec(prefix + "weight", 0, OUT, "prelu", True)], None
+
+    if isinstance(pruner, tpf.EmbeddingPruner):
+        return [SlotSpec(prefix + "weight", 1, OUT, "embed", True)], None
+
+    raise FusionError(
+        f"cannot fuse module {name!r} ({type(module).__name__}): its channels are coupled by "
+        f"{type(pruner).__name__ if pruner else handler}, which fusion does not support"
+    )
+
+
+def resize_module(module: nn.Module, name: str) -> None:
+    """Make a module's shape attributes agree with its (possibly resized) tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        out_ch, in_per_group = (w.shape[1], w.shape[0]) if module.transposed else (w.shape[0], w.shape[1])
+        if module.transposed:
+            if module.groups != 1:
+                raise FusionError(f"grouped transposed convolution {name!r} is not supported")
+            module.in_channels, module.out_channels = w.shape[0], w.shape[1]
+            return
+        if module.groups == 1:
+            module.in_channels, module.out_channels = in_per_group, out_ch
+        else:
+            out_per_group = module.out_channels // module.groups
+            groups = out_ch // out_per_group
+            module.groups, module.out_channels, module.in_channels = groups, out_ch, groups * in_per_group
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = module.running_mean if module.running_mean is not None else module.weight
+        if ref is not None:
+            module.num_features = ref.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+
+
+ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
+
+
+def parametric_leaves(model: nn.Module):
+    """(name, module) of modules that own tensors directly."""
+    for name, mod in model.named_modules():
+        if list(mod.parameters(recurse=False)) or list(mod.buffers(recurse=False)):
+            yield name, mod
+
+
+def is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()

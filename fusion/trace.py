@@ -1,0 +1,339 @@
+"""Tracing coupled channel groups with torch-pruning's dependency graph, never per architecture.
+
+The model is traced on a *meta-device copy* (no memory, members untouched, works under ``torch.no_grad``).
+Every group item is turned into tensor slots by :mod:`fusion.layers`; grouped convolutions merge their
+input and output groups into units of whole blocks. The result is then checked, because a tracer that
+missed a coupling would otherwise give a silently wrong model:
+
+1. every tensor dimension that any group touches is covered exactly once by the groups;
+2. permuting every group at random (through the same ``assemble`` that builds fused models) leaves the
+   model's outputs unchanged on the example inputs. If not, the group responsible is found and named.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import FusionError
+from .groups import ChannelGraph, ChannelGroup, Slot
+from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, item_slots
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+# ---------------------------------------------------------------------------- helpers
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters and buffers (persistent or not) by name, detached, without copying."""
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    state.update({n: b.detach() for n, b in model.named_buffers() if b is not None})
+    return state
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose tensors live on the meta device (costs no memory)."""
+    memo = {}
+    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def map_inputs(inputs, fn):
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(map_inputs(x, fn) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: map_inputs(v, fn) for k, v in inputs.items()}
+    return inputs
+
+
+def call(model: nn.Module, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def infer_example_inputs(model: nn.Module):
+    """Example inputs for a plain MLP (``nn.Sequential`` whose first parametric layer is Linear)."""
+    if isinstance(model, nn.Sequential):
+        for layer in model:
+            if isinstance(layer, nn.Flatten):
+                continue
+            if isinstance(layer, nn.Linear):
+                p = layer.weight
+                return torch.randn(2, layer.in_features, device=p.device, dtype=p.dtype)
+            break
+    raise FusionError(
+        f"example_inputs is required to trace a {type(model).__name__}: pass one batch shaped like the model's "
+        "input, e.g. example_inputs=torch.randn(1, 3, 32, 32)"
+    )
+
+
+def find_output_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose outputs are the model's outputs (their output channels are never fused)."""
+    names = {m: n for n, m in model.named_modules()}
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            clf = get()
+        except Exception:  # noqa: BLE001 - a model may define get_classifier differently
+            clf = None
+        mods = clf if isinstance(clf, (tuple, list)) else [clf]
+        found = [names[m] for m in mods if isinstance(m, nn.Module) and m in names and list(m.parameters())]
+        if found:
+            return found
+    last = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, ROOT_TYPES):
+            last = name
+    if last is None:
+        raise FusionError(f"{type(model).__name__} has no Linear or Conv layer: nothing to fuse")
+    return [last]
+
+
+def _fingerprint(model: nn.Module, inputs, output_layers) -> tuple:
+    shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in full_state(model).items())
+    ins = []
+    map_inputs(inputs, lambda t: ins.append((tuple(t.shape), str(t.dtype))))
+    return (type(model).__module__, type(model).__qualname__, shapes, tuple(ins), tuple(output_layers or ()))
+
+
+# ---------------------------------------------------------------------------- tracing
+def channel_groups(model: nn.Module, example_inputs=None, *, output_layers: Iterable[str] | None = None,
+                   verify: bool = True) -> ChannelGraph:
+    """Trace the coupled channel groups of ``model`` (see the module docstring). Results are cached per
+    architecture, so tracing and verification are paid once per architecture and input shape."""
+    if not isinstance(model, nn.Module):
+        raise FusionError(f"expected an nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = infer_example_inputs(model)
+    output_layers = list(output_layers) if output_layers is not None else None
+    key = _fingerprint(model, example_inputs, output_layers)
+    graph = _CACHE.get(key)
+    if graph is None or (verify and not getattr(graph, "_verified", False)):
+        graph = _trace(model, example_inputs, output_layers)
+        if verify:
+            verify_permutation_invariance(model, graph, example_inputs)
+            graph._verified = True
+        _CACHE[key] = graph
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return graph
+
+
+def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return tp.DependencyGraph().build_dependency(skeleton, example_inputs=meta_inputs, verbose=False)
+        except FusionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - turn tracer failures into a clear refusal
+            raise FusionError(
+                f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
+    skeleton = meta_copy(model).eval()
+    meta_inputs = map_inputs(example_inputs, lambda t: torch.empty_like(t, device="meta"))
+    if output_layers is None:
+        output_layers = find_output_layers(skeleton)
+    modules = dict(skeleton.named_modules())
+    for name in output_layers:
+        if name not in modules:
+            raise FusionError(f"output layer {name!r} is not a module of {type(model).__name__}")
+    dg = _build_dependency_graph(skeleton, meta_inputs)
+
+    module_names = {m: n for n, m in skeleton.named_modules()}
+    param_names = {p: n for n, p in skeleton.named_parameters()}
+    ignored = [modules[n] for n in output_layers]
+    tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES))
+
+    raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
+    for group in tp_groups:
+        items = group.items
+        n_root = len(items[0].idxs)
+        root_name = module_names.get(items[0].dep.target.module, "?")
+        slots, links = [], []
+        for item in items:
+            target = item.dep.target
+            mod = target.module
+            name = param_names.get(mod) if isinstance(mod, nn.Parameter) else module_names.get(mod)
+            if name is None:
+                continue  # an operation node of the tracer, not a model tensor
+            specs, link = item_slots(mod, name, item.dep.handler, getattr(target, "pruning_dim", -1))
+            if not specs and link is None:
+                continue
+            by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
+            for spec in specs:
+                slots.append((spec, name, by_root))
+            if link is not None:
+                if by_root.shape[1] != 1:
+                    raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
+                links.append((link, by_root[:, 0]))
+        if slots or links:
+            raw.append((root_name, n_root, slots, links))
+
+    groups = _merge_units(raw)
+    shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
+    graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+    _check_coverage(graph)
+    return graph
+
+
+def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
+    per_root: list[list[int]] = [[] for _ in range(n_root)]
+    for idx, r in zip(idxs, root_idxs):
+        if r is None or not 0 <= r < n_root:
+            raise FusionError(f"torch-pruning gave an invalid channel index mapping for {name!r}")
+        if idx not in per_root[r]:
+            per_root[r].append(int(idx))
+    width = max(len(p) for p in per_root)
+    out = torch.full((n_root, width), -1, dtype=torch.long)
+    for r, plist in enumerate(per_root):
+        plist.sort()
+        out[r, : len(plist)] = torch.tensor(plist, dtype=torch.long)
+    return out
+
+
+def _merge_units(raw) -> list[ChannelGroup]:
+    """Turn torch-pruning groups into unit groups; groups joined by a grouped conv become one group of blocks."""
+    parent = list(range(len(raw)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # unit of every root channel, from the grouped convs each group touches
+    unit_of: dict[int, torch.Tensor] = {}
+    order_key: dict[int, torch.Tensor] = {}  # within a block, channels keep the order a grouped conv reads them in
+    n_units: dict[int, int] = {}
+    by_conv: dict[str, list[int]] = {}
+    for gi, (root, n_root, _slots, links) in enumerate(raw):
+        for link, conv_pos in links:
+            link: GroupedConvLink
+            units = conv_pos // link.block
+            if gi in unit_of and not torch.equal(unit_of[gi], units):
+                raise FusionError(
+                    f"the channels of group {root!r} are split into blocks differently by two grouped "
+                    f"convolutions (one is {link.layer!r}); fusion does not support this"
+                )
+            unit_of[gi], n_units[gi] = units, link.groups
+            if link.side == IN or gi not in order_key:
+                order_key[gi] = conv_pos
+            by_conv.setdefault(link.layer, []).append(gi)
+    for conv, gis in by_conv.items():
+        for gi in gis[1:]:
+            parent[find(gi)] = find(gis[0])
+
+    clusters: dict[int, list[int]] = {}
+    for gi in range(len(raw)):
+        clusters.setdefault(find(gi), []).append(gi)
+
+    groups = []
+    for members in clusters.values():
+        root_name = raw[members[0]][0]
+        if len(members) == 1 and members[0] not in unit_of:
+            gi = members[0]
+            _, n_root, slots, _ = raw[gi]
+            groups.append(ChannelGroup(root_name, n_root, [_slot(s, n, pos[:, None, :]) for s, n, pos in slots]))
+            continue
+        counts = {n_units[gi] for gi in members}
+        if len(counts) != 1:
+            raise FusionError(f"grouped convolutions around {root_name!r} disagree on the number of blocks")
+        g = counts.pop()
+        slots = []
+        for gi in members:
+            _, n_root, gslots, _ = raw[gi]
+            units = unit_of[gi]
+            if n_root % g or torch.bincount(units, minlength=g).ne(n_root // g).any():
+                raise FusionError(f"group {raw[gi][0]!r} does not split evenly into {g} convolution blocks")
+            order = torch.argsort(order_key[gi], stable=True)
+            for spec, name, pos in gslots:
+                slots.append(_slot(spec, name, pos[order].reshape(g, n_root // g, pos.shape[1])))
+        groups.append(ChannelGroup(root_name, g, slots, unit_kind="conv-block"))
+    return groups
+
+
+def _slot(spec, layer: str, positions: torch.Tensor) -> Slot:
+    return Slot(spec.tensor, spec.dim, spec.role, spec.kind, spec.is_weight, layer, positions)
+
+
+def _check_coverage(graph: ChannelGraph) -> None:
+    for tensor, dims in graph.tensor_dims.items():
+        shape = graph.shapes.get(tensor)
+        if shape is None:
+            raise FusionError(f"traced tensor {tensor!r} is not a parameter or buffer of the model")
+        for d, refs in dims.items():
+            pos = torch.cat([graph._slot(r).positions.reshape(-1) for r in refs])
+            pos = pos[pos >= 0].sort().values
+            if pos.numel() != shape[d] or not torch.equal(pos, torch.arange(shape[d])):
+                layers = sorted({graph._slot(r).layer for r in refs})
+                raise FusionError(
+                    f"channel tracing is inconsistent for {tensor!r} (dimension {d} of size {shape[d]}, layers "
+                    f"{layers}): some channels are claimed twice or by no group; fusion refused"
+                )
+    for name in graph.output_layers:
+        for tensor, dims in graph.tensor_dims.items():
+            if tensor.startswith(name + ".") and any(graph._slot(r).role == OUT for refs in dims.values() for r in refs):
+                raise FusionError(f"output layer {name!r} produces traced channels; it cannot be an output layer")
+
+
+# ---------------------------------------------------------------------------- verification
+@torch.no_grad()
+def _outputs(skeleton: nn.Module, state: dict, inputs):
+    out = torch.func.functional_call(skeleton, state, map_inputs(inputs, lambda t: t), strict=False)
+    return out
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
+        scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
+        return a.shape == b.shape and bool((a - b).abs().max() <= tol * scale) if a.numel() else a.shape == b.shape
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return True
+
+
+def verify_permutation_invariance(model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0) -> None:
+    """Refuse a trace under which a random permutation of the groups changes the model's function."""
+    skeleton = meta_copy(model).eval()
+    state = full_state(model)
+    inputs = map_inputs(example_inputs, lambda t: t.to(next(iter(state.values())).device))
+    try:
+        reference = _outputs(skeleton, state, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+    gen = torch.Generator().manual_seed(seed)
+    permuted = graph.random_permutation(gen)
+    if _close(reference, _outputs(skeleton, graph.assemble([state], permuted), inputs)):
+        return
+    # find the culprit: permute one group at a time
+    identity = graph.identity_selection()
+    for gi, g in enumerate(graph.groups):
+        sel = list(identity)
+        sel[gi] = permuted[gi]
+        if not _close(reference, _outputs(skeleton, graph.assemble([state], sel), inputs)):
+            raise FusionError(
+                f"channel group rooted at {g.name!r} (layers {', '.join(g.layers)}) is not traced completely: "
+                "permuting it changes the model's output, so some layer coupled to it was missed; fusion refused"
+            )
+    raise FusionError("permuting the traced channel groups changes the model's output; fusion refused")
