@@ -59,7 +59,6 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
     """
     pruner = _pruner(handler)
     out = _is_out(handler)
-    role = OUT if out else IN
     prefix = f"{name}." if name else ""
 
     if isinstance(module, nn.Parameter):

@@ -224,7 +224,7 @@ def _merge_units(raw) -> list[ChannelGroup]:
     order_key: dict[int, torch.Tensor] = {}  # within a block, channels keep the order a grouped conv reads them in
     n_units: dict[int, int] = {}
     by_conv: dict[str, list[int]] = {}
-    for gi, (root, n_root, _slots, links) in enumerate(raw):
+    for gi, (root, _n_root, _slots, links) in enumerate(raw):
         for link, conv_pos in links:
             link: GroupedConvLink
             units = conv_pos // link.block
@@ -237,7 +237,7 @@ def _merge_units(raw) -> list[ChannelGroup]:
             if link.side == IN or gi not in order_key:
                 order_key[gi] = conv_pos
             by_conv.setdefault(link.layer, []).append(gi)
-    for conv, gis in by_conv.items():
+    for gis in by_conv.values():
         for gi in gis[1:]:
             parent[find(gi)] = find(gis[0])
 
