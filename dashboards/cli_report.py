@@ -13,6 +13,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_source_args(parser)
     parser.add_argument("-o", "--output", metavar="FILE", default="report.html", help="default: report.html")
     parser.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="with --study: the Optuna storage to read instead of the parent run's fusebench.storage tag "
+        "(a journal moved here, or a DB URL with the password the tag leaves out)",
+    )
+    parser.add_argument(
         "--no-log",
         action="store_true",
         help="with --study: do not attach the report and plots to the parent run",
@@ -21,6 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     runset = load_from_args(args)
+    if args.optuna_storage:
+        runset.storage = args.optuna_storage
     out = write_report(runset, args.output, log=not args.no_log)
     print(f"report of {runset.source} ({len(runset.runs)} runs) -> {out}", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import subprocess
+import os
 import sys
 
 from dashboards._cli import add_tracking_arg
@@ -22,6 +22,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, default=5000, help="default: 5000")
+    parser.add_argument(
+        "--allowed-hosts",
+        metavar="HOSTS",
+        help="passed to mlflow ui: Host headers to accept besides localhost",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the mlflow command and URL, start nothing"
     )
@@ -36,7 +42,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def ui_command(uri: str, host: str, port: int) -> list[str]:
+def ui_command(
+    uri: str, host: str, port: int, workers: int = 1, allowed_hosts: str | None = None
+) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -48,10 +56,11 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
         host,
         "--port",
         str(port),
+        "--workers",
+        str(workers),
     ]
-    if not is_loopback(host):
-        # MLflow 3 rejects Host headers other than localhost unless they are allowed explicitly
-        command += ["--allowed-hosts", "*"]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
     return command
 
 
@@ -66,15 +75,18 @@ def main(args: argparse.Namespace) -> int:
             f"binding the MLflow UI to {args.host}: anyone who can reach this machine can read (and change) "
             "the tracking store; MLflow's UI has no authentication by default"
         )
+        if not args.allowed_hosts:
+            warn_stderr(
+                "MLflow only answers Host headers of localhost unless --allowed-hosts names the others"
+            )
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     if ":" in shown_host:
         shown_host = f"[{shown_host}]"
-    command = ui_command(uri, args.host, args.port)
+    command = ui_command(uri, args.host, args.port, args.workers, args.allowed_hosts)
     print(f"MLflow UI for {uri}: http://{shown_host}:{args.port}", flush=True)
     if args.dry_run:
         print(" ".join(command))
         return 0
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    # become the server: Ctrl-C and SIGTERM then reach MLflow directly and leave no orphan behind
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
