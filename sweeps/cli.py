@@ -48,9 +48,9 @@ def _print_leaderboard(result, study, spec, out) -> None:
             return
         except Exception as exc:  # noqa: BLE001 - fall back to Optuna's view
             print(f"(dashboards leaderboard unavailable: {exc}; showing the Optuna trials)", file=out)
-    from sweeps.runner import trials_table
-
     import pandas as pd
+
+    from sweeps.runner import trials_table
 
     with pd.option_context("display.max_columns", 20, "display.width", 160, "display.precision", 4):
         print(trials_table(study).to_string(index=False), file=out)
