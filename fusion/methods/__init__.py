@@ -1,3 +1,3 @@
 """Fusion methods; importing this package registers them."""
 
-from . import avg, nt  # noqa: F401
+from . import avg, nt, ot  # noqa: F401

@@ -1,0 +1,276 @@
+"""Optimal-Transport fusion (Singh & Jaggi, 2020), generalised through the traced channel groups.
+
+Every member is aligned to an anchor (member 0 by default), group by group, then the aligned weights are
+averaged. For a group, the ground metric is the squared distance between units' feature vectors:
+
+* ``ground_metric="weights"`` (default): a unit's weights — its incoming weights (every tensor slice the
+  group produces: the layer's rows, its bias, normalization parameters and statistics...) and its outgoing
+  weights (the consumers' columns) — after the member's other groups have been aligned to the anchor with
+  their current plans;
+* ``ground_metric="activations"``: the unit's pre-activation outputs (of the conv / linear layers that
+  produce it) on a data batch passed as ``data``.
+
+The transport plan comes from POT with uniform marginals: ``solver="emd"`` (exact, ``ot.emd``; between equal
+widths it is a permutation) or ``solver="sinkhorn"`` (entropic, ``ot.sinkhorn`` with ``reg`` relative to the
+largest cost). The plan is applied normalised by its marginal, ``M = diag(1/a) T``, to every slot of the group
+(skip paths, depthwise convs, normalization layers and the next layers' inputs get the same alignment).
+
+In weights mode the groups depend on each other (a residual stream is read and written by many layers), so
+the plans are found by coordinate descent: sweep over the groups in forward order, re-solving each group
+with the others fixed, until no plan changes (at most ``max_iter`` sweeps) — Git Re-Basin's weight matching
+when the solver is exact. Cost matrices are computed on the members' device; only the small U x U plan
+problem goes through POT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+import torch.nn as nn
+
+from ..build import build_model, check_runs
+from ..errors import FusionError
+from ..groups import ChannelGraph
+from ..layers import OUT, is_float
+from ..registry import register
+from ..trace import channel_groups, full_state, map_inputs, meta_copy
+
+SOLVERS = ("emd", "sinkhorn")
+METRICS = ("weights", "activations")
+
+
+def _check(models, anchor, ground_metric, solver, reg, data, max_iter):
+    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < len(models):
+        raise FusionError(f"anchor must be a member index in [0, {len(models) - 1}], got {anchor!r}")
+    if solver not in SOLVERS:
+        raise FusionError(f"unknown OT solver {solver!r}; available: {', '.join(SOLVERS)}")
+    if ground_metric not in METRICS:
+        raise FusionError(f"unknown ground_metric {ground_metric!r}; available: {', '.join(METRICS)}")
+    if solver == "sinkhorn" and (isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg > 0):
+        raise FusionError(f"sinkhorn needs a positive regularisation reg, got {reg!r}")
+    if ground_metric == "activations" and data is None:
+        raise FusionError("ground_metric='activations' needs a data batch: pass data=<tensor of inputs>")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise FusionError(f"max_iter must be a positive integer, got {max_iter!r}")
+
+
+# ----------------------------------------------------------------------------- applying plans
+def transform_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, plans, skip: int | None = None):
+    """``t`` with every group's plan applied along the dimensions the group occupies.
+
+    A plan is ``None`` (identity), a permutation (LongTensor: new unit i is old unit ``perm[i]``) or a
+    row-stochastic matrix ``M`` (new unit i is ``sum_j M[i, j]`` old unit j).
+    """
+    for d, refs in graph.tensor_dims.get(name, {}).items():
+        for gi, si in refs:
+            plan = plans[gi]
+            if gi == skip or plan is None:
+                continue
+            pos = graph.groups[gi].slots[si].positions
+            if plan.dim() == 1:
+                dst, src = pos.reshape(-1), pos[plan.cpu()].reshape(-1)
+                valid = dst >= 0
+                if not torch.equal(valid, src >= 0):
+                    raise FusionError(f"units of group {graph.groups[gi].name!r} differ in shape; cannot permute")
+                idx = torch.arange(t.shape[d])
+                idx[dst[valid]] = src[valid]
+                t = t.index_select(d, idx.to(t.device))
+            else:
+                if (pos < 0).any():
+                    raise FusionError(f"soft plans are not supported for group {graph.groups[gi].name!r}")
+                flat = pos.reshape(pos.shape[0], -1)
+                tm = t.movedim(d, 0)
+                rows = tm[flat.reshape(-1).to(t.device)].reshape(flat.shape[0], flat.shape[1], *tm.shape[1:])
+                mixed = torch.tensordot(plan.to(t.dtype), rows, dims=([1], [0]))
+                out = tm.clone()
+                out[flat.reshape(-1).to(t.device)] = mixed.reshape(-1, *tm.shape[1:])
+                t = out.movedim(0, d)
+    return t
+
+
+# ----------------------------------------------------------------------------- costs
+def _unit_features(t: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    tm = t.movedim(dim, 0)
+    idx = positions.to(t.device)
+    if (idx >= 0).all():
+        return tm[idx].reshape(positions.shape[0], -1).float()
+    rows = tm[idx.clamp(min=0)]  # [U, u, r, *rest]
+    mask = (idx >= 0).reshape(*idx.shape, *([1] * (rows.dim() - 3)))
+    return (rows * mask).reshape(positions.shape[0], -1).float()
+
+
+def _sq_distances(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    return (fa * fa).sum(1)[:, None] + (fb * fb).sum(1)[None, :] - 2 * (fa @ fb.T)
+
+
+class WeightCost:
+    """Squared distances between units over all the weights a group touches (incoming and outgoing).
+
+    Summed over every slot, ``||a_i - b_j||^2`` is Git Re-Basin's weight-matching objective up to constants, so
+    re-solving one group with the others fixed never makes the total worse and the sweeps converge. The
+    anchor's side does not change between sweeps and is computed once.
+    """
+
+    def __init__(self, graph: ChannelGraph, anchor: dict, member: dict):
+        self.graph, self.anchor, self.member = graph, anchor, member
+        self._anchor_feats: dict[int, list] = {}
+        self._member_norms: dict[int, torch.Tensor] = {}
+        self._anchor_norms: dict[int, torch.Tensor] = {}
+
+    def _slots(self, gi):
+        return [s for s in self.graph.groups[gi].slots if is_float(self.anchor[s.tensor])]
+
+    def __call__(self, gi: int, plans) -> torch.Tensor:
+        slots = self._slots(gi)
+        if not slots:
+            raise FusionError(f"group {self.graph.groups[gi].name!r} has no weights to compare")
+        if gi not in self._anchor_feats:
+            feats = [_unit_features(self.anchor[s.tensor], s.positions, s.dim) for s in slots]
+            self._anchor_feats[gi] = feats
+            # a permutation of the other dimensions does not change a unit's norm; soft plans do, so
+            # member norms are recomputed below whenever a soft plan is in play
+        cross = None
+        nb = None
+        soft = any(p is not None and p.dim() == 2 for p in plans)
+        for s, fa in zip(slots, self._anchor_feats[gi]):
+            b = transform_tensor(self.graph, s.tensor, self.member[s.tensor], plans, skip=gi)
+            fb = _unit_features(b, s.positions, s.dim)
+            cross = fa @ fb.T if cross is None else cross.add_(fa @ fb.T)
+            if soft or gi not in self._member_norms:
+                nb = (fb * fb).sum(1) if nb is None else nb + (fb * fb).sum(1)
+        if nb is None:
+            nb = self._member_norms[gi]
+        elif not soft:
+            self._member_norms[gi] = nb
+        if gi not in self._anchor_norms:
+            self._anchor_norms[gi] = sum((fa * fa).sum(1) for fa in self._anchor_feats[gi])
+        return self._anchor_norms[gi][:, None] + nb[None, :] - 2 * cross
+
+
+def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[torch.Tensor | None]:
+    """Per group: unit features from the outputs of the conv / linear layers that produce the group."""
+    skeleton = meta_copy(model).eval()
+    modules = dict(skeleton.named_modules())
+    wanted = {}
+    for gi, g in enumerate(graph.groups):
+        for s in g.slots:
+            if s.role == OUT and s.is_weight and s.kind in ("conv", "linear"):
+                wanted.setdefault(s.layer, []).append((gi, s))
+    outputs = {}
+
+    def hook(name):
+        def fn(_mod, _inp, out):
+            outputs[name] = out.detach()
+
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in wanted]
+    try:
+        state = full_state(model)
+        device = next(iter(state.values())).device
+        with torch.no_grad():
+            torch.func.functional_call(skeleton, state, map_inputs(data, lambda t: t.to(device)), strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    feats: list[torch.Tensor | None] = [None] * len(graph.groups)
+    for name, entries in wanted.items():
+        out = outputs.get(name)
+        if out is None:
+            continue
+        channel_dim = out.dim() - 1 if isinstance(modules[name], nn.Linear) else 1
+        for gi, s in entries:
+            f = _unit_features(out, s.positions, channel_dim)
+            feats[gi] = f if feats[gi] is None else torch.cat([feats[gi], f], dim=1)
+    return feats
+
+
+# ----------------------------------------------------------------------------- solving
+def solve_plan(cost: torch.Tensor, solver: str, reg: float):
+    """Uniform-marginal OT plan between anchor units (rows) and member units (columns), normalised by the
+    row marginal. Exact plans between equal widths are returned as permutations."""
+    n, m = cost.shape
+    c = cost.detach().double().clamp(min=0)
+    if solver == "emd":
+        a = np.full(n, 1.0 / n)
+        b = np.full(m, 1.0 / m)
+        plan = torch.as_tensor(ot.emd(a, b, c.cpu().numpy(), numItermax=max(100000, 50 * n * m)))
+        if n == m:
+            perm = plan.argmax(dim=1)
+            if torch.equal(perm.sort().values, torch.arange(n)):
+                return perm
+        return (plan * n).float()
+    scale = float(c.max()) or 1.0
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=c.device)
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64, device=c.device)
+    plan = ot.sinkhorn(a, b, c / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9)
+    return (plan * n).float()
+
+
+def _same(p, q) -> bool:
+    if p is None or q is None:
+        return p is None and q is None
+    if p.dim() == 1 and q.dim() == 1:
+        return torch.equal(p.cpu(), q.cpu())
+    if p.dim() == 1 or q.dim() == 1:
+        return False
+    return bool((p.cpu() - q.cpu()).abs().max() < 1e-5)
+
+
+def _forward_order(model: nn.Module, graph: ChannelGraph) -> list[int]:
+    rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(range(len(graph.groups)), key=lambda gi: rank.get(graph.groups[gi].name, 0))
+
+
+def align(graph: ChannelGraph, order, anchor: dict, member: dict, solver: str, reg: float, max_iter: int,
+          anchor_feats=None, member_feats=None):
+    """Plans that align ``member`` to ``anchor``, one per group."""
+    plans = [None] * len(graph.groups)
+    if anchor_feats is not None:
+        for gi in order:
+            if anchor_feats[gi] is not None:
+                plans[gi] = solve_plan(_sq_distances(anchor_feats[gi], member_feats[gi]), solver, reg)
+        return plans
+    cost = WeightCost(graph, anchor, member)
+    for _ in range(max_iter):
+        changed = False
+        for gi in order:
+            new = solve_plan(cost(gi, plans), solver, reg)
+            if plans[gi] is None and new.dim() == 1 and torch.equal(new.cpu(), torch.arange(new.numel())):
+                continue  # still the identity
+            if not _same(new, plans[gi]):
+                plans[gi], changed = new, True
+        if not changed:
+            break
+    return plans
+
+
+@register("ot")
+def optimal_transport(models, *, example_inputs=None, anchor=0, ground_metric="weights", solver="emd", reg=0.01,
+                      data=None, max_iter=20, verify=True):
+    """Align every member to the anchor with OT plans per channel group, then average the aligned weights."""
+    _check(models, anchor, ground_metric, solver, reg, data, max_iter)
+    graph = channel_groups(models[anchor], example_inputs, verify=verify)
+    order = _forward_order(models[anchor], graph)
+    anchor_state = full_state(models[anchor])
+    anchor_feats = _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
+    with torch.no_grad():
+        # running sum of the aligned members: one aligned copy alive at a time
+        fused_state = {n: t.clone() for n, t in anchor_state.items()}
+        for i, model in enumerate(models):
+            if i == anchor:
+                continue
+            state = full_state(model)
+            member_feats = _activation_features(model, graph, data) if anchor_feats is not None else None
+            plans = align(graph, order, anchor_state, state, solver, reg, max_iter, anchor_feats, member_feats)
+            for name, t in state.items():
+                if is_float(t):
+                    fused_state[name].add_(transform_tensor(graph, name, t, plans))
+        for t in fused_state.values():
+            if is_float(t):
+                t.div_(len(models))
+    fused = build_model(models[anchor], fused_state)
+    check_runs(fused, example_inputs if example_inputs is not None else data)
+    return fused
+
