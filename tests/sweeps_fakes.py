@@ -8,7 +8,9 @@ Behaviour switches (all optional):
   ``torch.OutOfMemoryError``;
 - env ``FAKE_BLOCK_TRIAL=<n>`` + ``FAKE_MARKER_DIR=<dir>``: trial n writes ``<dir>/started-<n>`` and
   then sleeps (until killed), so a test can SIGKILL the sweep in the middle of that trial;
-- env ``FAKE_SLEEP_S``: every experiment sleeps this long (to overlap parallel workers).
+- env ``FAKE_SLEEP_S``: every experiment sleeps this long;
+- env ``FAKE_BARRIER_DIR``: each trial's first experiment writes ``<dir>/trial-<n>`` and waits (up to
+  60 s) until two such files exist, so two workers provably run trials at the same time.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def fake_experiment(config: dict, *, parent_run_id=None, extra_tags=None, epoch_
             Path(os.environ["FAKE_MARKER_DIR"], f"started-{trial}").write_text(str(os.getpid()))
             time.sleep(600)
         time.sleep(float(os.environ.get("FAKE_SLEEP_S", "0")))
+        barrier = os.environ.get("FAKE_BARRIER_DIR")
+        if barrier and trial is not None:
+            Path(barrier, f"trial-{trial}").write_text(str(os.getpid()))
+            deadline = time.time() + 60
+            while len(list(Path(barrier).glob("trial-*"))) < 2 and time.time() < deadline:
+                time.sleep(0.05)
         fail = config["fusion"]["options"].get("fake_fail")
         if fail == "nan":
             raise FloatingPointError("fine-tune loss is NaN at epoch 1")

@@ -1,0 +1,99 @@
+"""A sweep killed with SIGKILL in the middle of a trial, then resumed with the same command: finished
+trials survive, the interrupted one ends FAIL and is retried (never RUNNING forever), the study reaches
+its target and neither its MLflow parent run nor the interrupted trial's run is left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from mlflow import MlflowClient
+
+from sweeps.study import ERROR_ATTR, PARENT_RUN_ATTR, WORKER_ATTR, open_storage
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _driver(tmp_path: Path, uri: str) -> list[str]:
+    spec = {"base": {"experiment": "fusebench-tests", "finetune": {"epochs": 1}},
+            "space": {"members.n": {"type": "int", "low": 2, "high": 64}},
+            "objectives": [{"metric": "fused_acc_best_val", "direction": "maximize"}],
+            "sampler": {"type": "random", "seed": 0}, "n_trials": 4}
+    (tmp_path / "crash.yaml").write_text(yaml.safe_dump(spec))
+    script = tmp_path / "drive.py"
+    script.write_text(textwrap.dedent(f"""
+        from sweeps_fakes import fake_experiment
+        from sweeps.runner import run_sweep
+        from sweeps.spec import load_spec
+
+        if __name__ == "__main__":
+            run_sweep(load_spec({str(tmp_path / 'crash.yaml')!r}), tracking_uri={uri!r},
+                      runs_dir={str(tmp_path / 'runs')!r}, experiment_fn=fake_experiment)
+    """))
+    return [sys.executable, str(script)]
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri):
+    cmd = _driver(tmp_path, mlflow_uri)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+           "FAKE_BLOCK_TRIAL": "2", "FAKE_MARKER_DIR": str(markers)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not (markers / "started-2").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "trial 2 never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+
+    storage = open_storage(None, "crash", tmp_path / "runs").storage
+    study = optuna.load_study(study_name="crash", storage=storage)
+    before = study.get_trials()
+    assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    assert before[2].user_attrs[WORKER_ATTR]["pid"] == proc.pid
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(parent_id).info.status == "RUNNING"  # what a crash leaves behind
+
+    # the same command again, without the crash switch being able to fire (the retry has a new number)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    study = optuna.load_study(study_name="crash", storage=open_storage(None, "crash", tmp_path / "runs").storage)
+    after = study.get_trials()
+    assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+    # finished trials kept as they were
+    for old in before[:2]:
+        assert after[old.number].state.name == "COMPLETE" and after[old.number].value == old.value
+        assert after[old.number].params == old.params
+    crashed = after[2]
+    assert crashed.state.name == "FAIL"
+    assert f"worker process {proc.pid}" in crashed.user_attrs[ERROR_ATTR]
+    retries = [t for t in after if t.system_attrs.get("failed_trial") == 2]
+    assert len(retries) == 1 and retries[0].params == crashed.params and retries[0].state.name == "COMPLETE"
+    # target reached: 4 counted trials (the failed one is replaced by its retry), nothing more
+    assert len(after) == 5
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent_id
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    exp = client.get_experiment_by_name("fusebench-tests")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags["fusebench.trial"], []).append(r)
+    assert sorted(by_trial, key=int) == ["0", "1", "2", "3", "4"]
+    killed_run = by_trial["2"][0]
+    assert killed_run.info.status == "FAILED"
+    assert killed_run.data.tags["fusebench.trial_state"] == "FAIL"
+    assert "died" in killed_run.data.tags["fusebench.error"]
+    assert all(r.info.status == "FINISHED" for n, rs in by_trial.items() if n != "2" for r in rs)
