@@ -55,6 +55,16 @@ def _redact(url: str) -> str:
     return f"{scheme}://{creds}@{host}"
 
 
+def _postgres_driver() -> str:
+    """SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed
+    (the ``postgres`` extra ships psycopg2-binary)."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        return "psycopg"
+    return "psycopg2"
+
+
 def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs", *,
                  workers: int = 1) -> StorageInfo:
     """``None`` -> journal file ``<runs_dir>/<study>.journal``; ``*.journal`` path -> that journal;
@@ -72,8 +82,9 @@ def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs"
     if scheme == "sqlite" and workers > 1:
         raise FusebenchError("--storage sqlite:// cannot be shared by parallel workers (database is locked); "
                              "leave --storage out to use a journal file, or use postgresql://")
-    if scheme == "postgres":
-        url = "postgresql" + url[len("postgres"):]
+    shown = _redact(url)
+    if url.startswith(("postgres://", "postgresql://")):
+        url = "postgresql+" + _postgres_driver() + "://" + url.split("://", 1)[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -90,7 +101,7 @@ def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs"
         except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FusebenchError(f"--storage {_redact(url)}: cannot open the study database: {first}") from None
-    return StorageInfo(storage, _redact(url), "rdb", runs)
+    return StorageInfo(storage, shown, "rdb", runs)
 
 
 def create_or_load(info: StorageInfo, study_name: str, directions: list[str],
