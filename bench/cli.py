@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     if args.command not in modules:
-        print(f"fusebench {args.command}: error: not available ({COMMANDS[args.command][0]} is missing)", file=sys.stderr)
+        print(
+            f"fusebench {args.command}: error: not available ({COMMANDS[args.command][0]} is missing)",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(modules[args.command].main(args) or 0)

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoints": [],
         "cache_dir": None,
     },
-    "fusion": {"method": "nt", "options": {}},
+    "fusion": {"method": "nt", "options": {}, "measure_memory": True},
     "finetune": {
         "epochs": 5,
         "optimizer": "sgd",

@@ -33,7 +33,8 @@ class ExperimentResult:
     tags: dict[str, str] = field(default_factory=dict)
     members_trained: int = 0
     members_loaded: int = 0
-    # wall times (s): train, fusion, finetune, baseline_finetune, eval, tracking, total
+    # wall times (s): data, train, eval, fusion, fusion_process, cost_measure, finetune,
+    # baseline_finetune, tracking, total
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,7 +127,6 @@ def run_experiment(
 
 def _run(cfg, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
     import fusion
-
     from bench.data import load_data, resolve_device
     from bench.measure import latency_ms, macs_and_params, measure_fusion
     from bench.members import get_members
@@ -137,7 +137,9 @@ def _run(cfg, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
     tracker.set_tags({"fusebench.device": _device_tag(device)})
     tags["fusebench.device"] = _device_tag(device)
     _seed_everything(cfg["seed"])
+    t = time.perf_counter()
     data = load_data(cfg["data"], device)
+    timings["data"] = time.perf_counter() - t
 
     # Members and baselines.
     members = get_members(cfg, data)
@@ -158,16 +160,28 @@ def _run(cfg, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
 
     # Fusion, measured.
     example = data.example_inputs(2)
-    fm = measure_fusion(members.models, cfg["fusion"]["method"], example, cfg["fusion"]["options"])
+    t = time.perf_counter()
+    fm = measure_fusion(
+        members.models,
+        cfg["fusion"]["method"],
+        example,
+        cfg["fusion"]["options"],
+        memory=cfg["fusion"]["measure_memory"],
+    )
     fused = fm.fused_model.to(device)
     timings["fusion"] = fm.seconds
-    cost: dict[str, float] = {"fusion_time_s": fm.seconds, "fusion_peak_mem_mb": fm.peak_mem_mb}
+    timings["fusion_process"] = time.perf_counter() - t - fm.seconds  # child process start / transfer
+    t = time.perf_counter()
+    cost: dict[str, float] = {"fusion_time_s": fm.seconds}
+    if fm.peak_mem_mb == fm.peak_mem_mb:  # NaN when not measured (fusion.measure_memory: false on CPU)
+        cost["fusion_peak_mem_mb"] = fm.peak_mem_mb
     cost["fused_macs"], cost["fused_params"] = macs_and_params(fused, example[:1])
     cost["member_macs"], cost["member_params"] = macs_and_params(members.models[0], example[:1])
     lat_batch = next(data.test.batches(cfg["data"]["batch_size"]))[0]
     cost["fused_latency_ms"] = latency_ms(fused, lat_batch)
     cost["ensemble_latency_ms"] = latency_ms(ensemble, lat_batch)
     m.update(cost)
+    timings["cost_measure"] = time.perf_counter() - t
     tracker.metrics(cost)
 
     # Fine-tuning of the fused model, curves logged per epoch (step = epoch).

@@ -7,7 +7,7 @@ Public helpers (also used by ``bench.perf``):
   on the CPU in a fresh child process, because ``tracemalloc`` does not see torch tensors and the parent's
   RSS high-water mark is polluted by everything that ran before (REFERENCE.md §6).
 * ``peak_rss_beyond_baseline(fn, *args, **kwargs)`` -> ``(result, peak_mb, seconds)``: runs a picklable
-  ``fn`` in a spawned child and reports its peak RSS minus its RSS once the arguments are loaded.
+  ``fn`` in a fresh child process and reports its peak RSS minus its RSS once the arguments are loaded.
 * ``gpu_peak_beyond_baseline(fn, *args, device=..., **kwargs)`` -> ``(result, peak_mb, seconds)``.
 * ``macs_and_params``, ``latency_ms``.
 """
@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import multiprocessing as mp
+import os
+import pickle
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,31 +64,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _touch(obj: Any) -> None:
-    """Read every tensor in ``obj`` once so its pages (shared memory from the parent) are resident
-    before the baseline is taken; otherwise the first read inside ``fn`` would count as ``fn``'s memory."""
-    if isinstance(obj, torch.Tensor):
-        if obj.numel():
-            obj.detach().float().sum() if obj.is_floating_point() else obj.detach().sum()
-    elif isinstance(obj, nn.Module):
-        for t in obj.state_dict().values():
-            _touch(t)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _touch(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _touch(v)
-
-
-def _child_main(conn, preload: tuple[str, ...], threads: int, fn, args, kwargs) -> None:
-    """Runs in the spawned child: the arguments are already unpickled (loaded) when this starts."""
+def _child_main(in_path: str, out_path: str) -> None:
+    """Runs in the child (``python -m bench.measure IN OUT``). The call is unpickled from a private file
+    (not shared memory, whose pages would become resident only when first read inside ``fn``) before
+    the baseline is taken; the outcome is pickled to OUT."""
+    with open(in_path, "rb") as f:
+        preload, threads, payload = pickle.load(f)
     try:
         torch.set_num_threads(threads)
         for name in preload:  # imports are not the function's memory
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        _touch((args, kwargs))
+        fn, args, kwargs = pickle.loads(payload)
+        del payload
         gc.collect()
         reset = _reset_peak_rss()
         baseline = _rss_bytes() if reset else _maxrss_bytes()
@@ -93,45 +84,49 @@ def _child_main(conn, preload: tuple[str, ...], threads: int, fn, args, kwargs) 
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - start
         peak = max(0, _maxrss_bytes() - baseline)
-        conn.send(("ok", result, peak / _MB, seconds))
-    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which re-raises
+        outcome = pickle.dumps(("ok", result, peak / _MB, seconds))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises
         try:
-            conn.send(("error", exc, 0.0, 0.0))
+            outcome = pickle.dumps(("error", exc, 0.0, 0.0))
         except Exception:  # noqa: BLE001 - unpicklable exception
-            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), 0.0, 0.0))
-    finally:
-        conn.close()
+            outcome = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), 0.0, 0.0))
+    with open(out_path, "wb") as f:
+        f.write(outcome)
 
 
 def peak_rss_beyond_baseline(
     fn: Callable[..., Any], *args: Any, preload: tuple[str, ...] = (), **kwargs: Any
 ) -> tuple[Any, float, float]:
-    """Run ``fn(*args, **kwargs)`` in a fresh spawned process; return (result, peak MiB, seconds).
+    """Run ``fn(*args, **kwargs)`` in a fresh Python process; return (result, peak MiB, seconds).
 
     The peak is the child's RSS high-water mark during ``fn`` minus its RSS after the arguments were
-    unpickled and ``preload`` modules imported. ``fn``, the arguments and the result must be picklable
-    (nn.Modules are). Exceptions raised by ``fn`` are re-raised here.
+    unpickled and ``preload`` modules imported. ``fn`` must be a module-level function; it, the
+    arguments and the result must be picklable (nn.Modules are). Exceptions raised by ``fn`` are
+    re-raised here. The child is a plain ``python -m bench.measure`` process rather than a
+    multiprocessing "spawn" child: spawn re-imports the caller's ``__main__``, which fails for
+    interactive / stdin scripts and re-runs unguarded scripts.
     """
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_child_main,
-        args=(child_conn, tuple(preload), torch.get_num_threads(), fn, args, kwargs),
-        daemon=True,
-    )
-    proc.start()
-    child_conn.close()
-    try:
-        status, payload, peak_mb, seconds = parent_conn.recv()
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"measurement child process died (exit code {proc.exitcode})") from None
-    finally:
-        parent_conn.close()
-    proc.join()
+    with tempfile.TemporaryDirectory(prefix="fusebench-measure-") as tmp:
+        in_path, out_path = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
+        with open(in_path, "wb") as f:
+            pickle.dump((tuple(preload), torch.get_num_threads(), pickle.dumps((fn, args, kwargs))), f)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.measure", in_path, out_path],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+        if not os.path.exists(out_path):
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"measurement child process died (exit code {proc.returncode}): {' | '.join(tail)}"
+            )
+        with open(out_path, "rb") as f:
+            status, result, peak_mb, seconds = pickle.load(f)
     if status == "error":
-        raise payload
-    return payload, peak_mb, seconds
+        raise result
+    return result, peak_mb, seconds
 
 
 def gpu_peak_beyond_baseline(
@@ -219,3 +214,7 @@ def latency_ms(model: nn.Module, batch: torch.Tensor, *, repeats: int = 15, warm
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
+
+
+if __name__ == "__main__":  # the measurement child of peak_rss_beyond_baseline
+    _child_main(sys.argv[1], sys.argv[2])
