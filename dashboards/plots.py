@@ -279,27 +279,43 @@ def cost_scaling(runs: pd.DataFrame) -> go.Figure | None:
     methods = sorted(runs["method"].unique())
     shown: set[str] = set()
     for r, (axis_col, axis_title) in enumerate(axes, start=1):
+        # a line joins points that differ only in its x: against N one line per (method, arch),
+        # against width one per (method, N); pooling archs would draw trends that are not there
+        series = "arch" if axis_col == "n_members" else "n_members"
+        several = runs[series].nunique() > 1
+        dashes = {v: _DASHES[i % len(_DASHES)] for i, v in enumerate(sorted(runs[series].unique(), key=str))}
         for c, (metric, metric_title) in enumerate(metrics, start=1):
-            stats = runs.groupby(["method", axis_col])[metric].agg(["median", "count"]).reset_index()
-            for method, group in stats.groupby("method"):
+            stats = runs.groupby(["method", series, axis_col])[metric].agg(["median", "count"]).reset_index()
+            for (method, other), group in stats.groupby(["method", series]):
                 group = group.sort_values(axis_col)
+                label = f"{method} · {'N=' if series == 'n_members' else ''}{other}" if several else method
                 fig.add_trace(
                     go.Scatter(
                         x=group[axis_col],
                         y=group["median"],
                         mode="lines+markers",
-                        name=method,
-                        legendgroup=method,
-                        showlegend=method not in shown,
-                        line={"color": method_color(method, methods)},
+                        name=label,
+                        legendgroup=label,
+                        showlegend=label not in shown,
+                        line={"color": method_color(method, methods), "dash": dashes[other]},
+                        marker={"size": 8},
                         customdata=group["count"],
-                        hovertemplate=f"{method}<br>{axis_title} %{{x}}<br>median %{{y:.3g}}"
+                        hovertemplate=f"{label}<br>{axis_title} %{{x}}<br>median %{{y:.3g}}"
                         "<br>over %{customdata} runs<extra></extra>",
                     ),
                     row=r,
                     col=c,
                 )
-                shown.add(method)
+                shown.add(label)
+            if axis_col == "member_params":
+                fig.update_xaxes(title_text=axis_title, type="log", row=r, col=c)
+                fig.update_yaxes(
+                    title_text=metric_title,
+                    type="log" if (runs[metric] > 0).all() else "linear",
+                    row=r,
+                    col=c,
+                )
+                continue
             ticks = sorted(runs[axis_col].dropna().unique())
             fig.update_xaxes(title_text=axis_title, tickmode="array", tickvals=ticks, row=r, col=c)
             fig.update_yaxes(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def optuna_figures(study) -> tuple[dict[str, go.Figure], list[str]]:
         ("optuna_importance", plot_param_importances),
     ):
         try:
-            fig = make(study, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "few trials per regime": the plot is still what exists
+                fig = make(study, **kwargs)
             fig.update_layout(template=plots._TEMPLATE, height=420)
             figs[key] = fig
         except Exception as exc:  # noqa: BLE001 - e.g. too few trials or no varying parameter
