@@ -30,24 +30,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", default="runs", help="folder for journal files and locks (default: runs)")
 
 
-def _print_leaderboard(result, study, spec, out) -> None:
-    """The dashboards' leaderboard when that package offers one for a study, else the trials table."""
-    try:
-        from dashboards import leaderboard as lb
+def _dashboards_leaderboard(result) -> str:
+    """The dashboards package's leaderboard of this study (mean ± std over seeds, gains), as Markdown."""
+    from dashboards import leaderboard as lb
 
-        fn = getattr(lb, "leaderboard_for_study", None)
-    except ImportError:
-        fn = None
+    fn = getattr(lb, "leaderboard_for_study", None)
     if fn is not None:
-        kwargs = {"tracking_uri": result.tracking_uri, "experiment": spec.base["experiment"],
-                  "parent_run_id": result.parent_run_id}
         accepted = inspect.signature(fn).parameters
-        try:
-            table = fn(result.study_name, **{k: v for k, v in kwargs.items() if k in accepted})
-            print(table if isinstance(table, str) else table.to_string(), file=out)
-            return
-        except Exception as exc:  # noqa: BLE001 - fall back to Optuna's view
-            print(f"(dashboards leaderboard unavailable: {exc}; showing the Optuna trials)", file=out)
+        kwargs = {"tracking_uri": result.tracking_uri, "parent_run_id": result.parent_run_id}
+        table = fn(result.study_name, **{k: v for k, v in kwargs.items() if k in accepted})
+        return table if isinstance(table, str) else table.to_string()
+    from dashboards.data import load_runs
+
+    runset = load_runs(study=result.study_name, tracking_uri=result.tracking_uri, warn=lambda _msg: None)
+    return lb.format_table(lb.build_leaderboard(runset.runs), "md")
+
+
+def _print_leaderboard(result, study, out) -> None:
+    """The dashboards' leaderboard when it can be built, else a compact table of the Optuna trials."""
+    try:
+        print(_dashboards_leaderboard(result), file=out)
+        return
+    except Exception as exc:  # noqa: BLE001 - no finished run yet, or dashboards missing: Optuna's view
+        print(f"(leaderboard from MLflow unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+              "showing the Optuna trials)", file=out)
     import pandas as pd
 
     from sweeps.runner import trials_table
@@ -83,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
           f"(target {result.target}) in {result.wall_time_s:.1f} s", file=out)
     study = optuna.load_study(study_name=result.study_name,
                               storage=open_storage(args.storage, result.study_name, args.runs_dir).storage)
-    _print_leaderboard(result, study, spec, out)
+    _print_leaderboard(result, study, out)
     uri = result.tracking_uri
     print(f"\nMLflow: parent run {result.parent_run_id} in experiment '{spec.base['experiment']}'.\n"
           f"Open the UI:  fusebench ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)\n"

@@ -19,7 +19,7 @@ def test_fusebench_sweep_runs_real_experiments(tmp_path, mlflow_uri, capsys, one
         "base": {"experiment": "fusebench-tests", "data": {"name": "digits"},
                  "model": {"arch": "mlp", "width": 16, "depth": 1},
                  "members": {"n": 2, "epochs": 2, "cache_dir": str(tmp_path / "cache")},
-                 "finetune": {"epochs": 1, "baseline": False}},
+                 "fusion": {"measure_memory": False}, "finetune": {"epochs": 1, "baseline": False}},
         "space": {"fusion.method": {"type": "categorical", "choices": ["nt", "avg"]}},
         "objectives": [{"metric": "fused_acc_best_val", "direction": "maximize"}],
         "sampler": "grid",
