@@ -69,7 +69,8 @@ def _child_main(in_path: str, out_path: str) -> None:
     (not shared memory, whose pages would become resident only when first read inside ``fn``) before
     the baseline is taken; the outcome is pickled to OUT."""
     with open(in_path, "rb") as f:
-        preload, threads, payload = pickle.load(f)
+        preload, threads, parent_path, payload = pickle.load(f)
+    sys.path.extend(p for p in parent_path if p not in sys.path)  # so ``fn``'s module can be imported
     try:
         torch.set_num_threads(threads)
         for name in preload:  # imports are not the function's memory
@@ -109,7 +110,8 @@ def peak_rss_beyond_baseline(
     with tempfile.TemporaryDirectory(prefix="fusebench-measure-") as tmp:
         in_path, out_path = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(in_path, "wb") as f:
-            pickle.dump((tuple(preload), torch.get_num_threads(), pickle.dumps((fn, args, kwargs))), f)
+            call = pickle.dumps((fn, args, kwargs))
+            pickle.dump((tuple(preload), torch.get_num_threads(), list(sys.path), call), f)
         proc = subprocess.run(
             [sys.executable, "-m", "bench.measure", in_path, out_path],
             stdout=subprocess.DEVNULL,
