@@ -28,7 +28,9 @@ def check_members(models) -> list[nn.Module]:
     dtypes = {t.dtype for t in ref_state.values() if t.is_floating_point()}
     for i, m in enumerate(models[1:], start=1):
         if type(m) is not type(ref):
-            raise FusionError(f"members differ: model {i} is a {type(m).__name__}, model 0 a {type(ref).__name__}")
+            raise FusionError(
+                f"members differ: model {i} is a {type(m).__name__}, model 0 a {type(ref).__name__}"
+            )
         state = full_state(m)
         for name, t0 in ref_state.items():
             t = state.get(name)
@@ -45,7 +47,9 @@ def check_members(models) -> list[nn.Module]:
         devices |= {t.device for t in state.values()}
         dtypes |= {t.dtype for t in state.values() if t.is_floating_point()}
     if len(devices) > 1:
-        raise FusionError(f"members live on different devices ({sorted(map(str, devices))}); move them to one")
+        raise FusionError(
+            f"members live on different devices ({sorted(map(str, devices))}); move them to one"
+        )
     if len(dtypes) > 1:
         raise FusionError(f"members have different dtypes ({sorted(map(str, dtypes))})")
     return models
@@ -62,6 +66,8 @@ def fuse(models, method: str, *, example_inputs=None, **options) -> nn.Module:
     check_options(method, options)
     models = check_members(models)
     if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
-        raise FusionError(f"example_inputs must be a tensor (or a tuple/dict of tensors), got {type(example_inputs).__name__}")
+        raise FusionError(
+            f"example_inputs must be a tensor (or a tuple/dict of tensors), got {type(example_inputs).__name__}"
+        )
     fused = fn(models, example_inputs=example_inputs, **options)
     return fused.eval()

@@ -113,7 +113,9 @@ class ChannelGraph:
         ]
 
     # ------------------------------------------------------------------ importance
-    def unit_importance(self, gi: int, state: dict[str, torch.Tensor], n_members: int, p: float = 2.0) -> torch.Tensor:
+    def unit_importance(
+        self, gi: int, state: dict[str, torch.Tensor], n_members: int, p: float = 2.0
+    ) -> torch.Tensor:
         """Magnitude importance of every unit of group ``gi`` as the concatenated model would score it.
 
         Mirrors torch-pruning's ``GroupMagnitudeImportance(p)``: for each conv / linear / norm weight of the
@@ -157,7 +159,9 @@ class ChannelGraph:
             mem_parts.append(mem[keep])
         return torch.cat(pos_parts), torch.cat(mem_parts)
 
-    def assemble(self, states: list[dict[str, torch.Tensor]], selection: Selection) -> dict[str, torch.Tensor]:
+    def assemble(
+        self, states: list[dict[str, torch.Tensor]], selection: Selection
+    ) -> dict[str, torch.Tensor]:
         """The new model's tensors (see the module docstring). Members' tensors are only read."""
         n = len(states)
         new: dict[str, torch.Tensor] = {}

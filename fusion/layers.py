@@ -108,7 +108,12 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
 
     if isinstance(pruner, tpf.BatchnormPruner):
         slots = []
-        for attr, is_w in (("weight", True), ("bias", False), ("running_mean", False), ("running_var", False)):
+        for attr, is_w in (
+            ("weight", True),
+            ("bias", False),
+            ("running_mean", False),
+            ("running_var", False),
+        ):
             if getattr(module, attr, None) is not None:
                 slots.append(SlotSpec(prefix + attr, 0, OUT, "bn", is_w))
         return slots, None

@@ -42,7 +42,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
     memo = {}
     for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        )
     return copy.deepcopy(model, memo)
 
 
@@ -110,8 +112,9 @@ def _fingerprint(model: nn.Module, inputs, output_layers) -> tuple:
 
 
 # ---------------------------------------------------------------------------- tracing
-def channel_groups(model: nn.Module, example_inputs=None, *, output_layers: Iterable[str] | None = None,
-                   verify: bool = True) -> ChannelGraph:
+def channel_groups(
+    model: nn.Module, example_inputs=None, *, output_layers: Iterable[str] | None = None, verify: bool = True
+) -> ChannelGraph:
     """Trace the coupled channel groups of ``model`` (see the module docstring). Results are cached per
     architecture, so tracing and verification are paid once per architecture and input shape."""
     if not isinstance(model, nn.Module):
@@ -210,63 +213,85 @@ def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
 
 
 def _merge_units(raw) -> list[ChannelGroup]:
-    """Turn torch-pruning groups into unit groups; groups joined by a grouped conv become one group of blocks."""
-    parent = list(range(len(raw)))
+    """Turn torch-pruning groups into unit groups.
 
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    A grouped convolution only connects block k of its input channels to block k of its output channels, so
+    channels tied by such blocks must move together: the units are the connected components of the relation
+    "in the same block of some grouped convolution" (a block of the input side being joined to the same block
+    of the output side). Plain groups keep one channel per unit.
+    """
+    parent: dict = {}
 
-    # unit of every root channel, from the grouped convs each group touches
-    unit_of: dict[int, torch.Tensor] = {}
-    order_key: dict[int, torch.Tensor] = {}  # within a block, channels keep the order a grouped conv reads them in
-    n_units: dict[int, int] = {}
-    by_conv: dict[str, list[int]] = {}
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+
+    order_key: dict[
+        int, torch.Tensor
+    ] = {}  # within a unit, channels keep the order a grouped conv reads them in
+    linked = set()
     for gi, (root, _n_root, _slots, links) in enumerate(raw):
         for link, conv_pos in links:
             link: GroupedConvLink
-            units = conv_pos // link.block
-            if gi in unit_of and not torch.equal(unit_of[gi], units):
-                raise FusionError(
-                    f"the channels of group {root!r} are split into blocks differently by two grouped "
-                    f"convolutions (one is {link.layer!r}); fusion does not support this"
-                )
-            unit_of[gi], n_units[gi] = units, link.groups
-            if link.side == IN or gi not in order_key:
+            linked.add(gi)
+            for r, pos in enumerate(conv_pos.tolist()):
+                union(("ch", gi, r), ("block", link.layer, pos // link.block))
+            if link.side == IN:
+                if gi in order_key and not torch.equal(order_key[gi], conv_pos):
+                    raise FusionError(
+                        f"the channels of group {root!r} are read in different orders by two grouped "
+                        f"convolutions (one is {link.layer!r}); fusion does not support this"
+                    )
                 order_key[gi] = conv_pos
-            by_conv.setdefault(link.layer, []).append(gi)
-    for gis in by_conv.values():
-        for gi in gis[1:]:
-            parent[find(gi)] = find(gis[0])
-
-    clusters: dict[int, list[int]] = {}
-    for gi in range(len(raw)):
-        clusters.setdefault(find(gi), []).append(gi)
+            elif gi not in order_key:
+                order_key[gi] = conv_pos
 
     groups = []
-    for members in clusters.values():
-        root_name = raw[members[0]][0]
-        if len(members) == 1 and members[0] not in unit_of:
-            gi = members[0]
+    group_units: dict[int, list] = {}
+    touching: dict = {}  # component -> groups with channels in it
+    for gi in range(len(raw)):
+        if gi not in linked:
             _, n_root, slots, _ = raw[gi]
-            groups.append(ChannelGroup(root_name, n_root, [_slot(s, n, pos[:, None, :]) for s, n, pos in slots]))
+            groups.append(
+                ChannelGroup(raw[gi][0], n_root, [_slot(s, n, pos[:, None, :]) for s, n, pos in slots])
+            )
             continue
-        counts = {n_units[gi] for gi in members}
-        if len(counts) != 1:
-            raise FusionError(f"grouped convolutions around {root_name!r} disagree on the number of blocks")
-        g = counts.pop()
+        group_units[gi] = [find(("ch", gi, r)) for r in range(raw[gi][1])]
+        for comp in set(group_units[gi]):
+            touching.setdefault(comp, []).append(gi)
+    # groups that share a component move together: one cluster, one unit group
+    for gis in touching.values():
+        for gi in gis[1:]:
+            union(("group", gi), ("group", gis[0]))
+    clusters: dict = {}
+    for gi, units in group_units.items():
+        clusters.setdefault(find(("group", gi)), []).append((gi, units))
+
+    for members in clusters.values():
+        comp_ids = sorted({u for _, units in members for u in units}, key=str)
+        index = {c: i for i, c in enumerate(comp_ids)}
+        n_units = len(comp_ids)
         slots = []
-        for gi in members:
-            _, n_root, gslots, _ = raw[gi]
-            units = unit_of[gi]
-            if n_root % g or torch.bincount(units, minlength=g).ne(n_root // g).any():
-                raise FusionError(f"group {raw[gi][0]!r} does not split evenly into {g} convolution blocks")
-            order = torch.argsort(order_key[gi], stable=True)
+        for gi, units in members:
+            root, n_root, gslots, _ = raw[gi]
+            unit = torch.tensor([index[u] for u in units])
+            counts = torch.bincount(unit, minlength=n_units)
+            if counts.ne(counts[0]).any() or n_root % n_units:
+                raise FusionError(
+                    f"the channels of group {root!r} do not split evenly into convolution blocks"
+                )
+            order = torch.argsort(
+                unit * (n_root + 1) + torch.argsort(torch.argsort(order_key[gi])), stable=True
+            )
             for spec, name, pos in gslots:
-                slots.append(_slot(spec, name, pos[order].reshape(g, n_root // g, pos.shape[1])))
-        groups.append(ChannelGroup(root_name, g, slots, unit_kind="conv-block"))
+                slots.append(_slot(spec, name, pos[order].reshape(n_units, n_root // n_units, pos.shape[1])))
+        groups.append(ChannelGroup(raw[members[0][0]][0], n_units, slots, unit_kind="conv-block"))
     return groups
 
 
@@ -290,8 +315,12 @@ def _check_coverage(graph: ChannelGraph) -> None:
                 )
     for name in graph.output_layers:
         for tensor, dims in graph.tensor_dims.items():
-            if tensor.startswith(name + ".") and any(graph._slot(r).role == OUT for refs in dims.values() for r in refs):
-                raise FusionError(f"output layer {name!r} produces traced channels; it cannot be an output layer")
+            if tensor.startswith(name + ".") and any(
+                graph._slot(r).role == OUT for refs in dims.values() for r in refs
+            ):
+                raise FusionError(
+                    f"output layer {name!r} produces traced channels; it cannot be an output layer"
+                )
 
 
 # ---------------------------------------------------------------------------- verification
@@ -305,7 +334,11 @@ def _close(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
         scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
-        return a.shape == b.shape and bool((a - b).abs().max() <= tol * scale) if a.numel() else a.shape == b.shape
+        return (
+            a.shape == b.shape and bool((a - b).abs().max() <= tol * scale)
+            if a.numel()
+            else a.shape == b.shape
+        )
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -313,7 +346,9 @@ def _close(a, b) -> bool:
     return True
 
 
-def verify_permutation_invariance(model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0) -> None:
+def verify_permutation_invariance(
+    model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
+) -> None:
     """Refuse a trace under which a random permutation of the groups changes the model's function."""
     skeleton = meta_copy(model).eval()
     state = full_state(model)

@@ -26,7 +26,11 @@ from ..trace import channel_groups, full_state
 def _check_sparsity(sparsity) -> None:
     if sparsity is None:
         return
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not 0.0 <= float(sparsity) < 1.0
+    ):
         raise FusionError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
 
 

@@ -72,7 +72,9 @@ def transform_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, plans, ski
                 dst, src = pos.reshape(-1), pos[plan.cpu()].reshape(-1)
                 valid = dst >= 0
                 if not torch.equal(valid, src >= 0):
-                    raise FusionError(f"units of group {graph.groups[gi].name!r} differ in shape; cannot permute")
+                    raise FusionError(
+                        f"units of group {graph.groups[gi].name!r} differ in shape; cannot permute"
+                    )
                 idx = torch.arange(t.shape[d])
                 idx[dst[valid]] = src[valid]
                 t = t.index_select(d, idx.to(t.device))
@@ -170,7 +172,9 @@ def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[to
         state = full_state(model)
         device = next(iter(state.values())).device
         with torch.no_grad():
-            torch.func.functional_call(skeleton, state, map_inputs(data, lambda t: t.to(device)), strict=False)
+            torch.func.functional_call(
+                skeleton, state, map_inputs(data, lambda t: t.to(device)), strict=False
+            )
     finally:
         for h in handles:
             h.remove()
@@ -223,8 +227,17 @@ def _forward_order(model: nn.Module, graph: ChannelGraph) -> list[int]:
     return sorted(range(len(graph.groups)), key=lambda gi: rank.get(graph.groups[gi].name, 0))
 
 
-def align(graph: ChannelGraph, order, anchor: dict, member: dict, solver: str, reg: float, max_iter: int,
-          anchor_feats=None, member_feats=None):
+def align(
+    graph: ChannelGraph,
+    order,
+    anchor: dict,
+    member: dict,
+    solver: str,
+    reg: float,
+    max_iter: int,
+    anchor_feats=None,
+    member_feats=None,
+):
     """Plans that align ``member`` to ``anchor``, one per group."""
     plans = [None] * len(graph.groups)
     if anchor_feats is not None:
@@ -247,14 +260,26 @@ def align(graph: ChannelGraph, order, anchor: dict, member: dict, solver: str, r
 
 
 @register("ot")
-def optimal_transport(models, *, example_inputs=None, anchor=0, ground_metric="weights", solver="emd", reg=0.01,
-                      data=None, max_iter=20, verify=True):
+def optimal_transport(
+    models,
+    *,
+    example_inputs=None,
+    anchor=0,
+    ground_metric="weights",
+    solver="emd",
+    reg=0.01,
+    data=None,
+    max_iter=20,
+    verify=True,
+):
     """Align every member to the anchor with OT plans per channel group, then average the aligned weights."""
     _check(models, anchor, ground_metric, solver, reg, data, max_iter)
     graph = channel_groups(models[anchor], example_inputs, verify=verify)
     order = _forward_order(models[anchor], graph)
     anchor_state = full_state(models[anchor])
-    anchor_feats = _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
+    anchor_feats = (
+        _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
+    )
     with torch.no_grad():
         # running sum of the aligned members: one aligned copy alive at a time
         fused_state = {n: t.clone() for n, t in anchor_state.items()}
@@ -263,7 +288,9 @@ def optimal_transport(models, *, example_inputs=None, anchor=0, ground_metric="w
                 continue
             state = full_state(model)
             member_feats = _activation_features(model, graph, data) if anchor_feats is not None else None
-            plans = align(graph, order, anchor_state, state, solver, reg, max_iter, anchor_feats, member_feats)
+            plans = align(
+                graph, order, anchor_state, state, solver, reg, max_iter, anchor_feats, member_feats
+            )
             for name, t in state.items():
                 if is_float(t):
                     fused_state[name].add_(transform_tensor(graph, name, t, plans))
@@ -273,4 +300,3 @@ def optimal_transport(models, *, example_inputs=None, anchor=0, ground_metric="w
     fused = build_model(models[anchor], fused_state)
     check_runs(fused, example_inputs if example_inputs is not None else data)
     return fused
-

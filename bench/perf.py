@@ -1,0 +1,199 @@
+"""``fusebench perf``: fusion time and peak memory of the methods, measured honestly.
+
+Every case runs in a fresh child process (``bench.measure.peak_rss_beyond_baseline``) that receives the
+members, takes its baseline RSS once they are loaded, and fuses ``repeats`` times; the reported memory is the
+peak RSS beyond that baseline, i.e. what fusion needs on top of its inputs (CPU), or the CUDA allocator's peak
+beyond what was allocated before (GPU). Times: the first call (includes tracing the channel groups and the
+permutation self-check, which are cached per architecture afterwards) and the median of the later calls.
+
+The cases follow the reference measurements (REFERENCE.md §2): two untrained MLPs 3072→W→W→10 (no bias) for
+W in 512…16384, ensemble sizes 2, 4, 8 at W=4096, and timm resnet18 / vgg11 at 32×32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+MLP_WIDTHS = (512, 1024, 2048, 4096, 8192, 16384)
+OT_MAX_WIDTH = 4096
+
+
+@dataclass
+class Case:
+    label: str
+    arch: str  # "mlp" or a timm name
+    width: int
+    n: int
+    method: str
+
+
+def build_members(arch: str, width: int, n: int, device: str) -> tuple[list[nn.Module], torch.Tensor]:
+    members = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        if arch == "mlp":
+            m = nn.Sequential(
+                nn.Linear(3072, width, bias=False),
+                nn.ReLU(),
+                nn.Linear(width, width, bias=False),
+                nn.ReLU(),
+                nn.Linear(width, 10, bias=False),
+            )
+        else:
+            import timm
+
+            m = timm.create_model(arch, num_classes=10)
+        members.append(m.eval().to(device))
+    x = torch.randn(2, 3072) if arch == "mlp" else torch.randn(2, 3, 32, 32)
+    return members, x.to(device)
+
+
+def _fuse_repeatedly(members, method, example, repeats):
+    """Runs in the measured process: fuse ``repeats`` times, return the wall times (synchronized)."""
+    import fusion
+
+    cuda = example.is_cuda
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fused = fusion.fuse(members, method, example_inputs=example)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del fused
+    return times
+
+
+def run_case(case: Case, device: str, repeats: int) -> dict:
+    from bench.measure import gpu_peak_beyond_baseline, peak_rss_beyond_baseline
+
+    members, x = build_members(case.arch, case.width, case.n, device)
+    if device.startswith("cuda"):
+        times, peak_mb, _ = gpu_peak_beyond_baseline(
+            _fuse_repeatedly, members, case.method, x, repeats, device=device
+        )
+    else:
+        times, peak_mb, _ = peak_rss_beyond_baseline(
+            _fuse_repeatedly, members, case.method, x, repeats, preload=("fusion", "torch_pruning", "ot")
+        )
+    model_mb = sum(p.numel() * p.element_size() for p in members[0].parameters()) / 2**20
+    warm = times[1:] or times
+    return {
+        "case": case.label,
+        "method": case.method,
+        "N": case.n,
+        "first_s": times[0],
+        "median_s": statistics.median(warm),
+        "peak_extra_mb": peak_mb,
+        "model_mb": model_mb,
+        "extra_per_model": peak_mb / model_mb if model_mb else float("nan"),
+    }
+
+
+def default_cases(methods: list[str], widths, quick: bool) -> list[Case]:
+    cases = []
+    for w in widths:
+        for m in methods:
+            if m == "ot" and w > OT_MAX_WIDTH:
+                continue
+            cases.append(Case(f"mlp W={w}", "mlp", w, 2, m))
+    if not quick:
+        for n in (4, 8):
+            for m in methods:
+                if m != "ot":
+                    cases.append(Case("mlp W=4096", "mlp", 4096, n, m))
+        for arch in ("resnet18", "vgg11"):
+            for m in methods:
+                if m == "ot" and arch == "vgg11":
+                    continue
+                cases.append(Case(arch, arch, 0, 2, m))
+    return cases
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'case':<14}{'method':<8}{'N':>3}{'first s':>10}{'median s':>10}{'extra MB':>11}{'model MB':>10}{'extra/model':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['case']:<14}{r['method']:<8}{r['N']:>3}{r['first_s']:>10.3f}{r['median_s']:>10.3f}"
+            f"{r['peak_extra_mb']:>11.1f}{r['model_mb']:>10.1f}{r['extra_per_model']:>12.2f}"
+        )
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--methods", default="avg,nt", help="comma-separated fusion methods (default avg,nt; add ot)"
+    )
+    parser.add_argument("--widths", default=",".join(map(str, MLP_WIDTHS)), help="MLP widths W")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="fusions per case (median of all but the first)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    parser.add_argument(
+        "--quick", action="store_true", help="MLP widths only (no ensemble sizes, no timm models)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("-o", "--output", default=None, help="also write the rows as CSV here")
+
+
+def main(args) -> int:
+    import fusion
+    from bench.errors import FusebenchError
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in fusion.available_methods()]
+    if unknown:
+        raise FusebenchError(f"perf: unknown method(s) {unknown}; available: {fusion.available_methods()}")
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError as exc:
+        raise FusebenchError(f"perf: --widths must be integers separated by commas ({exc})") from exc
+    if args.repeats < 1:
+        raise FusebenchError("perf: --repeats must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FusebenchError("perf: --device cuda requested but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(
+        f"fusebench perf on {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} repeats per case",
+        flush=True,
+    )
+    rows = []
+    for case in default_cases(methods, widths, args.quick):
+        try:
+            rows.append(run_case(case, args.device, args.repeats))
+        except (MemoryError, RuntimeError) as exc:  # out of memory is a result, not a crash
+            print(f"{case.label} {case.method} N={case.n}: failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        r = rows[-1]
+        print(
+            f"{r['case']} {r['method']} N={r['N']}: first {r['first_s']:.3f}s, median {r['median_s']:.3f}s, "
+            f"extra {r['peak_extra_mb']:.0f} MB ({r['extra_per_model']:.2f} x one model)",
+            flush=True,
+        )
+    print()
+    print(format_table(rows))
+    if args.output:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(args.output, index=False)
+        print(f"\nwritten to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="python -m bench.perf")
+    configure(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,169 @@
+"""Optimal-Transport fusion: oracles (undoing permutations), a real-data comparison and option checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusion
+from fusion.build import build_model
+from fusion.trace import full_state
+
+# every architecture of the fusion core; the slow giants use two members only
+ARCHS_3 = [
+    "mlp",
+    "grouped",
+    "resnet18",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "regnety_002",
+    "convnext_atto",
+]
+ARCHS_2 = ["vgg11_bn", "resnet50", "densenet121", "vgg11"]
+
+
+def _permuted_copy(model, example, seed):
+    graph = fusion.channel_groups(model, example)
+    state = full_state(model)
+    new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(seed)))
+    moved = [n for n in state if not torch.equal(state[n], new[n])]
+    assert moved, "the permutation must actually move some tensors"
+    return build_model(model, new)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch,n", [(a, 2) for a in ARCHS_3 + ARCHS_2] + [(a, 3) for a in ARCHS_3])
+def test_ot_undoes_random_permutations(fusion_zoo, arch, n):
+    """B, C are A with every channel group permuted at random (the same function, other weights): exact OT
+    must find the permutations back, so fusing gives A's function, while plain averaging does not."""
+    x = fusion_zoo.example(arch)
+    a = fusion_zoo.member(arch, 0)
+    members = [a] + [_permuted_copy(a, x, seed) for seed in range(1, n)]
+    with torch.no_grad():
+        ref = a(x)
+        fused = fusion.fuse(members, "ot", example_inputs=x, solver="emd")
+        assert _rel_err(fused(x), ref) < 1e-4
+        fused_state = fused.state_dict()
+        for name, t in a.state_dict().items():
+            if t.is_floating_point():
+                torch.testing.assert_close(fused_state[name], t, rtol=1e-4, atol=1e-5)
+        if arch in ("mlp", "resnet18"):
+            avg = fusion.fuse(members, "avg")
+            assert _rel_err(avg(x), ref) > 1e-2  # the oracle can fail: averaging unaligned weights is wrong
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _train_mlp(seed, x, y, width=64, steps=300):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (128,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def digits_members():
+    xtr, ytr, xte, yte = _digits()
+    members = [_train_mlp(seed, xtr, ytr) for seed in (1, 2)]
+    return members, xtr, xte, yte
+
+
+def test_ot_beats_vanilla_averaging_on_digits(digits_members):
+    members, xtr, xte, yte = digits_members
+    accs = [_acc(m, xte, yte) for m in members]
+    assert min(accs) > 0.9, accs  # the members are real, trained models
+    acc_avg = _acc(fusion.fuse(members, "avg"), xte, yte)
+    acc_ot = _acc(fusion.fuse(members, "ot"), xte, yte)
+    acc_acts = _acc(fusion.fuse(members, "ot", ground_metric="activations", data=xtr[:512]), xte, yte)
+    assert acc_ot > acc_avg + 0.1, (acc_ot, acc_avg)
+    assert acc_acts > acc_avg + 0.1, (acc_acts, acc_avg)
+
+
+def test_sinkhorn_approaches_exact_solver(digits_members):
+    members, _, xte, _ = digits_members
+    with torch.no_grad():
+        exact = fusion.fuse(members, "ot", solver="emd")(xte)
+        errs = [
+            _rel_err(fusion.fuse(members, "ot", solver="sinkhorn", reg=reg)(xte), exact)
+            for reg in (0.5, 1e-3)
+        ]
+    assert errs[1] < 0.05, errs
+    assert errs[1] < errs[0], errs  # smaller regularisation: closer to the exact plan
+
+
+def test_sinkhorn_plan_is_normalised_by_marginal():
+    from fusion.methods.ot import solve_plan
+
+    cost = torch.rand(6, 6)
+    plan = solve_plan(cost, "sinkhorn", 0.1)
+    torch.testing.assert_close(plan.sum(1), torch.ones(6), atol=1e-4, rtol=0)
+    perm = solve_plan(cost, "emd", 0.0)
+    assert perm.dim() == 1 and sorted(perm.tolist()) == list(range(6))
+    # the exact plan minimises the total cost over all permutations of a small problem
+    import itertools
+
+    best = min(sum(float(cost[i, p[i]]) for i in range(6)) for p in itertools.permutations(range(6)))
+    assert abs(sum(float(cost[i, perm[i]]) for i in range(6)) - best) < 1e-5
+
+
+def test_ot_anchor_option_and_members_untouched(digits_members):
+    members, _, xte, _ = digits_members
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
+    f0 = fusion.fuse(members, "ot", anchor=0)
+    f1 = fusion.fuse(members, "ot", anchor=1)
+    # aligned to a different anchor: the same function up to a permutation of hidden units, so outputs agree
+    with torch.no_grad():
+        assert _rel_err(f0(xte), f1(xte)) < 1e-4
+        assert not torch.equal(f0[0].weight, f1[0].weight) or torch.equal(
+            members[0][0].weight, members[1][0].weight
+        )
+    for m, b in zip(members, before):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, b[k])
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"solver": "sinkhorn", "reg": -1.0}, "reg"),
+        ({"solver": "sinkhorn", "reg": 0}, "reg"),
+        ({"solver": "hungarian"}, "unknown OT solver 'hungarian'"),
+        ({"ground_metric": "activations"}, "needs a data batch"),
+        ({"ground_metric": "gradients"}, "unknown ground_metric"),
+        ({"anchor": 5}, "anchor"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"temperature": 1}, "unknown option 'temperature'"),
+    ],
+)
+def test_ot_bad_options_raise_clear_error(digits_members, options, match):
+    members = digits_members[0]
+    with pytest.raises(fusion.FusionError, match=match):
+        fusion.fuse(members, "ot", **options)
