@@ -109,3 +109,23 @@ def test_missing_and_unknown_data_sets(tmp_path):
         load_data(_dcfg("data.name=fashion-mnist"), torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"data.image_size: required"):
         load_data(_dcfg("data.name=imagefolder", f"data.root={tmp_path}"), torch.device("cpu"))
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    cfg = _dcfg(
+        "data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.val_fraction=0.2"
+    )
+    d = load_data(cfg, torch.device("cpu"))
+    assert (d.in_chans, d.num_classes, d.image_size, d.on_device) == (3, 2, 8, False)
+    assert (len(d.train), len(d.val), len(d.test)) == (8, 2, 4)
+    x, y = next(d.test.batches(4))
+    assert x.shape == (4, 3, 8, 8) and sorted(y.tolist()) == [0, 0, 1, 1]
