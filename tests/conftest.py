@@ -26,3 +26,96 @@ def mlflow_uri(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     MlflowClient(uri).create_experiment("fusebench-tests", artifact_location=(root / "artifacts").as_uri())
     return uri
+
+
+# ---------------------------------------------------------------------------- fusion test members
+def _randomize_fusion_member(model, generator) -> None:
+    """Give every per-channel tensor a random, member-specific value.
+
+    Freshly built timm models have trivial BatchNorm statistics (mean 0, var 1, weight 1, bias 0), zero
+    biases and zero- or tiny-initialised residual scales (ConvNeXt's layer scale); with those, a fusion that
+    gathers a normalization tensor from the wrong channel or member would still give the right outputs.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "running_var":
+                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+            elif leaf == "running_mean" or leaf == "bias":
+                t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
+            elif t.dim() == 1:  # norm weights, layer scales
+                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+            elif float(t.std()) == 0.0:  # any other zero- or constant-initialised tensor
+                t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
+
+
+def make_fusion_member(arch: str, seed: int):
+    """One member for the fusion tests: ``arch`` is "mlp", "grouped" (a hand-built CNN with grouped,
+    depthwise and channel-multiplier convolutions) or a timm name (``num_classes=10``). Eval mode."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    if arch == "mlp":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10)
+        )
+    elif arch == "grouped":
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=2),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=4),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),  # depthwise
+            nn.Conv2d(16, 32, 3, padding=1, groups=16),
+            nn.ReLU(),  # channel multiplier 2
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 10),
+        )
+    else:
+        import timm
+
+        model = timm.create_model(arch, num_classes=10)
+    if arch in ("mlp", "grouped"):
+        # PyTorch's default init shrinks activations layer after layer until the output is mostly bias
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    _randomize_fusion_member(model, torch.Generator().manual_seed(1000 + seed))
+    return model.eval()
+
+
+def fusion_example_input(arch: str, batch: int = 2, seed: int = 0):
+    """A batch for ``make_fusion_member(arch, ...)``: 64 features for the MLP, 3x32x32 images otherwise."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if arch == "mlp":
+        return torch.randn(batch, 64, generator=gen)
+    side = 16 if arch == "grouped" else 32
+    return torch.randn(batch, 3, side, side, generator=gen)
+
+
+@pytest.fixture(scope="session")
+def fusion_zoo():
+    """The fusion tests' member factory: ``fusion_zoo.member(arch, seed)``, ``fusion_zoo.example(arch)``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(member=make_fusion_member, example=fusion_example_input)
