@@ -126,3 +126,41 @@ def test_multi_objective_study(tmp_path, mlflow_uri):
     for t in study.get_trials():
         cfg = apply_params(spec.base, t.params)
         assert t.values == pytest.approx([fake_score(cfg), 0.01 * cfg["members"]["n"]])
+
+
+def test_stale_recovery_tells_dead_live_reused_and_foreign_workers_apart(tmp_path):
+    import os
+    import socket
+
+    from sweeps.study import WORKER_ATTR, count_trials, recover_stale_trials, worker_identity
+    from sweeps.study import _redact as redact
+
+    info = open_storage(None, "stale", tmp_path / "runs")
+    study = create_or_load(info, "stale", ["maximize"])
+    me = worker_identity()
+    owners = {
+        "alive": me,
+        "reused_pid": {**me, "pid_start": "not-the-same-process"},
+        "dead": {"host": me["host"], "pid": 2**22 + 12345, "pid_start": None},
+        "foreign": {"host": socket.gethostname() + "-other", "pid": 2**22 + 12345, "pid_start": None},
+    }
+    trials = {}
+    for name, owner in owners.items():
+        trial = study.ask()
+        trial.suggest_int("members.n", 2, 9)
+        trial.set_user_attr(WORKER_ATTR, owner)
+        trials[name] = trial.number
+    recovered = {t.number for t in recover_stale_trials(study)}
+    assert recovered == {trials["reused_pid"], trials["dead"]}
+    assert recover_stale_trials(study) == []  # idempotent: nothing left to recover
+    by_number = {t.number: t for t in study.get_trials()}
+    assert by_number[trials["alive"]].state.name == "RUNNING" and by_number[trials["foreign"]].state.name == "RUNNING"
+    retries = [t for t in by_number.values() if t.state.name == "WAITING"]
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(recovered)
+    for r in retries:
+        assert r.params == by_number[r.system_attrs["failed_trial"]].params
+        assert WORKER_ATTR not in r.user_attrs  # a retry must not look stale again
+    counts = count_trials(study)
+    assert counts["FAIL"] == 2 and counts["counted"] == 0  # replaced by their retries
+    assert os.getpid() == me["pid"]
+    assert redact("postgresql://optuna:s3cret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"
