@@ -93,11 +93,13 @@ def run_experiment(
     t_total = time.perf_counter()
     cfg = load_config(config) if isinstance(config, (str, Path)) else resolve(config)
     validate(cfg)
+    from bench.data import resolve_device
     from bench.models import arch_label
     from bench.tracking import Tracker, provenance_tags
 
-    tracker = Tracker(cfg, parent_run_id=parent_run_id)
+    device = resolve_device(cfg["device"])
     tags = {
+        "fusebench.device": _device_tag(device),
         "fusebench.role": "experiment",
         "fusebench.method": cfg["fusion"]["method"],
         "fusebench.arch": arch_label(cfg["model"]),
@@ -109,10 +111,10 @@ def run_experiment(
         **provenance_tags(),
         **{k: str(v) for k, v in (extra_tags or {}).items()},
     }
+    tracker = Tracker(cfg, parent_run_id=parent_run_id, tags=tags)
     try:
         tracker.log_config(cfg)
-        tracker.set_tags(tags)
-        result = _run(cfg, tracker, tags, epoch_callback, t_total)
+        result = _run(cfg, device, tracker, tags, epoch_callback, t_total)
     except StopExperiment:
         tracker.end("KILLED")
         raise
@@ -125,17 +127,14 @@ def run_experiment(
     return result
 
 
-def _run(cfg, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
+def _run(cfg, device, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
     import fusion
-    from bench.data import load_data, resolve_device
+    from bench.data import load_data
     from bench.measure import latency_ms, macs_and_params, measure_fusion
     from bench.members import get_members
     from bench.train import evaluate, finetune
 
     timings: dict[str, float] = {}
-    device = resolve_device(cfg["device"])
-    tracker.set_tags({"fusebench.device": _device_tag(device)})
-    tags["fusebench.device"] = _device_tag(device)
     _seed_everything(cfg["seed"])
     t = time.perf_counter()
     data = load_data(cfg["data"], device)
@@ -203,7 +202,7 @@ def _run(cfg, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
         else:
             tracker.metrics({"fused_acc_before_ft": res.test_acc[0]})
         tracker.metrics(values, step=epoch)
-        tracker.flush()
+        tracker.maybe_flush()
 
     teacher = ensemble if f["distill"] else None
     ft = finetune(

@@ -15,6 +15,7 @@ Public helpers (also used by ``bench.perf``):
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib
 import os
@@ -54,6 +55,19 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _hwm_bytes() -> int:
+    """The process's own RSS high-water mark (VmHWM), which ``clear_refs`` resets.
+
+    Not ``ru_maxrss``: after fork + exec the kernel keeps the *parent's* RSS at fork time in the child's
+    ``ru_maxrss`` (signal->maxrss), so a child started from a large parent would report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return _maxrss_bytes()
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0) so ru_maxrss starts at the current RSS."""
     try:
@@ -62,6 +76,13 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _child_main(in_path: str, out_path: str) -> None:
@@ -76,15 +97,23 @@ def _child_main(in_path: str, out_path: str) -> None:
         for name in preload:  # imports are not the function's memory
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        fn, args, kwargs = pickle.loads(payload)
+        fn, args, kwargs, warmup = pickle.loads(payload)
         del payload
+        if warmup:  # lazy imports and code pages touched by a first call are not fn's memory; on copies,
+            # so that nothing ``fn`` might cache per object makes the measured call cheaper
+            warm_args, warm_kwargs = copy.deepcopy((args, kwargs))
+            fn(*warm_args, **warm_kwargs)
+            del warm_args, warm_kwargs
+            gc.collect()
+            _malloc_trim()  # give the warm-up's freed heap back, or the measured call would reuse it
         gc.collect()
         reset = _reset_peak_rss()
+        peak_now = _hwm_bytes if reset else _maxrss_bytes
         baseline = _rss_bytes() if reset else _maxrss_bytes()
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - start
-        peak = max(0, _maxrss_bytes() - baseline)
+        peak = max(0, peak_now() - baseline)
         outcome = pickle.dumps(("ok", result, peak / _MB, seconds))
     except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises
         try:
@@ -96,12 +125,13 @@ def _child_main(in_path: str, out_path: str) -> None:
 
 
 def peak_rss_beyond_baseline(
-    fn: Callable[..., Any], *args: Any, preload: tuple[str, ...] = (), **kwargs: Any
+    fn: Callable[..., Any], *args: Any, preload: tuple[str, ...] = (), warmup: bool = False, **kwargs: Any
 ) -> tuple[Any, float, float]:
     """Run ``fn(*args, **kwargs)`` in a fresh Python process; return (result, peak MiB, seconds).
 
     The peak is the child's RSS high-water mark during ``fn`` minus its RSS after the arguments were
-    unpickled and ``preload`` modules imported. ``fn`` must be a module-level function; it, the
+    unpickled and ``preload`` modules imported (and, with ``warmup``, after one unmeasured call of ``fn``,
+    so that lazy imports and first-call caches are not counted). ``fn`` must be a module-level function; it, the
     arguments and the result must be picklable (nn.Modules are). Exceptions raised by ``fn`` are
     re-raised here. The child is a plain ``python -m bench.measure`` process rather than a
     multiprocessing "spawn" child: spawn re-imports the caller's ``__main__``, which fails for
@@ -110,10 +140,14 @@ def peak_rss_beyond_baseline(
     with tempfile.TemporaryDirectory(prefix="fusebench-measure-") as tmp:
         in_path, out_path = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(in_path, "wb") as f:
-            call = pickle.dumps((fn, args, kwargs))
+            call = pickle.dumps((fn, args, kwargs, warmup))
             pickle.dump((tuple(preload), torch.get_num_threads(), list(sys.path), call), f)
+        # A fixed mmap threshold: large blocks are mmapped and returned to the OS when freed (glibc's
+        # dynamic threshold would keep them in the heap, hiding a later call's peak behind old pages).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
         proc = subprocess.run(
             [sys.executable, "-m", "bench.measure", in_path, out_path],
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -181,7 +215,7 @@ def measure_fusion(
         fused = _fuse(models, method, example_inputs, options)
         return FusionMeasurement(fused, time.perf_counter() - start, float("nan"))
     fused, peak, seconds = peak_rss_beyond_baseline(
-        _fuse, models, method, example_inputs, options, preload=("fusion", "torch_pruning")
+        _fuse, models, method, example_inputs, options, preload=("fusion", "torch_pruning"), warmup=True
     )
     return FusionMeasurement(fused, seconds, peak)
 

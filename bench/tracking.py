@@ -65,18 +65,31 @@ def _chunks(items: list, size: int):
 class Tracker:
     """One MLflow run: params, tags, buffered metrics, the config artifact, the final status."""
 
-    def __init__(self, cfg: dict, *, parent_run_id: str | None = None, run_name: str | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        *,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, object] | None = None,
+        flush_every_s: float = 5.0,
+    ):
         start = time.perf_counter()
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
         self.experiment_id = self._experiment_id(cfg["experiment"])
-        tags = {"fusebench.role": ROLE_EXPERIMENT}
+        tags = {
+            "fusebench.role": ROLE_EXPERIMENT,
+            **{k: "" if v is None else str(v) for k, v in (tags or {}).items()},
+        }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.run_id: str = run.info.run_id
         self._metrics: list = []
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
         self.seconds = time.perf_counter() - start
 
     def _experiment_id(self, name: str) -> str:
@@ -129,7 +142,13 @@ class Tracker:
         now = int(time.time() * 1000)
         self._metrics.extend(Metric(k, float(v), now, step) for k, v in values.items())
 
+    def maybe_flush(self) -> None:
+        """Flush if the last flush is older than ``flush_every_s``: live curves at a bounded cost."""
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if not self._metrics:
             return
         pending, self._metrics = self._metrics, []
