@@ -12,8 +12,23 @@ from .errors import FusionError
 from .layers import resize_module
 from .trace import call, map_inputs
 
-# functions fn(model) that fix module attributes beyond the per-layer ones (e.g. attention heads)
-ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = []
+
+def _fix_attention(model: nn.Module) -> None:
+    """timm attention keeps its head count and width as attributes; make them follow the fused qkv."""
+    for module in model.modules():
+        qkv, head_dim = getattr(module, "qkv", None), getattr(module, "head_dim", None)
+        if (
+            isinstance(qkv, nn.Linear)
+            and isinstance(head_dim, int)
+            and isinstance(getattr(module, "num_heads", None), int)
+        ):
+            module.num_heads = qkv.out_features // (3 * head_dim)
+            if hasattr(module, "attn_dim"):
+                module.attn_dim = module.num_heads * head_dim
+
+
+# functions fn(model) that fix module attributes beyond the per-layer ones
+ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
 
 
 def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -190,7 +190,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if slots or links:
             raw.append((root_name, n_root, slots, links))
 
-    groups = _merge_units(raw)
+    groups = _attention_heads(skeleton, _merge_units(raw))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
@@ -292,6 +292,64 @@ def _merge_units(raw) -> list[ChannelGroup]:
             for spec, name, pos in gslots:
                 slots.append(_slot(spec, name, pos[order].reshape(n_units, n_root // n_units, pos.shape[1])))
         groups.append(ChannelGroup(raw[members[0][0]][0], n_units, slots, unit_kind="conv-block"))
+    return groups
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """timm-style self-attention: a fused ``qkv`` Linear, ``num_heads`` heads of ``head_dim``, a ``proj``."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    return (
+        isinstance(qkv, nn.Linear)
+        and isinstance(proj, nn.Linear)
+        and isinstance(heads, int)
+        and isinstance(head_dim, int)
+        and qkv.out_features == 3 * heads * head_dim
+        and proj.in_features == heads * head_dim
+    )
+
+
+def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Replace the group of every attention's q/k/v outputs by one group whose units are whole heads.
+
+    torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
+    product: only whole heads (their q, k, v rows and the projection's input columns) may move.
+    """
+    for name, module in skeleton.named_modules():
+        if not _is_attention(module):
+            continue
+        if any(
+            p.numel()
+            for sub in ("q_norm", "k_norm")
+            for p in getattr(module, sub, nn.Identity()).parameters()
+        ):
+            raise FusionError(
+                f"attention {name!r} normalizes q/k per head (qk_norm); fusion does not support it"
+            )
+        qkv_w, proj_w = f"{name}.qkv.weight", f"{name}.proj.weight"
+        hits = [
+            gi
+            for gi, g in enumerate(groups)
+            for s in g.slots
+            if s.tensor in (qkv_w, proj_w) and s.dim == (0 if s.tensor == qkv_w else 1)
+        ]
+        expected = {qkv_w, f"{name}.qkv.bias", proj_w}
+        for gi in set(hits):
+            extra = [s.tensor for s in groups[gi].slots if s.tensor not in expected]
+            if extra:
+                raise FusionError(
+                    f"attention {name!r}: its q/k/v channels are coupled to {extra[0]!r}; not supported"
+                )
+        heads, hd = module.num_heads, module.head_dim
+        dim = heads * hd
+        h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(3), indexing="ij")
+        qkv_pos = r * dim + h * hd + j  # [heads, head_dim, 3]: rows of q, k and v of one head
+        slots = [Slot(qkv_w, 0, OUT, "linear", True, f"{name}.qkv", qkv_pos)]
+        if module.qkv.bias is not None:
+            slots.append(Slot(f"{name}.qkv.bias", 0, OUT, "linear", False, f"{name}.qkv", qkv_pos))
+        slots.append(Slot(proj_w, 1, IN, "linear", True, f"{name}.proj", (h * hd + j)[:, :, :1]))
+        groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
+        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
     return groups
 
 
