@@ -107,47 +107,76 @@ def _sq_distances(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
 
 
 class WeightCost:
-    """Squared distances between units over all the weights a group touches (incoming and outgoing).
+    """Squared distances between the units of one group, over the weights the group touches.
 
-    Summed over every slot, ``||a_i - b_j||^2`` is Git Re-Basin's weight-matching objective up to constants, so
-    re-solving one group with the others fixed never makes the total worse and the sweeps converge. The
-    anchor's side does not change between sweeps and is computed once.
+    ``incoming_only``: only the slices the group produces (Singh & Jaggi's incoming weights); otherwise its
+    outgoing weights too, which makes the sum over groups Git Re-Basin's weight-matching objective, so that
+    re-solving one group with the others fixed never makes the total worse. A cost is recomputed only when
+    a plan it depends on has changed; the anchor's side never changes and is computed once.
     """
 
-    def __init__(self, graph: ChannelGraph, anchor: dict, member: dict):
+    def __init__(self, graph: ChannelGraph, anchor: dict, member: dict, incoming_only: bool):
         self.graph, self.anchor, self.member = graph, anchor, member
-        self._anchor_feats: dict[int, list] = {}
-        self._member_norms: dict[int, torch.Tensor] = {}
-        self._anchor_norms: dict[int, torch.Tensor] = {}
+        self.incoming_only = incoming_only
+        self._anchor: dict[int, tuple[list, torch.Tensor]] = {}
+        self._cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self.deps = [dependencies(graph, gi, incoming_only) for gi in range(len(graph.groups))]
 
-    def _slots(self, gi):
-        return [s for s in self.graph.groups[gi].slots if is_float(self.anchor[s.tensor])]
+    def slots(self, gi):
+        return [
+            s
+            for s in self.graph.groups[gi].slots
+            if is_float(self.anchor[s.tensor]) and (s.role == OUT or not self.incoming_only)
+        ]
 
-    def __call__(self, gi: int, plans) -> torch.Tensor:
-        slots = self._slots(gi)
+    def __call__(self, gi: int, plans, versions) -> torch.Tensor:
+        key = tuple(versions[h] for h in sorted(self.deps[gi]))
+        cached = self._cache.get(gi)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        slots = self.slots(gi)
         if not slots:
             raise FusionError(f"group {self.graph.groups[gi].name!r} has no weights to compare")
-        if gi not in self._anchor_feats:
+        if gi not in self._anchor:
             feats = [_unit_features(self.anchor[s.tensor], s.positions, s.dim) for s in slots]
-            self._anchor_feats[gi] = feats
-            # a permutation of the other dimensions does not change a unit's norm; soft plans do, so
-            # member norms are recomputed below whenever a soft plan is in play
-        cross = None
-        nb = None
-        soft = any(p is not None and p.dim() == 2 for p in plans)
-        for s, fa in zip(slots, self._anchor_feats[gi]):
+            self._anchor[gi] = (feats, sum((f * f).sum(1) for f in feats))
+        feats, na = self._anchor[gi]
+        cross, nb = None, None
+        for s, fa in zip(slots, feats):
             b = transform_tensor(self.graph, s.tensor, self.member[s.tensor], plans, skip=gi)
             fb = _unit_features(b, s.positions, s.dim)
             cross = fa @ fb.T if cross is None else cross.add_(fa @ fb.T)
-            if soft or gi not in self._member_norms:
-                nb = (fb * fb).sum(1) if nb is None else nb + (fb * fb).sum(1)
-        if nb is None:
-            nb = self._member_norms[gi]
-        elif not soft:
-            self._member_norms[gi] = nb
-        if gi not in self._anchor_norms:
-            self._anchor_norms[gi] = sum((fa * fa).sum(1) for fa in self._anchor_feats[gi])
-        return self._anchor_norms[gi][:, None] + nb[None, :] - 2 * cross
+            nb = (fb * fb).sum(1) if nb is None else nb + (fb * fb).sum(1)
+        cost = na[:, None] + nb[None, :] - 2 * cross
+        self._cache[gi] = (key, cost)
+        return cost
+
+
+def dependencies(graph: ChannelGraph, gi: int, incoming_only: bool) -> set[int]:
+    """Groups whose plans change group ``gi``'s cost: the groups on the other dimensions of its tensors."""
+    deps = set()
+    for s in graph.groups[gi].slots:
+        if incoming_only and s.role != OUT:
+            continue
+        for refs in graph.tensor_dims[s.tensor].values():
+            deps.update(h for h, _ in refs if h != gi)
+    return deps
+
+
+def topological_order(deps: list[set[int]], preferred: list[int]) -> list[int] | None:
+    """An order in which every group comes after the groups it depends on, or None if they form a cycle."""
+    remaining = {g: set(d) for g, d in enumerate(deps)}
+    order = []
+    while remaining:
+        ready = [g for g in preferred if g in remaining and not remaining[g]]
+        if not ready:
+            return None
+        for g in ready:
+            del remaining[g]
+            order.append(g)
+        for d in remaining.values():
+            d.difference_update(ready)
+    return order
 
 
 def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[torch.Tensor | None]:
@@ -238,22 +267,33 @@ def align(
     anchor_feats=None,
     member_feats=None,
 ):
-    """Plans that align ``member`` to ``anchor``, one per group."""
+    """Plans that align ``member`` to ``anchor``, one per group.
+
+    Weights: when no group's incoming weights depend on a later group (chains, VGG, MLPs), one pass in that
+    order is exactly Singh & Jaggi's layer-wise OT fusion. When they form a cycle (a residual stream read and
+    written by every block), the groups are solved by coordinate descent on the weight-matching objective
+    (incoming and outgoing weights) until no plan changes, at most ``max_iter`` sweeps.
+    """
     plans = [None] * len(graph.groups)
     if anchor_feats is not None:
         for gi in order:
             if anchor_feats[gi] is not None:
                 plans[gi] = solve_plan(_sq_distances(anchor_feats[gi], member_feats[gi]), solver, reg)
         return plans
-    cost = WeightCost(graph, anchor, member)
-    for _ in range(max_iter):
+    versions = [0] * len(graph.groups)
+    incoming = [dependencies(graph, gi, True) for gi in range(len(graph.groups))]
+    acyclic = topological_order(incoming, order)
+    cost = WeightCost(graph, anchor, member, incoming_only=acyclic is not None)
+    sweeps = 1 if acyclic is not None else max_iter
+    for _ in range(sweeps):
         changed = False
-        for gi in order:
-            new = solve_plan(cost(gi, plans), solver, reg)
+        for gi in acyclic or order:
+            new = solve_plan(cost(gi, plans, versions), solver, reg)
             if plans[gi] is None and new.dim() == 1 and torch.equal(new.cpu(), torch.arange(new.numel())):
                 continue  # still the identity
             if not _same(new, plans[gi]):
                 plans[gi], changed = new, True
+                versions[gi] += 1
         if not changed:
             break
     return plans
