@@ -3,7 +3,8 @@
 Why the client API: sweeps run experiments in worker processes under a parent run; the fluent API's
 process-global active run would attach metrics to the wrong run. Metrics are buffered and written with
 ``log_batch`` (one request per flush) so tracking stays a small fraction of a small experiment; the time
-spent here is accounted in ``Tracker.seconds``.
+spent here is accounted in ``Tracker.seconds``. Writes after the run is created go through one
+background thread, in order, so they overlap with training; ``end`` waits for them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -88,6 +90,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.run_id: str = run.info.run_id
         self._metrics: list = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusebench-tracking")
+        self._pending: list = []
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self.seconds = time.perf_counter() - start
@@ -107,11 +111,22 @@ class Tracker:
             return exp.experiment_id
 
     def _timed(self, fn, *args, **kwargs):
+        """Queue a write on the tracker's one background thread (writes stay in order); the caller
+        only pays for the enqueue. ``end`` waits for them: that wait is counted in ``seconds``."""
         start = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            self._pending.append(self._pool.submit(fn, *args, **kwargs))
         finally:
             self.seconds += time.perf_counter() - start
+
+    def _drain(self) -> list[BaseException]:
+        errors = []
+        for fut in self._pending:
+            exc = fut.exception()
+            if exc is not None:
+                errors.append(exc)
+        self._pending = []
+        return errors
 
     def log_config(self, cfg: dict) -> None:
         """The resolved config: flattened as params (write-once) and as ``config.yaml``."""
@@ -161,9 +176,21 @@ class Tracker:
 
     def end(self, status: str, error: str | None = None) -> None:
         """Flush what is buffered and terminate the run (FINISHED, FAILED or KILLED)."""
+        start = time.perf_counter()
+        errors: list[BaseException] = []
         try:
             self.flush()
             if error is not None:
                 self.set_tags({"fusebench.error": error})
+            errors = self._drain()
+            if not (errors and status == "FINISHED"):
+                errors = []  # a failing run re-raises its own error; tracking errors are secondary
+            else:  # a write that failed must not go unnoticed
+                status = "FAILED"
+                self.client.set_tag(self.run_id, "fusebench.error", f"tracking: {errors[0]}"[:5000])
+            self.client.set_terminated(self.run_id, status)
         finally:
-            self._timed(self.client.set_terminated, self.run_id, status)
+            self._pool.shutdown(wait=True)
+            self.seconds += time.perf_counter() - start
+        if errors:
+            raise errors[0]
