@@ -129,11 +129,11 @@ class WeightCost:
             if is_float(self.anchor[s.tensor]) and (s.role == OUT or not self.incoming_only)
         ]
 
-    def __call__(self, gi: int, plans, versions) -> torch.Tensor:
+    def __call__(self, gi: int, plans, versions) -> torch.Tensor | None:
         key = tuple(versions[h] for h in sorted(self.deps[gi]))
         cached = self._cache.get(gi)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return None  # unchanged since the group was last solved: so is its plan
         slots = self.slots(gi)
         if not slots:
             raise FusionError(f"group {self.graph.groups[gi].name!r} has no weights to compare")
@@ -288,7 +288,10 @@ def align(
     for _ in range(sweeps):
         changed = False
         for gi in acyclic or order:
-            new = solve_plan(cost(gi, plans, versions), solver, reg)
+            c = cost(gi, plans, versions)
+            if c is None:
+                continue
+            new = solve_plan(c, solver, reg)
             if plans[gi] is None and new.dim() == 1 and torch.equal(new.cpu(), torch.arange(new.numel())):
                 continue  # still the identity
             if not _same(new, plans[gi]):
