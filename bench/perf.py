@@ -1,10 +1,12 @@
 """``fusebench perf``: fusion time and peak memory of the methods, measured honestly.
 
-Every case runs in a fresh child process (``bench.measure.peak_rss_beyond_baseline``) that receives the
-members, takes its baseline RSS once they are loaded, and fuses ``repeats`` times; the reported memory is the
-peak RSS beyond that baseline, i.e. what fusion needs on top of its inputs (CPU), or the CUDA allocator's peak
-beyond what was allocated before (GPU). Times: the first call (includes tracing the channel groups and the
-permutation self-check, which are cached per architecture afterwards) and the median of the later calls.
+Every case runs in fresh child processes (``bench.measure.peak_rss_beyond_baseline``) that receive the
+members and take their baseline RSS once they are loaded; the reported memory is the peak RSS beyond that
+baseline, i.e. what fusion needs on top of its inputs (CPU), or the CUDA allocator's peak beyond what was
+allocated before (GPU). "first": the first fusion of an architecture in a process, which includes tracing the
+channel groups and the permutation self-check (cached per architecture afterwards); "median"/"extra": the
+median time and the peak memory of ``repeats`` later fusions. "extra/model": warm extra memory in units of one
+member's size (the fused model itself is one).
 
 The cases follow the reference measurements (REFERENCE.md §2): two untrained MLPs 3072→W→W→10 (no bias) for
 W in 512…16384, ensemble sizes 2, 4, 8 at W=4096, and timm resnet18 / vgg11 at 32×32.
@@ -74,28 +76,39 @@ def _fuse_repeatedly(members, method, example, repeats):
 
 
 def run_case(case: Case, device: str, repeats: int) -> dict:
+    """Two fresh processes per case: a *cold* one (the first fusion of the architecture, which traces the
+    channel groups and runs the permutation self-check) and a *warm* one (traced once, unmeasured, then
+    ``repeats`` fusions; time is their median, memory their peak)."""
     from bench.measure import gpu_peak_beyond_baseline, peak_rss_beyond_baseline
 
     members, x = build_members(case.arch, case.width, case.n, device)
     if device.startswith("cuda"):
-        times, peak_mb, _ = gpu_peak_beyond_baseline(
+        cold, cold_mb, _ = gpu_peak_beyond_baseline(
+            _fuse_repeatedly, members, case.method, x, 1, device=device
+        )
+        _fuse_repeatedly(members, case.method, x, 1)
+        warm, warm_mb, _ = gpu_peak_beyond_baseline(
             _fuse_repeatedly, members, case.method, x, repeats, device=device
         )
     else:
-        times, peak_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, repeats, preload=("fusion", "torch_pruning", "ot")
+        preload = ("fusion", "torch_pruning", "ot")
+        cold, cold_mb, _ = peak_rss_beyond_baseline(
+            _fuse_repeatedly, members, case.method, x, 1, preload=preload
+        )
+        warm, warm_mb, _ = peak_rss_beyond_baseline(
+            _fuse_repeatedly, members, case.method, x, repeats, preload=preload, warmup=True
         )
     model_mb = sum(p.numel() * p.element_size() for p in members[0].parameters()) / 2**20
-    warm = times[1:] or times
     return {
         "case": case.label,
         "method": case.method,
         "N": case.n,
-        "first_s": times[0],
+        "first_s": cold[0],
         "median_s": statistics.median(warm),
-        "peak_extra_mb": peak_mb,
+        "first_extra_mb": cold_mb,
+        "peak_extra_mb": warm_mb,
         "model_mb": model_mb,
-        "extra_per_model": peak_mb / model_mb if model_mb else float("nan"),
+        "extra_per_model": warm_mb / model_mb if model_mb else float("nan"),
     }
 
 
@@ -120,12 +133,15 @@ def default_cases(methods: list[str], widths, quick: bool) -> list[Case]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<14}{'method':<8}{'N':>3}{'first s':>10}{'median s':>10}{'extra MB':>11}{'model MB':>10}{'extra/model':>12}"
+    head = (
+        f"{'case':<14}{'method':<8}{'N':>3}{'first s':>10}{'median s':>10}{'first MB':>10}{'extra MB':>10}"
+        f"{'model MB':>10}{'extra/model':>12}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['case']:<14}{r['method']:<8}{r['N']:>3}{r['first_s']:>10.3f}{r['median_s']:>10.3f}"
-            f"{r['peak_extra_mb']:>11.1f}{r['model_mb']:>10.1f}{r['extra_per_model']:>12.2f}"
+            f"{r['first_extra_mb']:>10.1f}{r['peak_extra_mb']:>10.1f}{r['model_mb']:>10.1f}{r['extra_per_model']:>12.2f}"
         )
     return "\n".join(lines)
 
