@@ -53,9 +53,10 @@ def _randomize_fusion_member(model, generator) -> None:
                 t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
 
 
-def make_fusion_member(arch: str, seed: int):
+def make_fusion_member(arch: str, seed: int, randomize: bool = True):
     """One member for the fusion tests: ``arch`` is "mlp", "grouped" (a hand-built CNN with grouped,
-    depthwise and channel-multiplier convolutions) or a timm name (``num_classes=10``). Eval mode."""
+    depthwise and channel-multiplier convolutions) or a timm name (``num_classes=10``). Eval mode.
+    ``randomize=False`` skips all initialisation (for skeletons built on the meta device)."""
     import torch
     import torch.nn as nn
 
@@ -93,6 +94,8 @@ def make_fusion_member(arch: str, seed: int):
         import timm
 
         model = timm.create_model(arch, num_classes=10)
+    if not randomize:
+        return model.eval()
     if arch in ("mlp", "grouped"):
         # PyTorch's default init shrinks activations layer after layer until the output is mostly bias
         for m in model.modules():

@@ -25,7 +25,15 @@ import fusion
 from fusion.build import build_model
 from fusion.trace import full_state
 
-SMALL = ["mlp", "grouped", "resnet18", "mobilenetv3_small_100", "efficientnet_b0", "regnety_002", "convnext_atto"]
+SMALL = [
+    "mlp",
+    "grouped",
+    "resnet18",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "regnety_002",
+    "convnext_atto",
+]
 BIG = ["vgg11", "vgg11_bn", "resnet50", "densenet121"]
 LAYERNORM_OVER_CHANNELS = {"convnext_atto"}
 
@@ -44,6 +52,11 @@ class Case:
         self.x = fusion_example_input(arch)
         self._nt: dict = {}
 
+    def fresh(self) -> nn.Module:
+        """A new, uninitialised instance of the member's architecture (built on the meta device: free)."""
+        with torch.device("meta"):
+            return make_fusion_member(self.arch, 0, randomize=False)
+
     @cached_property
     def graph(self) -> fusion.ChannelGraph:
         return fusion.channel_groups(self.members[0], self.x)
@@ -52,12 +65,11 @@ class Case:
         with torch.no_grad():
             return fusion.ensemble(self.members[:n])(self.x)
 
-    def nt(self, n: int, sparsity=None) -> nn.Module:
-        key = (n, sparsity)
-        if key not in self._nt:
-            opts = {} if sparsity is None else {"sparsity": sparsity}
-            self._nt[key] = fusion.fuse(self.members[:n], "nt", example_inputs=self.x, **opts)
-        return self._nt[key]
+    def nt(self, n: int) -> nn.Module:
+        """NT at the default sparsity (kept: two tests use it)."""
+        if n not in self._nt:
+            self._nt[n] = fusion.fuse(self.members[:n], "nt", example_inputs=self.x)
+        return self._nt[n]
 
 
 @pytest.fixture(scope="module", params=SMALL + BIG)
@@ -80,12 +92,13 @@ def test_random_group_permutation_keeps_outputs(case):
     state = full_state(model)
     g = case.graph
     assert g.groups, "no channel group traced"
-    for seed in (1, 2):
-        new = g.assemble([state], g.random_permutation(torch.Generator().manual_seed(seed)))
-        # the permutation must really move tensors, or this test could not fail
-        moved = [name for name in g.tensor_dims if not torch.equal(new[name], state[name])]
-        assert len(moved) >= len(g.tensor_dims) // 2, f"only {len(moved)} of {len(g.tensor_dims)} group tensors moved"
-        assert rel_err(_out(build_model(model, new), case.x), reference) < 1e-5
+    new = g.assemble([state], g.random_permutation(torch.Generator().manual_seed(1)))
+    # the permutation must really move tensors, or this test could not fail
+    moved = [name for name in g.tensor_dims if not torch.equal(new[name], state[name])]
+    assert len(moved) >= len(g.tensor_dims) // 2, (
+        f"only {len(moved)} of {len(g.tensor_dims)} group tensors moved"
+    )
+    assert rel_err(_out(build_model(model, new), case.x), reference) < 1e-5
 
 
 def _roll_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -103,44 +116,19 @@ def test_permuting_only_the_producer_changes_outputs(case):
     model = case.members[0]
     reference = _out(model, case.x)
     state = full_state(model)
-    groups = [g for g in case.graph.groups if g.n_units > 1]
+    groups = [g for g in case.graph.groups if g.n_units > 1][:2]
     assert groups
-    changed = 0
-    for g in groups[:3]:
+    for g in groups:
         new = dict(state)
         for s in g.slots:
             if s.layer == g.name and s.role == "out":
                 index = _roll_positions(s.positions, state[s.tensor].shape[s.dim])
                 new[s.tensor] = state[s.tensor].index_select(s.dim, index)
         assert any(not torch.equal(new[k], state[k]) for k in state)
-        changed += rel_err(_out(build_model(model, new), case.x), reference) > 1e-3
-    assert changed == len(groups[:3])
+        assert rel_err(_out(build_model(model, new), case.x), reference) > 1e-3, g
 
 
-# ---------------------------------------------------------------------------- oracle 2
-def test_nt_sparsity0(case):
-    """NT at sparsity 0 keeps the whole block-diagonal concatenation: the output average of the members.
-
-    Not for models with LayerNorm over channels (ConvNeXt): the concatenated model's LayerNorm normalizes
-    over all members' channels together, so its output is not the ensemble's. What holds there instead:
-    sparsity 0 of N identical copies is the member itself (duplicated channels leave a LayerNorm's mean
-    and variance unchanged), and for different members the result is not the ensemble.
-    """
-    for n in case.sizes:
-        fused = case.nt(n, 0.0)
-        ens = case.ensemble_out(n)
-        member_params = sum(p.numel() for p in case.members[0].parameters())
-        assert sum(p.numel() for p in fused.parameters()) > 0.9 * n * member_params
-        if case.arch in LAYERNORM_OVER_CHANNELS:
-            assert rel_err(_out(fused, case.x), ens) > 1e-2, "LayerNorm model unexpectedly equals the ensemble"
-            copies = [case.members[0]] * n
-            same = fusion.fuse(copies, "nt", example_inputs=case.x, sparsity=0.0)
-            assert rel_err(_out(same, case.x), _out(case.members[0], case.x)) < 1e-5
-        else:
-            assert rel_err(_out(fused, case.x), ens) < 2e-5, f"N={n}"
-
-
-# ---------------------------------------------------------------------------- oracle 3 and 6
+# ---------------------------------------------------------------------------- oracle 2 (and 6)
 def _conv_shapes(model: nn.Module) -> dict:
     return {
         name: (m.in_channels, m.out_channels, m.groups)
@@ -149,6 +137,39 @@ def _conv_shapes(model: nn.Module) -> dict:
     }
 
 
+def test_nt_sparsity0(case):
+    """NT at sparsity 0 keeps the whole block-diagonal concatenation: the output average of the members.
+
+    Not for models with LayerNorm over channels (ConvNeXt): the concatenated model's LayerNorm normalizes
+    over all members' channels together, so its output is not the ensemble's. What holds there instead:
+    sparsity 0 of N identical copies is the member itself (duplicated channels leave a LayerNorm's mean
+    and variance unchanged), and for different members the result is not the ensemble.
+
+    Grouped convolutions (oracle 6) become one convolution with N times the groups.
+    """
+    member_convs = _conv_shapes(case.members[0])
+    member_params = sum(p.numel() for p in case.members[0].parameters())
+    for n in case.sizes:
+        fused = fusion.fuse(case.members[:n], "nt", example_inputs=case.x, sparsity=0.0)
+        assert not fused.training
+        assert sum(p.numel() for p in fused.parameters()) > 0.9 * n * member_params
+        for name, (cin, cout, groups) in _conv_shapes(fused).items():
+            c0, o0, g0 = member_convs[name]
+            stem = c0 == 3  # the input image is shared by the members
+            assert (cin, cout, groups) == (c0 if stem else n * c0, n * o0, n * g0 if g0 > 1 else 1), name
+        out, ens = _out(fused, case.x), case.ensemble_out(n)
+        del fused
+        if case.arch in LAYERNORM_OVER_CHANNELS:
+            assert rel_err(out, ens) > 1e-2, "LayerNorm model unexpectedly equals the ensemble"
+        else:
+            assert rel_err(out, ens) < 2e-5, f"N={n}"
+    if case.arch in LAYERNORM_OVER_CHANNELS:
+        copies = [case.members[0]] * 2
+        same = fusion.fuse(copies, "nt", example_inputs=case.x, sparsity=0.0)
+        assert rel_err(_out(same, case.x), _out(case.members[0], case.x)) < 1e-5
+
+
+# ---------------------------------------------------------------------------- oracle 3 (and 6)
 def test_nt_default_is_member_architecture(case):
     member_state = case.members[0].state_dict()
     for n in case.sizes:
@@ -157,42 +178,52 @@ def test_nt_default_is_member_architecture(case):
         state = fused.state_dict()
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in member_state.items()}
         assert _conv_shapes(fused) == _conv_shapes(case.members[0])  # groups of grouped convs unchanged
-        fresh = make_fusion_member(case.arch, 100 + n)
-        fresh.load_state_dict(state, strict=True)
+        fresh = case.fresh()
+        fresh.load_state_dict(state, strict=True, assign=True)  # strict: same keys and shapes
         out = _out(fresh, case.x)
         assert torch.isfinite(out).all()
         assert torch.allclose(out, _out(fused, case.x), rtol=1e-5, atol=1e-6)
         # the fused model draws on every member (the members differ, so one member never wins every group)
         for m in case.members[:n]:
-            assert any(not torch.equal(state[k], v) for k, v in m.state_dict().items() if v.is_floating_point())
+            assert any(
+                not torch.equal(state[k], v) for k, v in m.state_dict().items() if v.is_floating_point()
+            )
 
 
 def test_nt_default_trains(case):
-    fused = case.nt(max(case.sizes))
-    gen = torch.Generator().manual_seed(7)
-    x = fusion_example_input(case.arch, batch=4, seed=3)
-    y = torch.randint(0, 10, (4,), generator=gen)
-    fused.train()
-    opt = torch.optim.SGD(fused.parameters(), lr=0.01)
+    """A fresh model holding the fused state trains: in train mode the forward and backward run, every
+    parameter gets a finite gradient and BatchNorm statistics update; a few SGD steps lower the loss.
+
+    The descent is checked with normalization statistics and dropout fixed (eval mode): with 4 images of
+    32x32 (1x1 final feature maps), train-mode BatchNorm is so ill-conditioned that even an unfused timm
+    member fails it (efficientnet_b0: squared gradient norm ~6e8; a step of 1e-6 along it does not follow
+    the linear prediction), so a loss check in train mode would test the batch, not the fusion.
+    """
+    model = case.fresh()
+    model.load_state_dict(
+        {k: v.clone() for k, v in case.nt(max(case.sizes)).state_dict().items()}, assign=True
+    )
+    hand_built = case.arch in ("mlp", "grouped")
+    batch, lr = (8, 1e-2) if hand_built else (4, 1e-3)
+    x = fusion_example_input(case.arch, batch=batch, seed=3)
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(7))
+
+    stats = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(not torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
-    for _ in range(4):
+    for _ in range(3):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(fused(x), y)
+        loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        losses.append(float(nn.functional.cross_entropy(fused(x), y)))
-    fused.eval()
-    assert all(map(lambda v: v == v, losses)), losses  # no NaN
-    assert losses[-1] < losses[0], losses
-
-
-def test_sparsity0_multiplies_grouped_conv_groups(case):
-    """Oracle 6: the concatenation of N grouped convolutions is one convolution with N times the groups."""
-    convs = {k: v for k, v in _conv_shapes(case.members[0]).items() if v[2] > 1}
-    if not convs:
-        pytest.skip(f"{case.arch} has no grouped convolution")
-    fused = _conv_shapes(case.nt(2, 0.0))
-    for name, (cin, cout, groups) in convs.items():
-        assert fused[name] == (2 * cin, 2 * cout, 2 * groups), name
+        losses.append(nn.functional.cross_entropy(model(x), y).item())
+    assert losses[-1] < losses[1] < losses[0], losses

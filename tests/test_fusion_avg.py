@@ -16,7 +16,9 @@ def test_avg_of_identical_copies_is_the_member():
         member = make_fusion_member(arch, 0)
         x = fusion_example_input(arch)
         for n in (2, 3):
-            fused = fusion.fuse([member] + [copy.deepcopy(member) for _ in range(n - 1)], "avg", example_inputs=x)
+            fused = fusion.fuse(
+                [member] + [copy.deepcopy(member) for _ in range(n - 1)], "avg", example_inputs=x
+            )
             assert not fused.training
             with torch.no_grad():
                 torch.testing.assert_close(fused(x), member(x), rtol=1e-6, atol=1e-6)

@@ -38,7 +38,9 @@ def test_fewer_than_two_members(mlps, method):
 
 def _mlp(hidden: int, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -283,3 +285,15 @@ def test_fuse_with_autograd_enabled_and_members_in_eval(mlps):
     _assert_unchanged(mlps, before)
     assert not fused.training
     assert fused[1].weight.grad is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_members_are_fused_on_the_gpu():
+    members = [make_fusion_member("grouped", seed).cuda() for seed in range(2)]
+    x = fusion_example_input("grouped").cuda()
+    for method in METHODS:
+        fused = fusion.fuse(members, method, example_inputs=x)
+        assert {t.device.type for t in fused.state_dict().values()} == {"cuda"}, method
+    fused = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), fusion.ensemble(members)(x), rtol=1e-4, atol=1e-5)

@@ -119,7 +119,10 @@ def test_hand_mlp_importances_are_the_definition():
     # layer 1, neuron j: (|w1 row j|^2 + |w2 column j|^2) / 2
     hand_h1 = {"A": [(1 + 5) / 2, (9 + 1) / 2, (4 + 4) / 2], "B": [(4 + 1) / 2, (2 + 5) / 2, (9 + 9) / 2]}
     # layer 2, neuron k: (|w2 row k|^2 + |w3 column k|^2 / N^2) / 2
-    hand_h2 = {"A": [(4 + 4 / 4) / 2, (1 + 4 / 4) / 2, (5 + 16 / 4) / 2], "B": [(2 + 4 / 4) / 2, (9 + 4 / 4) / 2, (4 + 36 / 4) / 2]}
+    hand_h2 = {
+        "A": [(4 + 4 / 4) / 2, (1 + 4 / 4) / 2, (5 + 16 / 4) / 2],
+        "B": [(2 + 4 / 4) / 2, (9 + 4 / 4) / 2, (4 + 36 / 4) / 2],
+    }
     for key, state in zip("AB", states):
         assert g.unit_importance(by_root["0"], state, 2).tolist() == pytest.approx(hand_h1[key])
         assert g.unit_importance(by_root["2"], state, 2).tolist() == pytest.approx(hand_h2[key])
@@ -185,7 +188,11 @@ def test_hand_mlp_variants_differ():
         torch.cat([t.reshape(-1) for t in fusion.fuse(models, m, example_inputs=X4).state_dict().values()])
         for m in ("nt", "nt_iterative", "nt_hierarchical")
     ]
-    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]) and not torch.equal(outs[0], outs[2])
+    assert (
+        not torch.equal(outs[0], outs[1])
+        and not torch.equal(outs[1], outs[2])
+        and not torch.equal(outs[0], outs[2])
+    )
 
 
 # ---------------------------------------------------------------------------- torch-pruning as reference
@@ -211,7 +218,9 @@ def _assert_same_state(fused: nn.Module, reference: nn.Module) -> None:
     got = fused.state_dict()
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
     for name, t in ref.items():
-        torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], t, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def _concatenated_mlp(members: list[nn.Sequential]) -> nn.Sequential:
