@@ -105,10 +105,22 @@ def find_output_layers(model: nn.Module) -> list[str]:
 
 
 def _fingerprint(model: nn.Module, inputs, output_layers) -> tuple:
+    """What a trace depends on: every module's name, type and settings (parameter-free ones included, since
+    they can move channels), every tensor's name, shape and dtype, and the inputs' shapes."""
+    modules = tuple(
+        (n, type(m).__module__, type(m).__qualname__, m.extra_repr()) for n, m in model.named_modules()
+    )
     shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in full_state(model).items())
     ins = []
     map_inputs(inputs, lambda t: ins.append((tuple(t.shape), str(t.dtype))))
-    return (type(model).__module__, type(model).__qualname__, shapes, tuple(ins), tuple(output_layers or ()))
+    return (
+        type(model).__module__,
+        type(model).__qualname__,
+        modules,
+        shapes,
+        tuple(ins),
+        tuple(output_layers or ()),
+    )
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -150,6 +162,12 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
 
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.RNNBase, nn.MultiheadAttention)):
+            raise FusionError(
+                f"cannot fuse module {name!r} ({type(mod).__name__}): recurrent and nn.MultiheadAttention "
+                "layers are not supported"
+            )
     skeleton = meta_copy(model).eval()
     meta_inputs = map_inputs(example_inputs, lambda t: torch.empty_like(t, device="meta"))
     if output_layers is None:
@@ -163,7 +181,12 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     module_names = {m: n for n, m in skeleton.named_modules()}
     param_names = {p: n for n, p in skeleton.named_parameters()}
     ignored = [modules[n] for n in output_layers]
-    tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES))
+    try:
+        tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES))
+    except Exception as exc:  # noqa: BLE001 - a tracer failure is a refusal, not a crash
+        raise FusionError(
+            f"cannot trace the channel groups of {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
     for group in tp_groups:
