@@ -181,23 +181,28 @@ def resolve(raw: dict | None = None, overrides: list[str] | None = None, *, sour
     return cfg
 
 
+def read_yaml(path: str | Path, what: str = "config") -> tuple[Any, str]:
+    """(parsed YAML, its text) of a file; every failure is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read {what}: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Read a YAML config (None: the defaults), apply ``key=value`` overrides, validate."""
     raw: Any = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: cannot read config: not UTF-8 text") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw, _ = read_yaml(path)
         if raw is None:
             raw = {}
     return resolve(raw, overrides, source=source)

@@ -195,8 +195,8 @@ def main(args) -> int:
             continue
         r = rows[-1]
         print(
-            f"{r['case']} {r['method']} N={r['N']}: first {r['first_s']:.3f}s, median {r['median_s']:.3f}s, "
-            f"extra {r['peak_extra_mb']:.0f} MB ({r['extra_per_model']:.2f} x one model)",
+            f"{r['case']} {r['method']} N={r['N']}: first {r['first_s']:.3f}s / {r['first_extra_mb']:.0f} MB, "
+            f"median {r['median_s']:.3f}s / {r['peak_extra_mb']:.0f} MB ({r['extra_per_model']:.2f} x one model)",
             flush=True,
         )
     print()

@@ -29,13 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench import config as bench_config
 from bench.errors import ConfigError
 
-TOP_KEYS = ("study", "description", "base", "space", "objectives", "sampler", "pruner", "repeats",
-            "n_trials", "timeout")
+TOP_KEYS = (
+    "study",
+    "description",
+    "base",
+    "space",
+    "objectives",
+    "sampler",
+    "pruner",
+    "repeats",
+    "n_trials",
+    "timeout",
+)
 PARAM_KEYS = ("type", "choices", "low", "high", "log", "step", "when")
 PARAM_TYPES = ("categorical", "int", "float")
 SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
@@ -54,11 +62,29 @@ PRUNER_KEYS = {
 }
 # The metrics of the MLflow run schema (docs/design.md §3) that a trial can be judged by.
 SCHEMA_METRICS = (
-    "members_mean_acc", "best_member_acc", "ensemble_acc", "best_member_ft_acc", "fused_acc",
-    "fused_val_acc", "ft_train_loss", "fused_acc_before_ft", "fused_acc_final", "fused_acc_best_val",
-    "gain_over_best_member", "gain_over_ensemble", "fusion_time_s", "fusion_peak_mem_mb", "fused_params",
-    "member_params", "fused_macs", "member_macs", "fused_latency_ms", "ensemble_latency_ms",
-    "train_time_s", "finetune_time_s", "total_time_s",
+    "members_mean_acc",
+    "best_member_acc",
+    "ensemble_acc",
+    "best_member_ft_acc",
+    "fused_acc",
+    "fused_val_acc",
+    "ft_train_loss",
+    "fused_acc_before_ft",
+    "fused_acc_final",
+    "fused_acc_best_val",
+    "gain_over_best_member",
+    "gain_over_ensemble",
+    "fusion_time_s",
+    "fusion_peak_mem_mb",
+    "fused_params",
+    "member_params",
+    "fused_macs",
+    "member_macs",
+    "fused_latency_ms",
+    "ensemble_latency_ms",
+    "train_time_s",
+    "finetune_time_s",
+    "total_time_s",
 )
 MEMBER_METRIC = re.compile(r"member_\d+_acc")
 # Fusion methods of docs/design.md §1; the installed library may add more.
@@ -138,8 +164,10 @@ def _check_keys(mapping: dict, allowed: tuple[str, ...], source: str, where: str
     for key in mapping:
         if key not in allowed:
             prefix = f"{where}." if where else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), allowed)}; "
-                              f"allowed: {', '.join(allowed)}")
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
 
 
 def _is_number(x: Any) -> bool:
@@ -200,16 +228,20 @@ def _parse_param(name: str, raw: Any, source: str, earlier: dict[str, Param]) ->
     _check_keys(raw, PARAM_KEYS, source, where)
     ptype = raw.get("type", "categorical" if "choices" in raw else None)
     if ptype not in PARAM_TYPES:
-        raise ConfigError(f"{source}: '{where}.type' must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}"
-                          f"{_suggest(str(ptype), PARAM_TYPES)}")
+        raise ConfigError(
+            f"{source}: '{where}.type' must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}"
+            f"{_suggest(str(ptype), PARAM_TYPES)}"
+        )
     when: dict[str, tuple] = {}
     raw_when = raw.get("when") or {}
     if not isinstance(raw_when, dict):
         raise ConfigError(f"{source}: '{where}.when' must map a param to a value or a list of values")
     for cond, allowed in raw_when.items():
         if cond not in earlier:
-            raise ConfigError(f"{source}: '{where}.when' refers to '{cond}', which is not a param declared "
-                              f"before it in 'space'{_suggest(str(cond), list(earlier))}")
+            raise ConfigError(
+                f"{source}: '{where}.when' refers to '{cond}', which is not a param declared "
+                f"before it in 'space'{_suggest(str(cond), list(earlier))}"
+            )
         allowed_t = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not allowed_t:
             raise ConfigError(f"{source}: '{where}.when.{cond}' is an empty list")
@@ -217,14 +249,17 @@ def _parse_param(name: str, raw: Any, source: str, earlier: dict[str, Param]) ->
         if ref.type == "categorical":
             for v in allowed_t:
                 if v not in ref.choices:
-                    raise ConfigError(f"{source}: '{where}.when.{cond}': {v!r} is not one of the choices "
-                                      f"of '{cond}' {list(ref.choices)}")
+                    raise ConfigError(
+                        f"{source}: '{where}.when.{cond}': {v!r} is not one of the choices "
+                        f"of '{cond}' {list(ref.choices)}"
+                    )
         when[str(cond)] = allowed_t
     if ptype == "categorical":
         for key in ("low", "high", "log", "step"):
             if key in raw:
-                raise ConfigError(f"{source}: '{where}.{key}' does not apply to a categorical param "
-                                  "(use 'choices')")
+                raise ConfigError(
+                    f"{source}: '{where}.{key}' does not apply to a categorical param (use 'choices')"
+                )
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{source}: '{where}.choices' must be a non-empty list, got {choices!r}")
@@ -232,16 +267,20 @@ def _parse_param(name: str, raw: Any, source: str, earlier: dict[str, Param]) ->
             raise ConfigError(f"{source}: '{where}.choices' has duplicates: {choices!r}")
         for c in choices:
             if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise ConfigError(f"{source}: '{where}.choices': {c!r} is not a scalar "
-                                  "(Optuna stores only None, bool, int, float and str)")
+                raise ConfigError(
+                    f"{source}: '{where}.choices': {c!r} is not a scalar "
+                    "(Optuna stores only None, bool, int, float and str)"
+                )
         return Param(name, ptype, choices=tuple(choices), when=when)
     if "choices" in raw:
         raise ConfigError(f"{source}: '{where}.choices' applies only to type categorical")
     low, high = raw.get("low"), raw.get("high")
     for key, v in (("low", low), ("high", high)):
         if not _is_number(v) or (ptype == "int" and not isinstance(v, int)):
-            raise ConfigError(f"{source}: '{where}.{key}' must be {'an integer' if ptype == 'int' else 'a number'}"
-                              f", got {v!r}")
+            raise ConfigError(
+                f"{source}: '{where}.{key}' must be {'an integer' if ptype == 'int' else 'a number'}"
+                f", got {v!r}"
+            )
     if low > high:
         raise ConfigError(f"{source}: '{where}': low ({low}) > high ({high})")
     log = raw.get("log", False)
@@ -272,8 +311,10 @@ def _check_param_values(param: Param, base: dict, source: str) -> None:
         try:
             apply_params(base, {param.name: v}, source=source)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: '{where}' sets a value the experiment config refuses: "
-                              f"{str(exc).removeprefix(source + ': ')}") from None
+            raise ConfigError(
+                f"{source}: '{where}' sets a value the experiment config refuses: "
+                f"{str(exc).removeprefix(source + ': ')}"
+            ) from None
     if param.name == "fusion.method":
         methods = set(KNOWN_METHODS)
         try:  # the installed library may register more methods than the design lists
@@ -284,8 +325,10 @@ def _check_param_values(param: Param, base: dict, source: str) -> None:
             pass
         for v in values:
             if v not in methods:
-                raise ConfigError(f"{source}: '{where}': unknown fusion method {v!r}"
-                                  f"{_suggest(str(v), sorted(methods))}; known: {', '.join(sorted(methods))}")
+                raise ConfigError(
+                    f"{source}: '{where}': unknown fusion method {v!r}"
+                    f"{_suggest(str(v), sorted(methods))}; known: {', '.join(sorted(methods))}"
+                )
     if param.name == "fusion.options.sparsity":
         for v in values:
             if not _is_number(v) or not 0.0 <= v < 1.0:
@@ -324,18 +367,23 @@ def _parse_objectives(raw: Any, source: str) -> list[Objective]:
         _check_keys(item, ("metric", "direction"), source, where)
         metric, direction = item.get("metric"), item.get("direction")
         if not isinstance(metric, str) or not (metric in SCHEMA_METRICS or MEMBER_METRIC.fullmatch(metric)):
-            raise ConfigError(f"{source}: '{where}.metric': unknown metric {metric!r}"
-                              f"{_suggest(str(metric), SCHEMA_METRICS)} (see docs/design.md §3)")
+            raise ConfigError(
+                f"{source}: '{where}.metric': unknown metric {metric!r}"
+                f"{_suggest(str(metric), SCHEMA_METRICS)} (see docs/design.md §3)"
+            )
         if direction not in ("maximize", "minimize"):
-            raise ConfigError(f"{source}: '{where}.direction' must be maximize or minimize, got {direction!r}")
+            raise ConfigError(
+                f"{source}: '{where}.direction' must be maximize or minimize, got {direction!r}"
+            )
         out.append(Objective(metric, direction))
     if len({o.metric for o in out}) != len(out):
         raise ConfigError(f"{source}: 'objectives' lists a metric twice")
     return out
 
 
-def _parse_choice_block(raw: Any, source: str, key: str, names: tuple[str, ...],
-                        keys: dict[str, tuple[str, ...]], default: str) -> dict[str, Any]:
+def _parse_choice_block(
+    raw: Any, source: str, key: str, names: tuple[str, ...], keys: dict[str, tuple[str, ...]], default: str
+) -> dict[str, Any]:
     if raw is None:
         raw = {"type": default}
     if isinstance(raw, str):
@@ -344,8 +392,10 @@ def _parse_choice_block(raw: Any, source: str, key: str, names: tuple[str, ...],
         raise ConfigError(f"{source}: '{key}' must be a name or a mapping with 'type', got {raw!r}")
     kind = raw.get("type", default)
     if kind not in names:
-        raise ConfigError(f"{source}: '{key}': unknown {key} {kind!r}{_suggest(str(kind), names)}; "
-                          f"choose one of {', '.join(names)}")
+        raise ConfigError(
+            f"{source}: '{key}': unknown {key} {kind!r}{_suggest(str(kind), names)}; "
+            f"choose one of {', '.join(names)}"
+        )
     _check_keys(raw, keys[kind], source, key)
     for k, v in raw.items():
         if k != "type" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
@@ -366,7 +416,9 @@ def _load_base(raw: Any, spec_path: Path | None, source: str) -> dict:
     return bench_config.resolve(raw, source=f"{source}: base")
 
 
-def parse_spec(raw: Any, *, source: str = "<spec>", spec_path: Path | None = None, text: str = "") -> SweepSpec:
+def parse_spec(
+    raw: Any, *, source: str = "<spec>", spec_path: Path | None = None, text: str = ""
+) -> SweepSpec:
     """Validate a spec already read from YAML; raises ``ConfigError`` naming ``source`` and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep spec must be a mapping, got {type(raw).__name__}")
@@ -386,16 +438,22 @@ def parse_spec(raw: Any, *, source: str = "<spec>", spec_path: Path | None = Non
     pruner = _parse_choice_block(raw.get("pruner"), source, "pruner", PRUNERS, PRUNER_KEYS, "none")
     if pruner["type"] != "none":
         if len(objectives) > 1:
-            raise ConfigError(f"{source}: 'pruner': pruning works only with one objective "
-                              f"(this spec has {len(objectives)}); use 'pruner: none'")
+            raise ConfigError(
+                f"{source}: 'pruner': pruning works only with one objective "
+                f"(this spec has {len(objectives)}); use 'pruner: none'"
+            )
         if objectives[0].direction != "maximize":
-            raise ConfigError(f"{source}: 'pruner' reports validation accuracy (higher is better) and needs "
-                              "a maximized objective")
+            raise ConfigError(
+                f"{source}: 'pruner' reports validation accuracy (higher is better) and needs "
+                "a maximized objective"
+            )
     if sampler["type"] in ("grid", "bruteforce"):
         for p in space.values():
             if p.type == "float" and p.step is None:
-                raise ConfigError(f"{source}: 'space.{p.name}': the grid sampler needs a 'step' for float "
-                                  "params (otherwise the grid is infinite)")
+                raise ConfigError(
+                    f"{source}: 'space.{p.name}': the grid sampler needs a 'step' for float "
+                    "params (otherwise the grid is infinite)"
+                )
     repeats = raw.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ConfigError(f"{source}: 'repeats' must be an integer >= 1, got {repeats!r}")
@@ -407,12 +465,24 @@ def parse_spec(raw: Any, *, source: str = "<spec>", spec_path: Path | None = Non
         raise ConfigError(f"{source}: 'timeout' must be a positive number of seconds, got {timeout!r}")
     study = raw.get("study") or (spec_path.stem if spec_path is not None else "sweep")
     if not isinstance(study, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study):
-        raise ConfigError(f"{source}: 'study' must be a name of letters, digits, '.', '_' or '-', got {study!r}")
+        raise ConfigError(
+            f"{source}: 'study' must be a name of letters, digits, '.', '_' or '-', got {study!r}"
+        )
     description = raw.get("description") or ""
-    spec = SweepSpec(source=source, study=study, base=base, space=space, objectives=objectives,
-                     sampler=sampler, pruner=pruner, repeats=repeats, n_trials=n_trials,
-                     timeout=float(timeout) if timeout is not None else None,
-                     description=str(description), text=text)
+    spec = SweepSpec(
+        source=source,
+        study=study,
+        base=base,
+        space=space,
+        objectives=objectives,
+        sampler=sampler,
+        pruner=pruner,
+        repeats=repeats,
+        n_trials=n_trials,
+        timeout=float(timeout) if timeout is not None else None,
+        description=str(description),
+        text=text,
+    )
     if sampler["type"] not in ("grid", "bruteforce") and n_trials is None:
         raise ConfigError(f"{source}: 'n_trials' is required for sampler '{sampler['type']}'")
     return spec
@@ -422,14 +492,5 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec file."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read sweep spec: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: cannot read sweep spec: not UTF-8 text") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw, text = bench_config.read_yaml(path, "sweep spec")
     return parse_spec(raw, source=source, spec_path=path, text=text)

@@ -41,6 +41,19 @@ def mlflow_uri(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- fusion test members
+# the fusion core's architectures: the small ones are tested with 2 and 3 members, the big ones with 2
+FUSION_SMALL = [
+    "mlp",
+    "grouped",
+    "resnet18",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "regnety_002",
+    "convnext_atto",
+]
+FUSION_BIG = ["vgg11", "vgg11_bn", "resnet50", "densenet121"]
+
+
 def _randomize_fusion_member(model, generator) -> None:
     """Give every per-channel tensor a random, member-specific value.
 

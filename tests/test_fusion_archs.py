@@ -19,22 +19,13 @@ from functools import cached_property
 import pytest
 import torch
 import torch.nn as nn
-from conftest import fusion_example_input, make_fusion_member
+from conftest import FUSION_BIG, FUSION_SMALL, fusion_example_input, make_fusion_member
 
 import fusion
 from fusion.build import build_model
 from fusion.trace import full_state
 
-SMALL = [
-    "mlp",
-    "grouped",
-    "resnet18",
-    "mobilenetv3_small_100",
-    "efficientnet_b0",
-    "regnety_002",
-    "convnext_atto",
-]
-BIG = ["vgg11", "vgg11_bn", "resnet50", "densenet121"]
+SMALL, BIG = FUSION_SMALL, FUSION_BIG
 LAYERNORM_OVER_CHANNELS = {"convnext_atto"}
 
 

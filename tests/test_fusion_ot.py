@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import FUSION_BIG, FUSION_SMALL
 
 import fusion
 from fusion.build import build_model
 from fusion.trace import full_state
 
-# every architecture of the fusion core; the slow giants use two members only
-ARCHS_3 = [
-    "mlp",
-    "grouped",
-    "resnet18",
-    "mobilenetv3_small_100",
-    "efficientnet_b0",
-    "regnety_002",
-    "convnext_atto",
-]
-ARCHS_2 = ["vgg11_bn", "resnet50", "densenet121", "vgg11"]
+# every architecture of the fusion core; the big ones with two members only
+ARCHS_3, ARCHS_2 = FUSION_SMALL, FUSION_BIG
 
 
 def _permuted_copy(model, example, seed):
