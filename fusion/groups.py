@@ -75,7 +75,6 @@ class ChannelGraph:
     groups: list[ChannelGroup]
     output_layers: list[str]
     shapes: dict[str, tuple[int, ...]]
-    attention: list = field(default_factory=list)  # per attention module: (name, heads slot info)
     # tensor name -> dim -> list of (group index, slot index)
     tensor_dims: dict[str, dict[int, list[tuple[int, int]]]] = field(default_factory=dict)
 
