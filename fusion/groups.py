@@ -128,10 +128,7 @@ class ChannelGraph:
         for s in g.slots:
             if not s.is_weight or s.kind not in ("conv", "linear", "bn", "ln"):
                 continue
-            t = state[s.tensor]
-            other = [d for d in range(t.dim()) if d != s.dim]
-            per_pos = torch.linalg.vector_norm(t.float(), ord=p, dim=other) if other else t.float().abs()
-            per_pos = per_pos.pow(p)
+            per_pos = power_sums(state[s.tensor], s.dim, p)
             if s.role == IN and self.is_consumer_only(s.tensor):
                 per_pos = per_pos * (1.0 / n_members) ** p
             pos = s.positions.to(per_pos.device)
@@ -175,8 +172,9 @@ class ChannelGraph:
                 shape[d] = pos.numel()
             scale = 1.0 / n if self.is_consumer_only(name) else 1.0
             out = ref.new_zeros(shape)
-            # the last slotted dimension is written with index_copy_: its positions belong to one member each,
-            # and all entries of such a slice that are not that member's are zero
+            # each member writes only its own block; entries between members stay zero. In the general case the
+            # last slotted dimension is written with index_copy_: its positions belong to one member each, and
+            # the entries of such a slice that are not that member's are zero
             last = max(index)
             for m, state in enumerate(states):
                 t = state[name]
@@ -187,21 +185,73 @@ class ChannelGraph:
                         break
                     picks[d] = (dst.to(t.device), pos[dst].to(t.device))
                 else:
-                    sub = t.index_select(last, picks[last][1])
-                    for d, (dst, src) in picks.items():
-                        if d == last:
-                            continue
-                        sub = sub.index_select(d, src)
-                        full_shape = list(sub.shape)
-                        full_shape[d] = shape[d]
-                        full = sub.new_zeros(full_shape)
-                        full.index_copy_(d, dst, sub)
-                        sub = full
-                    if scale != 1.0:
-                        sub = sub * scale
-                    out.index_copy_(last, picks[last][0], sub)
+                    slotted = sorted(picks)
+                    if len(slotted) == 1:
+                        dst, src = picks[last]
+                        sub = t.index_select(last, src)
+                        if scale != 1.0:
+                            sub.mul_(scale)
+                        out.index_copy_(last, dst, sub)
+                    elif len(slotted) == 2 and slotted[1] == slotted[0] + 1:
+                        # one gather and one scatter of the member's block (rows x columns), no zero padding
+                        lead = (slice(None),) * slotted[0]
+                        (dst0, src0), (dst1, src1) = picks[slotted[0]], picks[slotted[1]]
+                        block = t[lead + (src0[:, None], src1[None, :])]
+                        if scale != 1.0:
+                            block.mul_(scale)
+                        rows, cols = _as_range(dst0), _as_range(dst1)
+                        if rows is not None and cols is not None:  # NT keeps concatenation order: blocks
+                            out[lead + (rows, cols)].copy_(block)
+                        else:
+                            out[lead + (dst0[:, None], dst1[None, :])] = block
+                    else:
+                        sub = t.index_select(last, picks[last][1])
+                        for d, (dst, src) in picks.items():
+                            if d == last:
+                                continue
+                            sub = sub.index_select(d, src)
+                            full_shape = list(sub.shape)
+                            full_shape[d] = shape[d]
+                            full = sub.new_zeros(full_shape)
+                            full.index_copy_(d, dst, sub)
+                            sub = full
+                        if scale != 1.0:
+                            sub = sub * scale
+                        out.index_copy_(last, picks[last][0], sub)
             new[name] = out
         return new
+
+
+def _as_range(index: torch.Tensor) -> slice | None:
+    """``index`` as a slice when it is a run of consecutive positions (a view write is far cheaper)."""
+    n = index.numel()
+    if n == 0:
+        return None
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == n and (n == 1 or bool((index[1:] - index[:-1] == 1).all())):
+        return slice(first, last + 1)
+    return None
+
+
+def power_sums(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    """``sum |t|^p`` over every dimension but ``dim``: one value per position along ``dim`` (float32).
+
+    Along the leading dimension rows are contiguous and a norm is fast; along another one (a consumer's
+    input columns) a strided norm is many times slower than summing row chunks, which also bounds the
+    temporary to one chunk.
+    """
+    t = t.float()
+    if t.dim() == 1:
+        return t.abs().pow(p)
+    if dim == 0:
+        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1).pow(p)
+    other = [d for d in range(t.dim()) if d != dim]
+    rows = max(1, (1 << 22) // max(1, t[0].numel()))
+    total = None
+    for chunk in t.split(rows, dim=0):
+        part = (chunk.square() if p == 2 else chunk.abs().pow(p)).sum(dim=other)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def mean_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:
