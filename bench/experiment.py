@@ -71,7 +71,7 @@ def _sparsity_tag(cfg: dict) -> str:
     method, opts, n = cfg["fusion"]["method"], cfg["fusion"]["options"], _n_members(cfg)
     if not method.startswith("nt"):
         return ""
-    return str(opts.get("sparsity", 1.0 - 1.0 / n))
+    return format(float(opts.get("sparsity", 1.0 - 1.0 / n)), ".4g")  # 0.6667, not 0.6666666666666667
 
 
 def _n_members(cfg: dict) -> int:
