@@ -56,11 +56,6 @@ class ChannelGroup:
     unit_kind: str = "channel"  # "channel", "conv-block" or "head"
 
     @property
-    def unit_size(self) -> int:
-        """Channels per unit in the group's root layer."""
-        return self.slots[0].positions.shape[1]
-
-    @property
     def layers(self) -> list[str]:
         return sorted({s.layer for s in self.slots})
 

@@ -177,12 +177,5 @@ def resize_module(module: nn.Module, name: str) -> None:
 ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
 
 
-def parametric_leaves(model: nn.Module):
-    """(name, module) of modules that own tensors directly."""
-    for name, mod in model.named_modules():
-        if list(mod.parameters(recurse=False)) or list(mod.buffers(recurse=False)):
-            yield name, mod
-
-
 def is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()

@@ -119,7 +119,8 @@ class WeightCost:
         self.graph, self.anchor, self.member = graph, anchor, member
         self.incoming_only = incoming_only
         self._anchor: dict[int, tuple[list, torch.Tensor]] = {}
-        self._cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        # per group: the plan versions of its dependencies when it was last costed and solved
+        self._solved_at: dict[int, tuple] = {}
         self.deps = [dependencies(graph, gi, incoming_only) for gi in range(len(graph.groups))]
 
     def slots(self, gi):
@@ -131,8 +132,7 @@ class WeightCost:
 
     def __call__(self, gi: int, plans, versions) -> torch.Tensor | None:
         key = tuple(versions[h] for h in sorted(self.deps[gi]))
-        cached = self._cache.get(gi)
-        if cached is not None and cached[0] == key:
+        if self._solved_at.get(gi) == key:
             return None  # unchanged since the group was last solved: so is its plan
         slots = self.slots(gi)
         if not slots:
@@ -148,7 +148,7 @@ class WeightCost:
             cross = fa @ fb.T if cross is None else cross.add_(fa @ fb.T)
             nb = (fb * fb).sum(1) if nb is None else nb + (fb * fb).sum(1)
         cost = na[:, None] + nb[None, :] - 2 * cross
-        self._cache[gi] = (key, cost)
+        self._solved_at[gi] = key
         return cost
 
 
