@@ -15,6 +15,7 @@ from .api import check_members, fuse
 from .ensemble import Ensemble, ensemble
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
+from .provenance import Provenance, provenance_of
 from .registry import available_methods, method_options, register
 from .trace import channel_groups
 
@@ -31,4 +32,6 @@ __all__ = [
     "register",
     "method_options",
     "check_members",
+    "Provenance",
+    "provenance_of",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..build import build_model
 from ..groups import mean_tensor
 from ..layers import is_float
+from ..provenance import Provenance, attach
 from ..registry import register
 from ..trace import full_state
 
@@ -17,4 +18,4 @@ def average(models, *, example_inputs=None):
         name: mean_tensor([s[name] for s in states]) if is_float(ref) else ref.clone()
         for name, ref in states[0].items()
     }
-    return build_model(models[0], new)
+    return attach(build_model(models[0], new), Provenance("avg", len(models), None))

@@ -19,6 +19,7 @@ import torch
 from ..build import build_model, check_runs
 from ..errors import FusionError
 from ..groups import ChannelGraph
+from ..provenance import Provenance, attach, compose, from_selection, identity, provenance_of
 from ..registry import register
 from ..trace import channel_groups, full_state
 
@@ -54,14 +55,25 @@ def select_units(graph: ChannelGraph, states, sparsity: float | None, p: float):
     return selection
 
 
-def transplant(models, example_inputs, sparsity, p, verify=True):
+def transplant(models, example_inputs, sparsity, p, verify=True, method="nt", inner=None):
+    """Fuse ``models`` jointly. ``inner``: per model, its provenance over the original members (iterative and
+    hierarchical NT fuse fused models); the result's provenance is expressed over those originals."""
     graph = channel_groups(models[0], example_inputs, verify=verify)
     states = [full_state(m) for m in models]
     with torch.no_grad():
-        state = graph.assemble(states, select_units(graph, states, sparsity, p))
+        selection = select_units(graph, states, sparsity, p)
+        state = graph.assemble(states, selection)
     fused = build_model(models[0], state)
     check_runs(fused, example_inputs)
-    return fused
+    prov = from_selection(method, len(models), selection)
+    if inner is not None:
+        prov = compose(prov, inner, [g.n_units for g in graph.groups])
+    return attach(fused, prov)
+
+
+def _originals(models, example_inputs, verify) -> list[Provenance]:
+    units = [g.n_units for g in channel_groups(models[0], example_inputs, verify=verify).groups]
+    return [identity(units, i, len(models)) for i in range(len(models))]
 
 
 @register("nt")
@@ -85,9 +97,11 @@ def neuron_transplantation_iterative(models, *, example_inputs=None, p=2.0, veri
     """Fuse member 1 with member 2, the result with member 3, ... (later members weigh more)."""
     _no_sparsity("nt_iterative", sparsity)
     _check_p(p)
+    originals = _originals(models, example_inputs, verify)
     fused = models[0]
-    for nxt in models[1:]:
-        fused = transplant([fused, nxt], example_inputs, None, p, verify)
+    for i, nxt in enumerate(models[1:], start=1):
+        inner = [provenance_of(fused) or originals[0], originals[i]]
+        fused = transplant([fused, nxt], example_inputs, None, p, verify, "nt_iterative", inner)
     return fused
 
 
@@ -97,10 +111,14 @@ def neuron_transplantation_hierarchical(models, *, example_inputs=None, p=2.0, v
     _no_sparsity("nt_hierarchical", sparsity)
     _check_p(p)
 
-    def merge(ms):
-        if len(ms) == 1:
-            return ms[0]
-        mid = len(ms) // 2
-        return transplant([merge(ms[:mid]), merge(ms[mid:])], example_inputs, None, p, verify)
+    originals = _originals(models, example_inputs, verify)
 
-    return merge(list(models))
+    def merge(lo, hi):
+        if hi - lo == 1:
+            return models[lo], originals[lo]
+        mid = (lo + hi) // 2
+        (a, pa), (b, pb) = merge(lo, mid), merge(mid, hi)
+        fused = transplant([a, b], example_inputs, None, p, verify, "nt_hierarchical", [pa, pb])
+        return fused, provenance_of(fused)
+
+    return merge(0, len(models))[0]

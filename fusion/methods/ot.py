@@ -33,6 +33,7 @@ from ..build import build_model, check_runs
 from ..errors import FusionError
 from ..groups import ChannelGraph
 from ..layers import OUT, is_float
+from ..provenance import attach, from_plans
 from ..registry import register
 from ..trace import channel_groups, full_state, map_inputs, meta_copy
 
@@ -326,6 +327,7 @@ def optimal_transport(
     with torch.no_grad():
         # running sum of the aligned members: one aligned copy alive at a time
         fused_state = {n: t.clone() for n, t in anchor_state.items()}
+        member_plans: list = [None] * len(models)
         for i, model in enumerate(models):
             if i == anchor:
                 continue
@@ -334,6 +336,7 @@ def optimal_transport(
             plans = align(
                 graph, order, anchor_state, state, solver, reg, max_iter, anchor_feats, member_feats
             )
+            member_plans[i] = plans
             for name, t in state.items():
                 if is_float(t):
                     fused_state[name].add_(transform_tensor(graph, name, t, plans))
@@ -342,4 +345,4 @@ def optimal_transport(
                 t.div_(len(models))
     fused = build_model(models[anchor], fused_state)
     check_runs(fused, example_inputs if example_inputs is not None else data)
-    return fused
+    return attach(fused, from_plans("ot", [g.n_units for g in graph.groups], member_plans))
