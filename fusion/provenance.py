@@ -120,9 +120,16 @@ def compose(outer: Provenance, inner: list[Provenance], group_units: list[int]) 
             if pick.numel() == 0:
                 continue
             f2, m2, u2, w2 = prov.group_sources(gi, n_units)
-            for e in pick.tolist():
-                hit = f2 == units[e]
-                parts.append((torch.full((int(hit.sum()),), int(fused[e])), m2[hit], u2[hit], w2[hit] * weights[e]))
+            order = torch.argsort(f2, stable=True)
+            f2, m2, u2, w2 = f2[order], m2[order], u2[order], w2[order]
+            counts = torch.bincount(f2, minlength=int(units.max()) + 1 if units.numel() else 0)
+            starts = torch.cumsum(counts, 0) - counts
+            refs = units[pick]  # the inner model's units the outer entries read
+            c = counts[refs]
+            entry = torch.repeat_interleave(torch.arange(pick.numel()), c)
+            offset = torch.arange(int(c.sum())) - torch.repeat_interleave(torch.cumsum(c, 0) - c, c)
+            idx = starts[refs].repeat_interleave(c) + offset
+            parts.append((fused[pick][entry], m2[idx], u2[idx], w2[idx] * weights[pick][entry]))
         sources.append(tuple(torch.cat([p[i] for p in parts]) for i in range(4)))
     return Provenance(outer.method, inner[0].n_members, sources)
 
