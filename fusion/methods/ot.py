@@ -28,6 +28,7 @@ import numpy as np
 import ot
 import torch
 import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
 
 from ..build import build_model, check_runs
 from ..errors import FusionError
@@ -223,9 +224,17 @@ def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[to
 # ----------------------------------------------------------------------------- solving
 def solve_plan(cost: torch.Tensor, solver: str, reg: float):
     """Uniform-marginal OT plan between anchor units (rows) and member units (columns), normalised by the
-    row marginal. Exact plans between equal widths are returned as permutations."""
+    row marginal. Exact plans between equal widths are returned as permutations.
+
+    Between equal widths with uniform marginals the exact OT problem is a linear assignment (the optimum of
+    a transport polytope is attained at a vertex, a permutation matrix: Birkhoff), so it is solved with
+    scipy's ``linear_sum_assignment`` (Jonker-Volgenant, O(n^3) but dense and fast) instead of the network
+    simplex of ``ot.emd``, which is many times slower at thousands of units. Same optimum, same problem.
+    """
     n, m = cost.shape
     c = cost.detach().double().clamp(min=0)
+    if solver == "emd" and n == m:
+        return assignment(c)
     if solver == "emd":
         a = np.full(n, 1.0 / n)
         b = np.full(m, 1.0 / m)
@@ -240,6 +249,24 @@ def solve_plan(cost: torch.Tensor, solver: str, reg: float):
     b = torch.full((m,), 1.0 / m, dtype=torch.float64, device=c.device)
     plan = ot.sinkhorn(a, b, c / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9)
     return (plan * n).float()
+
+
+def assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """The permutation ``perm`` minimising (or maximising) ``sum_i cost[i, perm[i]]`` (exact).
+
+    Row and column minima are subtracted first: that changes every assignment's total by the same constant,
+    so the optimum is the same, and it spares the solver the shared offsets (squared distances carry both
+    units' norms), which makes it 2-3x faster on thousands of units.
+    """
+    c = cost.detach().double()
+    if maximize:
+        c = -c
+    c = c - c.min(dim=1, keepdim=True).values
+    c = c - c.min(dim=0, keepdim=True).values
+    rows, cols = linear_sum_assignment(c.cpu().numpy())
+    perm = torch.empty(cost.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return perm
 
 
 def _same(p, q) -> bool:
