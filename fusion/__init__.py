@@ -17,6 +17,7 @@ from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .provenance import Provenance, provenance_of
 from .registry import available_methods, method_options, register
+from .repair import repair
 from .trace import channel_groups
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "check_members",
     "Provenance",
     "provenance_of",
+    "repair",
 ]
