@@ -3,7 +3,7 @@
 >>> import fusion
 >>> fused = fusion.fuse(models, "nt", example_inputs=torch.randn(1, 3, 32, 32))
 >>> fusion.available_methods()
-['avg', 'nt', 'nt_hierarchical', 'nt_iterative', 'ot']
+['activation_matching', 'avg', 'nt', 'nt_hierarchical', 'nt_iterative', 'ot', 'weight_matching']
 
 Channel groups are traced automatically with torch-pruning's dependency graph (``channel_groups``), so
 every method works on any architecture that can be traced, on the members' device. This package imports
@@ -11,6 +11,7 @@ nothing of the rest of fusebench, nor MLflow or Optuna.
 """
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
+from .align import align, alignment_methods, interpolate
 from .api import check_members, fuse
 from .ensemble import Ensemble, ensemble
 from .errors import FusionError
@@ -36,4 +37,7 @@ __all__ = [
     "Provenance",
     "provenance_of",
     "repair",
+    "align",
+    "alignment_methods",
+    "interpolate",
 ]

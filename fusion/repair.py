@@ -87,7 +87,9 @@ def _inputs(batches, device) -> list[torch.Tensor]:
     for i, batch in enumerate(batches):
         x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(x, torch.Tensor):
-            raise FusionError(f"batch {i} is a {type(batch).__name__}, not a tensor or an (inputs, labels) pair")
+            raise FusionError(
+                f"batch {i} is a {type(batch).__name__}, not a tensor or an (inputs, labels) pair"
+            )
         if x.dim() == 0 or x.shape[0] == 0:
             raise FusionError(f"batch {i} is empty")
         out.append(x.to(device))
@@ -145,7 +147,9 @@ def _channel_dim(module: nn.Module, t: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, inputs, points: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _measure(
+    model: nn.Module, inputs, points: dict[str, str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per point (module name -> "in" for a BatchNorm's input, "out" for a layer's output): mean and std."""
     modules = dict(model.named_modules())
     moments = {name: _Moments() for name in points}
@@ -198,7 +202,9 @@ def _execution_order(model: nn.Module, x: torch.Tensor, names) -> tuple[list[str
         handles.append(mod.register_forward_pre_hook(pre))
         if not isinstance(mod, _BN):
             # the output itself is kept alive with its id: a freed tensor's id could be reused by another
-            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: produced.__setitem__(id(o), (n, o))))
+            handles.append(
+                mod.register_forward_hook(lambda m, a, o, n=name: produced.__setitem__(id(o), (n, o)))
+            )
     was = model.training
     model.eval()
     try:
@@ -239,6 +245,10 @@ def _targets(name, fused_slots, member_slots, prov, graph_m, member_stats, c_fus
     mean = torch.full((c_fused,), float("nan"), dtype=torch.float64)
     std = torch.full((c_fused,), float("nan"), dtype=torch.float64)
     for (gi, s_f), (gj, s_m) in zip(fused_slots, member_slots):
+        if gi != gj:
+            raise FusionError(
+                f"layer {name!r} belongs to different channel groups in the fused model and members"
+            )
         n_units = graph_m.groups[gi].n_units
         means = [_to_units(st[name][0].cpu(), s_m.positions) for st in member_stats]
         stds = [_to_units(st[name][1].cpu(), s_m.positions) for st in member_stats]
@@ -300,7 +310,9 @@ def _repair(fused: nn.Module, inputs, members, example_inputs) -> nn.Module:
         if stats is None or any(name not in st for st in member_stats):
             continue
         mean, std = stats
-        t_mean, t_std = _targets(name, points_f[name], points_m[name], prov, graph_m, member_stats, mean.numel())
+        t_mean, t_std = _targets(
+            name, points_f[name], points_m[name], prov, graph_m, member_stats, mean.numel()
+        )
         t_mean, t_std = t_mean.to(mean.device), t_std.to(mean.device)
         ok = ~torch.isnan(t_mean)
         if isinstance(mod, _BN):
@@ -319,7 +331,9 @@ def _correct_bn(bn, mean, std, t_mean, t_std, ok) -> None:
         return
     var = bn.running_var.double() if bn.running_var is not None else std * std
     # output std = std * |w| / sqrt(var + eps): choose |w| for the target, keep the sign
-    scale = torch.where(std > 0, t_std * torch.sqrt(var + bn.eps) / std.clamp(min=1e-12), torch.zeros_like(std))
+    scale = torch.where(
+        std > 0, t_std * torch.sqrt(var + bn.eps) / std.clamp(min=1e-12), torch.zeros_like(std)
+    )
     sign = torch.where(bn.weight.double() < 0, -1.0, 1.0)
     new_w = torch.where(ok, sign * scale, bn.weight.double())
     new_b = torch.where(ok, t_mean, bn.bias.double())

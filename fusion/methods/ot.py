@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from ..build import build_model, check_runs
+from ..align import average_aligned, register_planner
+from ..build import check_runs
 from ..errors import FusionError
 from ..groups import ChannelGraph
 from ..layers import OUT, is_float
-from ..provenance import attach, from_plans
 from ..registry import register
 from ..trace import channel_groups, full_state, map_inputs, meta_copy
 
@@ -194,7 +194,7 @@ def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[to
 
     def hook(name):
         def fn(_mod, _inp, out):
-            outputs[name] = out.detach()
+            outputs[name] = out.detach().clone()  # a later in-place activation must not rewrite it
 
         return fn
 
@@ -330,6 +330,46 @@ def align(
     return plans
 
 
+def ot_plans(
+    models,
+    *,
+    example_inputs=None,
+    anchor=0,
+    ground_metric="weights",
+    solver="emd",
+    reg=0.01,
+    data=None,
+    max_iter=20,
+    verify=True,
+):
+    """(graph, per member: its plans aligning it to the anchor; None for the anchor itself)."""
+    _check(models, anchor, ground_metric, solver, reg, data, max_iter)
+    graph = channel_groups(models[anchor], example_inputs, verify=verify)
+    order = _forward_order(models[anchor], graph)
+    anchor_state = full_state(models[anchor])
+    anchor_feats = (
+        _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
+    )
+    member_plans: list = [None] * len(models)
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            if i == anchor:
+                continue
+            member_feats = _activation_features(model, graph, data) if anchor_feats is not None else None
+            member_plans[i] = align(
+                graph,
+                order,
+                anchor_state,
+                full_state(model),
+                solver,
+                reg,
+                max_iter,
+                anchor_feats,
+                member_feats,
+            )
+    return graph, member_plans
+
+
 @register("ot")
 def optimal_transport(
     models,
@@ -344,32 +384,20 @@ def optimal_transport(
     verify=True,
 ):
     """Align every member to the anchor with OT plans per channel group, then average the aligned weights."""
-    _check(models, anchor, ground_metric, solver, reg, data, max_iter)
-    graph = channel_groups(models[anchor], example_inputs, verify=verify)
-    order = _forward_order(models[anchor], graph)
-    anchor_state = full_state(models[anchor])
-    anchor_feats = (
-        _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
+    graph, member_plans = ot_plans(
+        models,
+        example_inputs=example_inputs,
+        anchor=anchor,
+        ground_metric=ground_metric,
+        solver=solver,
+        reg=reg,
+        data=data,
+        max_iter=max_iter,
+        verify=verify,
     )
-    with torch.no_grad():
-        # running sum of the aligned members: one aligned copy alive at a time
-        fused_state = {n: t.clone() for n, t in anchor_state.items()}
-        member_plans: list = [None] * len(models)
-        for i, model in enumerate(models):
-            if i == anchor:
-                continue
-            state = full_state(model)
-            member_feats = _activation_features(model, graph, data) if anchor_feats is not None else None
-            plans = align(
-                graph, order, anchor_state, state, solver, reg, max_iter, anchor_feats, member_feats
-            )
-            member_plans[i] = plans
-            for name, t in state.items():
-                if is_float(t):
-                    fused_state[name].add_(transform_tensor(graph, name, t, plans))
-        for t in fused_state.values():
-            if is_float(t):
-                t.div_(len(models))
-    fused = build_model(models[anchor], fused_state)
+    fused = average_aligned("ot", models, graph, member_plans, template_index=anchor)
     check_runs(fused, example_inputs if example_inputs is not None else data)
-    return attach(fused, from_plans("ot", [g.n_units for g in graph.groups], member_plans))
+    return fused
+
+
+register_planner("ot")(ot_plans)
