@@ -44,7 +44,16 @@ DEFAULTS: dict[str, Any] = {
         "checkpoints": [],
         "cache_dir": None,
     },
-    "fusion": {"method": "nt", "options": {}, "measure_memory": True},
+    "fusion": {
+        "method": "nt",
+        "options": {},
+        "repair": "reset",
+        "repair_batches": 20,
+        "data_samples": 512,
+        "lmc": False,
+        "measure_memory": True,
+        "log_model": False,
+    },
     "finetune": {
         "epochs": 5,
         "optimizer": "sgd",
@@ -54,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "distill": False,
         "temperature": 4.0,
         "baseline": True,
+        "distill_baseline": False,
     },
 }
 
@@ -66,6 +76,8 @@ CHOICES = {
     "data.on_device": ("auto", True, False),
     "members.optimizer": ("sgd", "adam", "adamw"),
     "finetune.optimizer": ("sgd", "adam", "adamw"),
+    "fusion.repair": ("none", "reset", "repair"),
+    "fusion.measure_memory": (True, False, "child"),
 }
 
 
@@ -131,7 +143,10 @@ def _check_ranges(cfg: dict, source: str) -> None:
 
     if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
         raise bad("data.val_fraction", "must be in (0, 1)")
-    for key in ("data.batch_size", "members.batch_size", "model.width", "model.depth"):
+    for key in (
+        "data.batch_size", "members.batch_size", "model.width", "model.depth", "fusion.repair_batches",
+        "fusion.data_samples",
+    ):  # fmt: skip
         sec, name = key.split(".")
         if cfg[sec][name] < 1:
             raise bad(key, "must be >= 1")

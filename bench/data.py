@@ -9,6 +9,7 @@ method and every repeat sees the same split (the repeat seed only changes the me
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bench.errors import ConfigError, FusebenchError
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "imagefolder")
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "imagefolder")
 SPLIT_SEED = 12345  # fixed: splits never depend on the repeat seed
 DIGITS_TEST_FRACTION = 0.2
 # Bytes of float32 data (all splits) we are willing to hold on the device when on_device is "auto".
@@ -100,6 +101,7 @@ class DataBundle:
     test: TensorSplit | LoaderSplit
     device: torch.device
     on_device: bool
+    dims: int = 2  # spatial dimensions of one example: 2 for images, 1 for signals (mnist1d)
 
     def example_inputs(self, n: int = 2) -> torch.Tensor:
         """A batch of real training images (fusion traces with it; real data keeps BN stats sane)."""
@@ -148,8 +150,9 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    shape = (1, -1, *([1] * (x.dim() - 2)))  # per channel, for images and for 1-D signals
+    m = torch.tensor(mean, dtype=x.dtype).view(shape)
+    s = torch.tensor(std, dtype=x.dtype).view(shape)
     return (x - m) / s
 
 
@@ -171,11 +174,12 @@ def _want_on_device(on_device, n_values: int, device: torch.device) -> bool:
     return bool(on_device)
 
 
-def _from_arrays(name, xtr, ytr, xte, yte, mean, std, num_classes, dcfg, device) -> DataBundle:
-    """Build the bundle from full train / test tensors (N, C, H, W) in [0, 1] (float) and int labels."""
+def _from_arrays(name, xtr, ytr, xte, yte, mean, std, num_classes, dcfg, device, dims=2) -> DataBundle:
+    """Build the bundle from full train / test tensors (N, C, H, W) in [0, 1] (float) and int labels
+    (``dims=1``: signals (N, C, L))."""
     keep, carved = _split_indices(len(ytr), dcfg["val_fraction"], SPLIT_SEED)
     size = dcfg["image_size"] or xtr.shape[-1]
-    n_values = (len(ytr) + len(yte)) * xtr.shape[1] * size * size
+    n_values = (len(ytr) + len(yte)) * xtr.shape[1] * size**dims
     on_dev = _want_on_device(dcfg["on_device"], n_values, device)
 
     def prep(x):
@@ -193,7 +197,9 @@ def _from_arrays(name, xtr, ytr, xte, yte, mean, std, num_classes, dcfg, device)
         splits = {k: TensorSplit(x.to(device), y.to(device)) for k, (x, y) in parts.items()}
     else:
         splits = {k: LoaderSplit(_NormalizedTensorDataset(x, y), device) for k, (x, y) in parts.items()}
-    return DataBundle(name, xtr.shape[1], num_classes, size, device=device, on_device=on_dev, **splits)
+    return DataBundle(
+        name, xtr.shape[1], num_classes, size, device=device, on_device=on_dev, dims=dims, **splits
+    )
 
 
 def _digits(dcfg: dict, device: torch.device) -> DataBundle:
@@ -207,6 +213,62 @@ def _digits(dcfg: dict, device: torch.device) -> DataBundle:
     # Fixed normalization constants, computed once on the full digits set (independent of the split).
     mean, std = (float(x.mean()),), (float(x.std()),)
     return _from_arrays("digits", xtr, ytr, x[test_idx], y[test_idx], mean, std, 10, dcfg, device)
+
+
+# MNIST-1D (Greydanus & Kobak, ICML 2024): generated offline from the package's ten templates. 10,000
+# samples instead of the package's 5,000, so that the test split (20 %) has 2,000 examples and one example
+# is 0.05 points of accuracy; the generator's other settings are the package defaults.
+MNIST1D_SAMPLES = 10_000
+MNIST1D_SEED = 42
+
+
+def _mnist1d_arrays(root: str) -> dict[str, np.ndarray]:
+    """The generated arrays, cached as an .npz under ``root`` (generating takes seconds in pure Python)."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise FusebenchError("data set 'mnist1d' needs the mnist1d package: pip install mnist1d") from None
+    import random
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = MNIST1D_SAMPLES, MNIST1D_SEED
+    keys = sorted(k for k in vars(args) if k != "url")
+    tag = hashlib.sha256(repr([(k, getattr(args, k)) for k in keys]).encode()).hexdigest()[:12]
+    path = Path(os.path.expanduser(root)) / f"mnist1d-{tag}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is regenerated below
+    # make_dataset seeds numpy's and random's global generators: keep the experiment's streams intact
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent workers never read a half-written file
+    except OSError:
+        pass  # a read-only data root: generate every time
+    return arrays
+
+
+def _mnist1d(dcfg: dict, device: torch.device) -> DataBundle:
+    if dcfg["image_size"] is not None:
+        raise ConfigError("data.image_size: mnist1d is a 1-D signal of 40 points; leave image_size null")
+    a = _mnist1d_arrays(dcfg["root"])
+    xtr = torch.from_numpy(a["x"].astype(np.float32)).unsqueeze(1)  # (N, 1, 40), already standardized
+    xte = torch.from_numpy(a["x_test"].astype(np.float32)).unsqueeze(1)
+    ytr = torch.from_numpy(a["y"].astype(np.int64))
+    yte = torch.from_numpy(a["y_test"].astype(np.int64))
+    bundle = _from_arrays("mnist1d", xtr, ytr, xte, yte, (0.0,), (1.0,), 10, dcfg, device, dims=1)
+    return bundle
 
 
 def _torchvision_raw(name: str, dcfg: dict):
@@ -318,6 +380,8 @@ def load_data(dcfg: dict, device: torch.device) -> DataBundle:
     check_name(dcfg["name"])
     if dcfg["name"] == "digits":
         return _digits(dcfg, device)
+    if dcfg["name"] == "mnist1d":
+        return _mnist1d(dcfg, device)
     if dcfg["name"] == "imagefolder":
         return _imagefolder(dcfg, device)
     return _torchvision(dcfg["name"], dcfg, device)

@@ -1,4 +1,5 @@
-"""One fusion experiment end to end: data -> members -> baselines -> fuse (measured) -> fine-tune -> MLflow.
+"""One fusion experiment end to end: data -> members -> baselines -> fuse (measured) -> repair -> fine-tune
+-> baselines fine-tuned the same way -> MLflow.
 
 ``run_experiment`` is what ``fusebench run`` and every sweep trial call (docs/design.md §2/§3). Cheap
 static checks (names of data set, architecture, method) run before anything is created, so bad input
@@ -11,6 +12,7 @@ import copy
 import difflib
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,23 @@ def _device_tag(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def run_name(tags: dict[str, str]) -> str:
+    """A run name a person can tell apart in the MLflow UI, e.g. ``nt · resnet18 · N=4 · s=0.5 · seed 1 · trial 7``."""
+    parts = [
+        tags.get("fusebench.method", "?"),
+        tags.get("fusebench.arch", "?"),
+        f"N={tags.get('fusebench.n_members')}",
+    ]
+    if tags.get("fusebench.sparsity"):
+        parts.append(f"s={tags['fusebench.sparsity']}")
+    if tags.get("fusebench.repair") not in (None, "", "none"):
+        parts.append(tags["fusebench.repair"])
+    parts.append(f"seed {tags.get('fusebench.seed')}")
+    if tags.get("fusebench.trial"):
+        parts.append(f"trial {tags['fusebench.trial']}")
+    return " · ".join(parts)
+
+
 def run_experiment(
     config: dict | str | Path,
     *,
@@ -89,7 +108,9 @@ def run_experiment(
     extra_tags: dict[str, str] | None = None,
     epoch_callback: Callable[[int, float], None] | None = None,
 ) -> ExperimentResult:
-    """Run one experiment and log it as one MLflow run (see the module docstring)."""
+    """Run one experiment and log it as one MLflow run (see the module docstring).
+
+    On failure the exception is re-raised with the run's id attached as ``exc.fusebench_run_id``."""
     t_total = time.perf_counter()
     cfg = load_config(config) if isinstance(config, (str, Path)) else resolve(config)
     validate(cfg)
@@ -106,20 +127,25 @@ def run_experiment(
         "fusebench.dataset": cfg["data"]["name"],
         "fusebench.n_members": str(_n_members(cfg)),
         "fusebench.sparsity": _sparsity_tag(cfg),
+        "fusebench.repair": cfg["fusion"]["repair"],
         "fusebench.finetune_epochs": str(cfg["finetune"]["epochs"]),
         "fusebench.seed": str(cfg["seed"]),
         **provenance_tags(),
         **{k: str(v) for k, v in (extra_tags or {}).items()},
     }
-    tracker = Tracker(cfg, parent_run_id=parent_run_id, tags=tags)
+    tracker = Tracker(cfg, parent_run_id=parent_run_id, tags=tags, run_name=run_name(tags))
     try:
         tracker.log_config(cfg)
-        result = _run(cfg, device, tracker, tags, epoch_callback, t_total)
-    except StopExperiment:
+        result = Experiment(cfg, device, tracker, tags, epoch_callback, t_total).run()
+    except StopExperiment as exc:
+        exc.fusebench_run_id = tracker.run_id
         tracker.end("KILLED")
         raise
     except BaseException as exc:
-        tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
+        exc.fusebench_run_id = tracker.run_id
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        reason = "interrupted (KeyboardInterrupt)" if status == "KILLED" else f"{type(exc).__name__}: {exc}"
+        tracker.end(status, error=reason)
         raise
     tracker.end("FINISHED")
     result.timings["tracking"] = tracker.seconds
@@ -127,132 +153,281 @@ def run_experiment(
     return result
 
 
-def _run(cfg, device, tracker, tags, epoch_callback, t_total) -> ExperimentResult:
-    import fusion
-    from bench.data import load_data
-    from bench.measure import latency_ms, macs_and_params, measure_fusion
-    from bench.members import get_members
-    from bench.train import evaluate, finetune
+def select_by_validation(val_acc: list[float], test_acc: list[float]) -> tuple[int, float]:
+    """The selection rule shared by the fused model and every fine-tuned baseline: the epoch with the best
+    validation accuracy (epoch 0 = before fine-tuning included; ties go to the earlier epoch) and the test
+    accuracy at that epoch."""
+    if not val_acc or len(val_acc) != len(test_acc):
+        raise ValueError("selection needs one validation and one test accuracy per epoch")
+    best = max(range(len(val_acc)), key=lambda e: (val_acc[e], -e))
+    return best, test_acc[best]
 
-    timings: dict[str, float] = {}
-    _seed_everything(cfg["seed"])
-    t = time.perf_counter()
-    data = load_data(cfg["data"], device)
-    timings["data"] = time.perf_counter() - t
 
-    # Members and baselines.
-    members = get_members(cfg, data)
-    timings["train"] = members.train_seconds
-    t = time.perf_counter()
-    m: dict[str, float] = {}
-    val_accs = []
-    for i, model in enumerate(members.models):
-        m[f"member_{i}_acc"] = evaluate(model, data.test)[0]
-        val_accs.append(evaluate(model, data.val)[0])
-    best = int(np.argmax(val_accs))  # best member chosen by validation, reported on test
-    m["members_mean_acc"] = float(np.mean([m[f"member_{i}_acc"] for i in range(len(members.models))]))
-    m["best_member_acc"] = m[f"member_{best}_acc"]
-    ensemble = fusion.ensemble(members.models)
-    m["ensemble_acc"] = evaluate(ensemble, data.test)[0]
-    timings["eval"] = time.perf_counter() - t
-    tracker.metrics(m)
+class Experiment:
+    """The pipeline as named stages: members -> baselines -> fuse -> repair -> fine-tune -> record.
 
-    # Fusion, measured.
-    example = data.example_inputs(2)
-    t = time.perf_counter()
-    fm = measure_fusion(
-        members.models,
-        cfg["fusion"]["method"],
-        example,
-        cfg["fusion"]["options"],
-        memory=cfg["fusion"]["measure_memory"],
-    )
-    fused = fm.fused_model.to(device)
-    timings["fusion"] = fm.seconds
-    timings["fusion_process"] = time.perf_counter() - t - fm.seconds  # child process start / transfer
-    t = time.perf_counter()
-    cost: dict[str, float] = {"fusion_time_s": fm.seconds}
-    if fm.peak_mem_mb == fm.peak_mem_mb:  # NaN when not measured (fusion.measure_memory: false on CPU)
-        cost["fusion_peak_mem_mb"] = fm.peak_mem_mb
-    cost["fused_macs"], cost["fused_params"] = macs_and_params(fused, example[:1])
-    cost["member_macs"], cost["member_params"] = macs_and_params(members.models[0], example[:1])
-    lat_batch = next(data.test.batches(cfg["data"]["batch_size"]))[0]
-    cost["fused_latency_ms"] = latency_ms(fused, lat_batch)
-    cost["ensemble_latency_ms"] = latency_ms(ensemble, lat_batch)
-    m.update(cost)
-    timings["cost_measure"] = time.perf_counter() - t
-    tracker.metrics(cost)
+    Each stage reads what earlier stages left on ``self`` and adds its metrics to ``self.metrics``
+    (logged to MLflow as soon as they exist, so a run that dies later still shows them).
+    """
 
-    # Fine-tuning of the fused model, curves logged per epoch (step = epoch).
-    f = cfg["finetune"]
-    ft_kwargs = dict(
-        epochs=f["epochs"],
-        optimizer=f["optimizer"],
-        lr=f["lr"],
-        momentum=f["momentum"],
-        weight_decay=f["weight_decay"],
-        batch_size=cfg["members"]["batch_size"],
-        seed=cfg["seed"] + 7919,
-    )
+    def __init__(self, cfg, device, tracker, tags, epoch_callback, t_total):
+        self.cfg, self.device, self.tracker, self.tags = cfg, device, tracker, tags
+        self.epoch_callback, self.t_total = epoch_callback, t_total
+        self.metrics: dict[str, float] = {}
+        self.timings: dict[str, float] = {}
 
-    def on_epoch(epoch: int, res) -> None:
-        values = {"fused_acc": res.test_acc[epoch], "fused_val_acc": res.val_acc[epoch]}
-        if epoch > 0:
-            values["ft_train_loss"] = res.train_loss[epoch - 1]
-        else:
-            tracker.metrics({"fused_acc_before_ft": res.test_acc[0]})
-        tracker.metrics(values, step=epoch)
-        tracker.maybe_flush()
+    def run(self) -> ExperimentResult:
+        _seed_everything(self.cfg["seed"])
+        self.load_data()
+        self.members()
+        self.baselines()
+        self.fuse()
+        self.repair()
+        self.linear_mode_connectivity()
+        self.finetune()
+        self.finetuned_baselines()
+        return self.record()
 
-    teacher = ensemble if f["distill"] else None
-    ft = finetune(
-        fused,
-        data,
-        teacher=teacher,
-        temperature=f["temperature"],
-        epoch_callback=epoch_callback,
-        epoch_hook=on_epoch,
-        desc="finetune fused",
-        **ft_kwargs,
-    )
-    timings["finetune"] = ft.seconds
-    m["fused_acc_before_ft"] = ft.test_acc[0]
-    m["fused_acc_final"] = ft.final_acc
-    m["fused_acc_best_val"] = ft.best_val_test_acc
-    m["gain_over_best_member"] = m["fused_acc_best_val"] - m["best_member_acc"]
-    m["gain_over_ensemble"] = m["fused_acc_best_val"] - m["ensemble_acc"]
+    def _log(self, values: dict[str, float], step: int = 0) -> None:
+        self.metrics.update(values)
+        self.tracker.metrics(values, step=step)
 
-    # Fair baseline: the best member fine-tuned with the same budget (plain, like the fused model).
-    if f["baseline"]:
-        if f["epochs"] > 0:
-            baseline = copy.deepcopy(members.models[best])
-            bres = finetune(
-                baseline,
-                data,
-                teacher=teacher,
-                temperature=f["temperature"],
-                desc="finetune best member",
-                **ft_kwargs,
+    # ------------------------------------------------------------------ stages
+    def load_data(self) -> None:
+        from bench.data import load_data
+
+        t = time.perf_counter()
+        self.data = load_data(self.cfg["data"], self.device)
+        self.timings["data"] = time.perf_counter() - t
+        self.tracker.log_dataset(self.data, self.cfg["data"])
+
+    def members(self) -> None:
+        from bench.members import get_members
+
+        self.member_set = get_members(self.cfg, self.data)
+        self.models = self.member_set.models
+        self.timings["train"] = self.member_set.train_seconds
+        if self.member_set.images_per_s:
+            self._log({"train_images_per_s": self.member_set.images_per_s})
+
+    def baselines(self) -> None:
+        import fusion
+        from bench.train import evaluate
+
+        t = time.perf_counter()
+        m: dict[str, float] = {}
+        val_accs = []
+        for i, model in enumerate(self.models):
+            m[f"member_{i}_acc"] = evaluate(model, self.data.test)[0]
+            val_accs.append(evaluate(model, self.data.val)[0])
+        self.best = int(np.argmax(val_accs))  # best member chosen by validation, reported on test
+        m["members_mean_acc"] = float(np.mean([m[f"member_{i}_acc"] for i in range(len(self.models))]))
+        m["best_member_acc"] = m[f"member_{self.best}_acc"]
+        self.ensemble = fusion.ensemble(self.models)
+        m["ensemble_acc"] = evaluate(self.ensemble, self.data.test)[0]
+        self.timings["eval"] = time.perf_counter() - t
+        self._log(m)
+
+    def _train_batches(self, count: int, salt: int) -> list[torch.Tensor]:
+        """``count`` shuffled training batches (inputs only), the same for every method of one seed."""
+        gen = torch.Generator().manual_seed(self.cfg["seed"] * 1_000_003 + salt)
+        out = []
+        for x, _ in self.data.train.batches(self.cfg["data"]["batch_size"], shuffle=True, generator=gen):
+            out.append(x)
+            if len(out) >= count:
+                break
+        return out
+
+    def fusion_options(self) -> dict:
+        """The configured options, plus a training batch as ``data`` for methods that take one."""
+        import fusion
+
+        options = dict(self.cfg["fusion"]["options"])
+        method = self.cfg["fusion"]["method"]
+        if "data" in fusion.method_options(method) and "data" not in options:
+            n = self.cfg["fusion"]["data_samples"]
+            batches = self._train_batches(max(1, -(-n // self.cfg["data"]["batch_size"])), salt=17)
+            options["data"] = torch.cat(batches)[:n]
+        return options
+
+    def fuse(self) -> None:
+        from bench.measure import latency_ms, macs_and_params, measure_fusion
+        from bench.train import evaluate
+
+        self.example = self.data.example_inputs(2)
+        t = time.perf_counter()
+        fm = measure_fusion(
+            self.models,
+            self.cfg["fusion"]["method"],
+            self.example,
+            self.fusion_options(),
+            memory=self.cfg["fusion"]["measure_memory"],
+        )
+        self.fused = fm.fused_model.to(self.device)
+        self.timings["fusion"] = fm.seconds
+        self.timings["fusion_process"] = time.perf_counter() - t - fm.seconds  # child start / transfer
+        t = time.perf_counter()
+        cost: dict[str, float] = {"fusion_time_s": fm.seconds}
+        if fm.peak_mem_mb == fm.peak_mem_mb:  # NaN when not measured
+            cost["fusion_peak_mem_mb"] = fm.peak_mem_mb
+        cost["fused_macs"], cost["fused_params"] = macs_and_params(self.fused, self.example[:1])
+        cost["member_macs"], cost["member_params"] = macs_and_params(self.models[0], self.example[:1])
+        lat_batch = next(self.data.test.batches(self.cfg["data"]["batch_size"]))[0]
+        cost["fused_latency_ms"] = latency_ms(self.fused, lat_batch)
+        cost["ensemble_latency_ms"] = latency_ms(self.ensemble, lat_batch)
+        cost["fused_acc_raw"] = evaluate(self.fused, self.data.test)[0]
+        self.timings["cost_measure"] = time.perf_counter() - t
+        self._log(cost)
+
+    def _repaired(self, model, members=None):
+        import fusion
+
+        mode = self.cfg["fusion"]["repair"]
+        if mode == "none":
+            return model
+        batches = self._train_batches(self.cfg["fusion"]["repair_batches"], salt=29)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nothing to reset" on models without BatchNorm is expected
+            return fusion.repair(
+                model,
+                batches,
+                members=members if mode == "repair" else None,
+                mode=mode,
+                example_inputs=self.example,
             )
-            m["best_member_ft_acc"] = bres.final_acc
-            timings["baseline_finetune"] = bres.seconds
-        else:
-            m["best_member_ft_acc"] = m["best_member_acc"]
-    m["train_time_s"] = timings["train"]
-    m["finetune_time_s"] = timings["finetune"]
-    m["total_time_s"] = time.perf_counter() - t_total
-    final_keys = [
-        "fused_acc_final", "fused_acc_best_val", "gain_over_best_member", "gain_over_ensemble",
-        "best_member_ft_acc", "train_time_s", "finetune_time_s", "total_time_s",
-    ]  # fmt: skip
-    tracker.metrics({k: m[k] for k in final_keys if k in m})
-    m["fused_acc"] = ft.final_acc
-    m["fused_val_acc"] = ft.val_acc[-1]
-    return ExperimentResult(
-        run_id=tracker.run_id,
-        metrics=m,
-        tags=dict(tags),
-        members_trained=members.trained,
-        members_loaded=members.loaded,
-        timings=timings,
-    )
+
+    def repair(self) -> None:
+        t = time.perf_counter()
+        self.fused = self._repaired(self.fused, self.models)
+        self.timings["repair"] = time.perf_counter() - t
+        self._log({"repair_time_s": self.timings["repair"]})
+
+    def linear_mode_connectivity(self) -> None:
+        """N = 2 and ``fusion.lmc``: accuracy and loss along the linear path between member A and member B
+        aligned by the method (unaligned for methods that do not align), the configured repair applied at
+        every point."""
+        if not self.cfg["fusion"]["lmc"]:
+            return
+        import fusion
+        from bench.lmc import linear_path
+        from bench.train import evaluate
+
+        if len(self.models) != 2:
+            raise ConfigError(f"fusion.lmc: the linear path needs N = 2 members, got {len(self.models)}")
+        method = self.cfg["fusion"]["method"]
+        a, b = self.models
+        if method in fusion.alignment_methods():
+            options = self.fusion_options()
+            a, b = fusion.align(self.models, method, example_inputs=self.example, **options)
+        path = linear_path(
+            a,
+            b,
+            lambda model: evaluate(model, self.data.test),
+            transform=lambda model: self._repaired(model, [a, b]),
+        )
+        for alpha, acc, loss in zip(path.alphas, path.acc, path.loss):
+            self._log({"lmc_acc": acc, "lmc_loss": loss}, step=round(100 * alpha))
+        self._log({"lmc_barrier_acc": path.barrier_acc, "lmc_barrier_loss": path.barrier_loss})
+
+    def _recipe(self) -> dict:
+        f = self.cfg["finetune"]
+        return dict(
+            epochs=f["epochs"],
+            optimizer=f["optimizer"],
+            lr=f["lr"],
+            momentum=f["momentum"],
+            weight_decay=f["weight_decay"],
+            batch_size=self.cfg["members"]["batch_size"],
+            seed=self.cfg["seed"] + 7919,
+        )
+
+    def finetune(self) -> None:
+        """Fine-tune the fused model, curves logged per epoch (step = epoch; step 0 = where it starts)."""
+        from bench.train import finetune
+
+        f = self.cfg["finetune"]
+        tracker = self.tracker
+
+        def on_epoch(epoch: int, res) -> None:
+            values = {"fused_acc": res.test_acc[epoch], "fused_val_acc": res.val_acc[epoch]}
+            if epoch > 0:
+                values["ft_train_loss"] = res.train_loss[epoch - 1]
+            else:
+                tracker.metrics({"fused_acc_before_ft": res.test_acc[0]})
+            tracker.metrics(values, step=epoch)
+            tracker.maybe_flush()
+
+        self.teacher = self.ensemble if f["distill"] else None
+        ft = finetune(
+            self.fused,
+            self.data,
+            teacher=self.teacher,
+            temperature=f["temperature"],
+            epoch_callback=self.epoch_callback,
+            epoch_hook=on_epoch,
+            desc="finetune fused",
+            **self._recipe(),
+        )
+        self.ft = ft
+        self.timings["finetune"] = ft.seconds
+        _, best_test = select_by_validation(ft.val_acc, ft.test_acc)
+        m = self.metrics
+        m["fused_acc_before_ft"] = ft.test_acc[0]
+        m["fused_acc_final"] = ft.final_acc
+        m["fused_acc_best_val"] = best_test
+        m["gain_over_ensemble"] = best_test - m["ensemble_acc"]
+        if ft.images_per_s:
+            self._log({"finetune_images_per_s": ft.images_per_s})
+
+    def finetuned_baselines(self) -> None:
+        """The fair baselines: the best member fine-tuned with the same budget and selected the same way
+        (best validation epoch, its test accuracy), and -- the NT paper's other baseline -- the best member
+        distilled from the ensemble for the same budget."""
+        from bench.train import finetune
+
+        f, m = self.cfg["finetune"], self.metrics
+        runs = []
+        if f["baseline"]:
+            runs.append(("best_member_ft", None, "finetune best member"))
+        if f["distill_baseline"]:
+            runs.append(("best_member_distill", self.ensemble, "distill best member"))
+        for name, teacher, desc in runs:
+            if f["epochs"] == 0:
+                m[f"{name}_acc"] = m[f"{name}_acc_final"] = m["best_member_acc"]
+                continue
+            model = copy.deepcopy(self.models[self.best])
+            if name == "best_member_ft":
+                teacher = self.teacher  # fine-tuned exactly as the fused model is (plain or distilled)
+            res = finetune(
+                model, self.data, teacher=teacher, temperature=f["temperature"], desc=desc, **self._recipe()
+            )
+            m[f"{name}_acc"] = select_by_validation(res.val_acc, res.test_acc)[1]
+            m[f"{name}_acc_final"] = res.final_acc
+            self.timings[name] = res.seconds
+        m["gain_over_best_member_untuned"] = m["fused_acc_best_val"] - m["best_member_acc"]
+        reference = m.get("best_member_ft_acc", m["best_member_acc"])
+        m["gain_over_best_member"] = m["fused_acc_best_val"] - reference
+
+    def record(self) -> ExperimentResult:
+        m = self.metrics
+        m["train_time_s"] = self.timings["train"]
+        m["finetune_time_s"] = self.timings["finetune"]
+        m["total_time_s"] = time.perf_counter() - self.t_total
+        final_keys = [
+            "fused_acc_final", "fused_acc_best_val", "gain_over_best_member", "gain_over_best_member_untuned",
+            "gain_over_ensemble", "best_member_ft_acc", "best_member_ft_acc_final", "best_member_distill_acc",
+            "best_member_distill_acc_final", "train_time_s", "finetune_time_s", "total_time_s",
+        ]  # fmt: skip
+        self.tracker.metrics({k: m[k] for k in final_keys if k in m})
+        if self.cfg["fusion"]["log_model"]:
+            self.tracker.log_model(self.fused, self.example)
+        m["fused_acc"] = self.ft.final_acc
+        m["fused_val_acc"] = self.ft.val_acc[-1]
+        return ExperimentResult(
+            run_id=self.tracker.run_id,
+            metrics=m,
+            tags=dict(self.tags),
+            members_trained=self.member_set.trained,
+            members_loaded=self.member_set.loaded,
+            timings=self.timings,
+        )

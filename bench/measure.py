@@ -2,10 +2,16 @@
 
 Public helpers (also used by ``bench.perf``):
 
-* ``measure_fusion(models, method, example_inputs, options)`` -> ``FusionMeasurement``
-  (fused model, seconds, peak_mem_mb): on a GPU in-process with synchronization and the allocator's peak;
-  on the CPU in a fresh child process, because ``tracemalloc`` does not see torch tensors and the parent's
-  RSS high-water mark is polluted by everything that ran before (REFERENCE.md §6).
+* ``measure_fusion(models, method, example_inputs, options, memory=...)`` -> ``FusionMeasurement``
+  (fused model, seconds, peak_mem_mb): on a GPU in-process with synchronization and the allocator's peak.
+  On the CPU, ``memory=True`` measures in-process: the kernel's resident-set high-water mark (VmHWM) is
+  reset just before fusion (``/proc/self/clear_refs``) and read after, minus the RSS at the reset. Cheap
+  (no process start), so a sweep can afford it on every trial; caveats: other threads of the process (the
+  tracking writer) count too, memory the allocator kept from earlier work is reused without raising RSS
+  (the figure can be too low, never hidden by a stale peak), and without Linux's clear_refs it is not
+  measured (NaN). ``memory="child"`` fuses in a fresh child process after a warm-up, the honest figure
+  ``fusebench perf`` reports (costs the child's start-up, seconds). ``tracemalloc`` does not see torch
+  tensors (REFERENCE.md §6).
 * ``peak_rss_beyond_baseline(fn, *args, **kwargs)`` -> ``(result, peak_mb, seconds)``: runs a picklable
   ``fn`` in a fresh child process and reports its peak RSS minus its RSS once the arguments are loaded.
 * ``gpu_peak_beyond_baseline(fn, *args, device=..., **kwargs)`` -> ``(result, peak_mb, seconds)``.
@@ -182,6 +188,20 @@ def gpu_peak_beyond_baseline(
     return result, max(0, peak) / _MB, seconds
 
 
+def inprocess_peak_rss(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
+    """(result, peak MiB of resident memory beyond the RSS at the start, seconds), in this process (see the
+    module docstring for what it can and cannot see). NaN peak where VmHWM cannot be reset."""
+    gc.collect()
+    _malloc_trim()  # return freed heap first, so the call's allocations raise the RSS
+    reset = _reset_peak_rss()
+    baseline = _rss_bytes()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = max(0, _hwm_bytes() - baseline) / _MB if reset else float("nan")
+    return result, peak, seconds
+
+
 def _fuse(models, method, example_inputs, options):
     import fusion
 
@@ -194,12 +214,12 @@ def measure_fusion(
     example_inputs: torch.Tensor | None,
     options: dict | None = None,
     *,
-    memory: bool = True,
+    memory: bool | str = True,
 ) -> FusionMeasurement:
     """Fuse ``models`` with ``fusion.fuse`` and measure it (see the module docstring).
 
-    ``memory=False`` fuses in-process on the CPU (no child process; peak_mem_mb is NaN): for callers that
-    only need the model and the time.
+    On the CPU: ``memory=True`` in-process VmHWM, ``"child"`` a fresh child process, ``False`` time only
+    (peak_mem_mb is NaN).
     """
     options = dict(options or {})
     device = next(models[0].parameters()).device
@@ -214,6 +234,9 @@ def measure_fusion(
         start = time.perf_counter()
         fused = _fuse(models, method, example_inputs, options)
         return FusionMeasurement(fused, time.perf_counter() - start, float("nan"))
+    if memory is True:
+        fused, peak, seconds = inprocess_peak_rss(_fuse, models, method, example_inputs, options)
+        return FusionMeasurement(fused, seconds, peak)
     fused, peak, seconds = peak_rss_beyond_baseline(
         _fuse, models, method, example_inputs, options, preload=("fusion", "torch_pruning"), warmup=True
     )

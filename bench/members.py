@@ -99,6 +99,7 @@ class MemberSet:
     trained: int = 0  # members trained in this call
     loaded: int = 0  # members loaded from the cache or from checkpoints
     train_seconds: float = 0.0  # wall time spent training (and waiting for another process to train)
+    images_per_s: float = 0.0  # training throughput of the members trained in this call (mean)
     paths: list[str] = field(default_factory=list)
 
 
@@ -175,23 +176,23 @@ class MemberCache:
 
 def _fresh_model(cfg: dict, data: DataBundle, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size)
+    return build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size, data.dims)
 
 
 def get_member(
     cfg: dict, data: DataBundle, seed: int, cache: MemberCache, desc: str
-) -> tuple[nn.Module, bool]:
-    """(model on data.device, trained?) for the member of ``seed``."""
+) -> tuple[nn.Module, bool, float]:
+    """(model on data.device, trained here?, training images/s) for the member of ``seed``."""
     key = member_key(cfg, seed)
     model = _fresh_model(cfg, data, seed)
     if cache.load(key, model):  # fast path: no lock needed, writes are atomic
-        return model.to(data.device).eval(), False
+        return model.to(data.device).eval(), False, 0.0
     with cache.lock(key):
         if cache.load(key, model):  # another process trained it while we waited
-            return model.to(data.device).eval(), False
+            return model.to(data.device).eval(), False, 0.0
         model = _fresh_model(cfg, data, seed).to(data.device)
         r = cfg["members"]
-        train_model(
+        speed = train_model(
             model,
             data,
             epochs=r["epochs"],
@@ -204,7 +205,7 @@ def get_member(
             desc=desc,
         )
         cache.save(key, model)
-    return model.eval(), True
+    return model.eval(), True, speed
 
 
 def load_checkpoint(path: str, cfg: dict, data: DataBundle) -> nn.Module:
@@ -224,7 +225,7 @@ def load_checkpoint(path: str, cfg: dict, data: DataBundle) -> nn.Module:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FusebenchError(f"members.checkpoints: checkpoint {path} is not a state dict of tensors")
-    model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size)
+    model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size, data.dims)
     try:
         model.load_state_dict(obj)
     except RuntimeError as exc:
@@ -249,10 +250,11 @@ def get_members(cfg: dict, data: DataBundle) -> MemberSet:
     for i in range(n):
         seed = member_seed(cfg["seed"], i)
         start = time.perf_counter()
-        model, trained = get_member(cfg, data, seed, cache, desc=f"member {i + 1}/{n}")
+        model, trained, speed = get_member(cfg, data, seed, cache, desc=f"member {i + 1}/{n}")
         if trained:
             out.trained += 1
             out.train_seconds += time.perf_counter() - start
+            out.images_per_s += (speed - out.images_per_s) / out.trained
         else:
             out.loaded += 1
         out.models.append(model)

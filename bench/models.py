@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 
-import torch
 from torch import nn
 
 from bench.errors import FusebenchError
@@ -16,8 +15,8 @@ from bench.errors import FusebenchError
 
 def arch_label(mcfg: dict) -> str:
     """The architecture tag of docs/design.md §3: ``mlp-<width>x<depth>`` or the timm name."""
-    if mcfg["arch"] == "mlp":
-        return f"mlp-{mcfg['width']}x{mcfg['depth']}"
+    if mcfg["arch"] in BUILT_IN:
+        return f"{mcfg['arch']}-{mcfg['width']}x{mcfg['depth']}"
     return mcfg["arch"]
 
 
@@ -35,16 +34,19 @@ def _unknown_arch(name: str) -> FusebenchError:
     import timm
 
     names = timm.list_models()
-    close = difflib.get_close_matches(name, ["mlp", *names], n=4, cutoff=0.6)
+    close = difflib.get_close_matches(name, [*BUILT_IN, *names], n=4, cutoff=0.6)
     if not close:  # e.g. "resnet" -> resnet18, resnet50...
         close = [n for n in names if n.startswith(name)][:4]
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return FusebenchError(f"model.arch: unknown architecture '{name}'{hint}; use 'mlp' or a timm model name")
 
 
+BUILT_IN = ("mlp", "cnn1d")
+
+
 def check_arch(name: str) -> None:
     """Fail fast (before data loading or training) on an architecture name timm does not know."""
-    if name == "mlp":
+    if name in BUILT_IN:
         return
     import timm
 
@@ -52,11 +54,38 @@ def check_arch(name: str) -> None:
         raise _unknown_arch(name)
 
 
-def build_model(mcfg: dict, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialized model for the ``model`` config section (uses the global torch RNG)."""
+def build_cnn1d(in_chans: int, width: int, depth: int, num_classes: int) -> nn.Sequential:
+    """A 1-D CNN for signals (e.g. MNIST-1D): ``depth`` blocks of Conv1d(k=3) + BatchNorm1d + ReLU, the
+    second and later blocks with stride 2, then global average pooling and a linear head. BatchNorm makes it
+    the CPU benchmark's case where statistics repair matters."""
+    layers: list[nn.Module] = []
+    prev = in_chans
+    for i in range(depth):
+        layers += [
+            nn.Conv1d(prev, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+        ]
+        prev = width
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(prev, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(mcfg: dict, in_chans: int, num_classes: int, image_size: int, dims: int = 2) -> nn.Module:
+    """A freshly initialized model for the ``model`` config section (uses the global torch RNG).
+
+    ``dims``: spatial dimensions of the data (2: images, 1: signals such as mnist1d)."""
     arch = mcfg["arch"]
     if arch == "mlp":
-        return build_mlp(in_chans * image_size * image_size, mcfg["width"], mcfg["depth"], num_classes)
+        return build_mlp(in_chans * image_size**dims, mcfg["width"], mcfg["depth"], num_classes)
+    if arch == "cnn1d":
+        if dims != 1:
+            raise FusebenchError("model.arch: cnn1d takes 1-D signals (data.name: mnist1d); use a timm model")
+        return build_cnn1d(in_chans, mcfg["width"], mcfg["depth"], num_classes)
+    if dims != 2:
+        raise FusebenchError(
+            f"model.arch: '{arch}' is an image model but the data are 1-D signals; use 'mlp' or 'cnn1d'"
+        )
     import timm
 
     check_arch(arch)
@@ -75,14 +104,3 @@ def build_model(mcfg: dict, in_chans: int, num_classes: int, image_size: int) ->
         return timm.create_model(arch, pretrained=False, **kwargs)
     except TypeError as exc:
         raise FusebenchError(f"model.kwargs: timm model '{arch}' rejected {kwargs}: {exc}") from None
-
-
-def example_inputs(
-    in_chans: int, image_size: int, batch: int = 2, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """A random batch shaped like the model's input (for tracing / latency when no data is at hand)."""
-    return torch.randn(batch, in_chans, image_size, image_size, device=device)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -73,7 +73,9 @@ def profile_epochs(archs: list[str], repeats: int, device: str = "auto") -> list
             cfg = load_config(None, [f"model.arch={arch}", f"data.on_device={str(on_device).lower()}"])
             data = load_data(cfg["data"], dev)
             torch.manual_seed(0)
-            model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size).to(dev)
+            model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size, data.dims).to(
+                dev
+            )
             r = cfg["members"]
             opt = make_optimizer(
                 model.parameters(), r["optimizer"], r["lr"], r["momentum"], r["weight_decay"]

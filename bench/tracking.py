@@ -10,6 +10,8 @@ background thread, in order, so they overlap with training; ``end`` waits for th
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import subprocess
 import time
@@ -20,6 +22,8 @@ from pathlib import Path
 from bench.config import flatten, to_yaml
 
 ROLE_EXPERIMENT = "experiment"
+# MLflow 3's UI opens an experiment of this kind on its runs table (not on the GenAI traces overview)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _BATCH_PARAMS, _BATCH_METRICS, _BATCH_TAGS = 100, 1000, 100
 _VERSION_PACKAGES = ("fusebench", "torch", "torchvision", "timm", "torch-pruning", "pot", "mlflow", "numpy")
 
@@ -57,6 +61,24 @@ def provenance_tags() -> dict[str, str]:
     tags = {f"fusebench.version.{k}": v for k, v in library_versions().items()}
     tags["fusebench.git_commit"] = git_commit()
     return tags
+
+
+def experiment_id(client, name: str) -> str:
+    """Get or create the experiment ``name`` (tagged so MLflow's UI opens it on its runs)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except MlflowException:  # created meanwhile by another worker
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get("mlflow.experimentKind") is None:
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def _chunks(items: list, size: int):
@@ -97,18 +119,48 @@ class Tracker:
         self.seconds = time.perf_counter() - start
 
     def _experiment_id(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
+        return experiment_id(self.client, name)
 
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
+    def log_dataset(self, data, dcfg: dict) -> None:
+        """The data set as MLflow dataset inputs (the UI's Dataset column): one per split, with its size."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        splits = {"train": data.train, "val": data.val, "test": data.test}
+        sizes = {k: len(v) for k, v in splits.items()}
+        source = json.dumps(
+            {k: dcfg.get(k) for k in ("name", "root", "image_size", "val_fraction")}, default=str
+        )
+        inputs = []
+        for split, part in splits.items():
+            h = hashlib.sha256(f"{data.name}|{split}|{sizes}|{source}".encode())
+            x = getattr(part, "x", None)
+            if x is not None:  # device-resident tensors: hash (a bounded prefix of) the values themselves
+                h.update(x.detach().reshape(-1)[: 1 << 18].cpu().numpy().tobytes())
+            profile = {
+                "split": split,
+                "num_rows": sizes[split],
+                "num_classes": data.num_classes,
+                "splits": sizes,
+            }
+            ds = Dataset(data.name, h.hexdigest()[:16], "fusebench", source, profile=json.dumps(profile))
+            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", split)]))
+        self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
+
+    def log_model(self, model, example) -> None:
+        """The fused model with MLflow's model logging (``fusion.log_model: true``): waits for the queue."""
+        import mlflow
+
+        start = time.perf_counter()
         try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # created meanwhile by another worker
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+            for exc in self._drain():
+                raise exc
+            mlflow.set_tracking_uri(self.client.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id, nested=True):
+                mlflow.pytorch.log_model(
+                    model.cpu(), name="fused_model", input_example=example[:1].cpu().numpy()
+                )
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def _timed(self, fn, *args, **kwargs):
         """Queue a write on the tracker's one background thread (writes stay in order); the caller

@@ -30,17 +30,10 @@ def resolve_tracking_uri(cli_uri: str | None, base: dict) -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the MLflow experiment (two processes may race to create it)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    """Get or create the MLflow experiment (one helper for bench and sweeps: bench.tracking)."""
+    from bench.tracking import experiment_id as get_or_create
+
+    return get_or_create(client, name)
 
 
 def ensure_parent_run(client: MlflowClient, exp_id: str, study, spec: SweepSpec, storage_url: str) -> str:
