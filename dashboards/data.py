@@ -26,7 +26,7 @@ STUDY_TAG = "fusebench.study"
 STORAGE_TAG = "fusebench.storage"
 
 #: The configuration key of a leaderboard row, in display order.
-KEY_COLUMNS = ["dataset", "arch", "n_members", "method", "sparsity", "finetune_epochs"]
+KEY_COLUMNS = ["dataset", "arch", "n_members", "method", "sparsity", "repair", "finetune_epochs"]
 
 #: Without these a run cannot be ranked: it is skipped with a warning.
 REQUIRED_METRICS = ("fused_acc_before_ft", "fused_acc_best_val")
@@ -38,6 +38,7 @@ _KEY_SOURCES = {
     "n_members": ("fusebench.n_members", "members.n"),
     "method": ("fusebench.method", "fusion.method"),
     "sparsity": ("fusebench.sparsity", "fusion.options.sparsity"),
+    "repair": ("fusebench.repair", "fusion.repair"),
     "finetune_epochs": ("fusebench.finetune_epochs", "finetune.epochs"),
     "seed": ("fusebench.seed", "seed"),
 }
@@ -148,6 +149,9 @@ def _row(run) -> tuple[dict, list[str]]:
         value = tags.get(tag, params.get(param))
         if key == "sparsity":
             row[key] = _normalize_sparsity(value or "")
+            continue
+        if key == "repair":  # runs from before statistics repair existed were not repaired
+            row[key] = value or "none"
             continue
         if value is None or value == "":
             problems.append(f"tag {tag}")

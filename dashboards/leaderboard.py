@@ -21,17 +21,18 @@ import pandas as pd
 from bench.errors import FusebenchError
 from dashboards.data import KEY_COLUMNS
 
+ACC_RAW = "fused_acc_raw"
 ACC_BEFORE = "fused_acc_before_ft"
 ACC_AFTER = "fused_acc_best_val"
 GAIN_MEMBER = "gain_over_best_member"
 GAIN_ENSEMBLE = "gain_over_ensemble"
 #: Metrics summarised by mean, std (ddof=1) over seeds.
-MEAN_STD_METRICS = (ACC_BEFORE, ACC_AFTER, GAIN_MEMBER, GAIN_ENSEMBLE)
+MEAN_STD_METRICS = (ACC_RAW, ACC_BEFORE, ACC_AFTER, GAIN_MEMBER, GAIN_ENSEMBLE)
 #: Cost metrics summarised by the median (robust to a noisy shared machine).
 MEDIAN_METRICS = ("fusion_time_s", "fusion_peak_mem_mb", "fused_params")
 
 BASELINE_KEYS = ("dataset", "arch", "n_members", "finetune_epochs")
-BASELINES = ("ensemble", "best member", "best member + FT")
+BASELINES = ("ensemble", "best member", "best member + FT", "best member distilled")
 FORMATS = ("csv", "md", "latex", "html")
 
 _DISPLAY_NAMES = {
@@ -40,10 +41,12 @@ _DISPLAY_NAMES = {
     "n_members": "N",
     "method": "method",
     "sparsity": "sparsity",
+    "repair": "repair",
     "finetune_epochs": "FT epochs",
     "seed": "seed",
     "n": "n",
-    ACC_BEFORE: "acc. fused (%)",
+    ACC_RAW: "acc. fused raw (%)",
+    ACC_BEFORE: "acc. repaired (%)",
     ACC_AFTER: "acc. fine-tuned (%)",
     GAIN_MEMBER: "Δ best member (pp)",
     GAIN_ENSEMBLE: "Δ ensemble (pp)",
@@ -83,6 +86,10 @@ def _with_gains(runs: pd.DataFrame) -> pd.DataFrame:
     for gain, base in ((GAIN_MEMBER, "best_member_acc"), (GAIN_ENSEMBLE, "ensemble_acc")):
         derived = runs[ACC_AFTER] - runs[base] if base in runs else np.nan
         runs[gain] = runs[gain].fillna(derived) if gain in runs else derived
+    if ACC_RAW not in runs:  # runs from before repair: the fused accuracy was the raw one
+        runs[ACC_RAW] = runs[ACC_BEFORE]
+    else:
+        runs[ACC_RAW] = runs[ACC_RAW].fillna(runs[ACC_BEFORE])
     for col in MEDIAN_METRICS:
         if col not in runs:
             runs[col] = np.nan
@@ -103,29 +110,40 @@ def _aggregate(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def _baseline_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (cell, baseline): the per-seed baseline values as pseudo-runs."""
     cells = [*BASELINE_KEYS, "seed"]
-    cols = [
-        c for c in ("ensemble_acc", "best_member_acc", "best_member_ft_acc", "member_params") if c in runs
-    ]
+    names = (
+        "ensemble_acc",
+        "best_member_acc",
+        "best_member_ft_acc",
+        "best_member_distill_acc",
+        "member_params",
+    )
+    cols = [c for c in names if c in runs]
     if not cols:
         return pd.DataFrame()
     per_cell = runs.groupby(cells, dropna=False, sort=False)[cols].mean().reset_index()
-    for c in ("ensemble_acc", "best_member_acc", "best_member_ft_acc", "member_params"):
+    for c in names:
         if c not in per_cell:
             per_cell[c] = np.nan
     ens, best, best_ft = per_cell["ensemble_acc"], per_cell["best_member_acc"], per_cell["best_member_ft_acc"]
+    params = per_cell["member_params"]
     specs = {
-        # name: (acc right after "fusion", acc after fine-tuning, params)
-        "ensemble": (ens, ens, per_cell["member_params"] * per_cell["n_members"]),
-        "best member": (best, best, per_cell["member_params"]),
-        "best member + FT": (best, best_ft, per_cell["member_params"]),
+        # name: (acc right after "fusion", acc after fine-tuning, params); the fine-tuned baselines are
+        # selected like the fused model (test accuracy at the best validation epoch)
+        "ensemble": (ens, ens, params * per_cell["n_members"]),
+        "best member": (best, best, params),
+        "best member + FT": (best, best_ft, params),
+        "best member distilled": (best, per_cell["best_member_distill_acc"], params),
     }
+    # "Δ best member" is against the fine-tuned best member where it ran (as the experiments log it)
+    reference = best_ft.fillna(best)
     parts = []
     for name, (before, after, params) in specs.items():
         part = per_cell[cells].copy()
         part["method"] = name
+        part[ACC_RAW] = before
         part[ACC_BEFORE] = before
         part[ACC_AFTER] = after
-        part[GAIN_MEMBER] = after - best
+        part[GAIN_MEMBER] = after - reference
         part[GAIN_ENSEMBLE] = after - ens
         part["fusion_time_s"] = np.nan
         part["fusion_peak_mem_mb"] = np.nan
@@ -150,9 +168,9 @@ def build_leaderboard(runs: pd.DataFrame, group_by: Sequence[str] | None = None)
             base_table.insert(len(keys), "kind", "baseline")
             table = pd.concat([table, base_table], ignore_index=True)
     block = [k for k in BASELINE_KEYS if k in keys] + [
-        k for k in keys if k not in BASELINE_KEYS and k not in ("method", "sparsity")
+        k for k in keys if k not in BASELINE_KEYS and k not in ("method", "sparsity", "repair")
     ]
-    rest = [k for k in ("method", "sparsity") if k in keys]
+    rest = [k for k in ("method", "sparsity", "repair") if k in keys]
     table = table.sort_values(
         block + [f"{ACC_AFTER}_mean"] + rest,
         ascending=[True] * len(block) + [False] + [True] * len(rest),
@@ -182,6 +200,9 @@ def _num(value: float, fmt: str) -> str:
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """Rounded, human-readable strings; column headers with units."""
     keys = [c for c in table.columns[: list(table.columns).index("kind")]]
+    methods = table[table["kind"] == "method"]
+    if "repair" in keys and methods["repair"].nunique(dropna=False) <= 1:
+        keys.remove("repair")  # shown only when it varies
     out = pd.DataFrame(index=table.index)
     for k in keys:
         col = table[k]
@@ -189,7 +210,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             "—" if (v is None or v == "" or (isinstance(v, float) and math.isnan(v))) else str(v) for v in col
         ]
     out["n"] = table["n"].astype(int).astype(str)
-    for metric in (ACC_BEFORE, ACC_AFTER):
+    for metric in (ACC_RAW, ACC_BEFORE, ACC_AFTER):
         out[_DISPLAY_NAMES[metric]] = [
             _pct(m, s) for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_std"])
         ]

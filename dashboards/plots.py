@@ -16,7 +16,16 @@ from plotly.subplots import make_subplots
 
 from dashboards.leaderboard import ACC_AFTER
 
-_KNOWN = ["nt", "avg", "ot", "nt_iterative", "nt_hierarchical"]
+
+def _known_methods() -> list[str]:
+    """The fusion registry's methods, NT and the classic baselines first: a method keeps its colour."""
+    import fusion
+
+    first = ["nt", "avg", "ot", "nt_iterative", "nt_hierarchical"]
+    return first + [m for m in fusion.available_methods() if m not in first]
+
+
+_KNOWN = _known_methods()
 _PALETTE = pcolors.qualitative.D3
 _BASELINE_COLORS = {"ensemble": "#3b3b3b", "best member": "#9a9a9a", "best member + FT": "#6b6b6b"}
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -322,4 +331,59 @@ def cost_scaling(runs: pd.DataFrame) -> go.Figure | None:
                 title_text=metric_title, type="log" if (runs[metric] > 0).all() else "linear", row=r, col=c
             )
     fig.update_layout(template=_TEMPLATE, height=380 * len(axes) + 60, title="Fusion cost (median over runs)")
+    return fig
+
+
+def lmc_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | None:
+    """Linear mode connectivity: test accuracy along the path between two members aligned by each method
+    (x: interpolation weight alpha), mean over seeds with a ±1 std band; the barrier is in the legend."""
+    if curves is None or curves.empty or "lmc_barrier_acc" not in runs:
+        return None
+    lmc = runs.dropna(subset=["lmc_barrier_acc"])
+    if lmc.empty:
+        return None
+    data = curves.merge(
+        lmc[["run_id", "dataset", "arch", "method", "repair", "lmc_barrier_acc"]], on="run_id"
+    )
+    data["alpha"] = data["step"] / 100.0
+    methods = sorted(data["method"].unique())
+    facets = sorted({(d, a) for d, a in zip(data["dataset"], data["arch"])})
+    rows, cols = _grid(len(facets))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{d} / {a}" for d, a in facets])
+    for i, (dataset, arch) in enumerate(facets):
+        r, c = i // cols + 1, i % cols + 1
+        sub = data[(data["dataset"] == dataset) & (data["arch"] == arch)]
+        for (method, repair), group in sub.groupby(["method", "repair"]):
+            stats = group.groupby("alpha")["value"].agg(["mean", "std"]).reset_index().fillna({"std": 0.0})
+            barrier = 100 * group.drop_duplicates("run_id")["lmc_barrier_acc"].mean()
+            color = method_color(method, methods)
+            name = f"{method} ({repair}) barrier {barrier:.1f} pp"
+            fig.add_trace(
+                go.Scatter(
+                    x=list(stats["alpha"]) + list(stats["alpha"][::-1]),
+                    y=list(100 * (stats["mean"] + stats["std"]))
+                    + list(100 * (stats["mean"] - stats["std"]))[::-1],
+                    fill="toself",
+                    fillcolor=_rgba(color, 0.15),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
+                ),
+                row=r,
+                col=c,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=stats["alpha"],
+                    y=100 * stats["mean"],
+                    mode="lines+markers",
+                    name=name,
+                    line={"color": color, "dash": "solid" if repair == "none" else "dash"},
+                ),
+                row=r,
+                col=c,
+            )
+    fig.update_xaxes(title_text="alpha (0: member A, 1: member B aligned)")
+    fig.update_yaxes(title_text="test accuracy (%)")
+    fig.update_layout(template=_TEMPLATE, height=380 * rows)
     return fig

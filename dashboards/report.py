@@ -8,6 +8,7 @@ they are left out with a note, because the rest of the report only needs MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import math
@@ -28,6 +29,7 @@ PLOT_IDS = {
     "finetune": "plot-finetune",
     "accuracy_vs_time": "plot-accuracy-vs-time",
     "cost": "plot-cost",
+    "lmc": "plot-lmc",
     "optuna_history": "plot-optuna-history",
     "optuna_importance": "plot-optuna-importance",
 }
@@ -35,6 +37,7 @@ _PLOT_TITLES = {
     "finetune": "Fine-tune curves",
     "accuracy_vs_time": "Accuracy against fusion time",
     "cost": "Fusion cost against ensemble size and width",
+    "lmc": "Linear mode connectivity (accuracy along the path between two aligned members)",
     "optuna_history": "Optuna optimization history",
     "optuna_importance": "Optuna parameter importances",
 }
@@ -208,6 +211,14 @@ def _table_html(table: pd.DataFrame, methods: list[str]) -> str:
     )
 
 
+def _lmc_curves(runset: RunSet) -> pd.DataFrame | None:
+    runs = runset.runs
+    if "lmc_barrier_acc" not in runs or runs["lmc_barrier_acc"].isna().all():
+        return None
+    lmc = dataclasses.replace(runset, runs=runs.dropna(subset=["lmc_barrier_acc"]))
+    return load_curves(lmc, "lmc_acc")
+
+
 def build_report(
     runset: RunSet, curves: pd.DataFrame | None = None
 ) -> tuple[str, dict[str, go.Figure], list[str]]:
@@ -226,7 +237,10 @@ def build_report(
         ("finetune", plots.finetune_curves(runs, curves)),
         ("accuracy_vs_time", plots.accuracy_vs_time(table)),
         ("cost", plots.cost_scaling(runs)),
+        ("lmc", plots.lmc_curves(runs, _lmc_curves(runset))),
     ):
+        if fig is None and key == "lmc":
+            continue  # a diagnostic of N = 2 runs with fusion.lmc on: absent, not missing
         if fig is None:
             notes.append(f"{_PLOT_TITLES[key]} left out: the runs have no data for it")
         else:

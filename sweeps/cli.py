@@ -7,7 +7,6 @@ kept, trials a crash left RUNNING are failed and re-queued, and the study stops 
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 
@@ -33,13 +32,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _dashboards_leaderboard(result) -> str:
     """The dashboards package's leaderboard of this study (mean ± std over seeds, gains), as Markdown."""
     from dashboards import leaderboard as lb
-
-    fn = getattr(lb, "leaderboard_for_study", None)
-    if fn is not None:
-        accepted = inspect.signature(fn).parameters
-        kwargs = {"tracking_uri": result.tracking_uri, "parent_run_id": result.parent_run_id}
-        table = fn(result.study_name, **{k: v for k, v in kwargs.items() if k in accepted})
-        return table if isinstance(table, str) else table.to_string()
     from dashboards.data import load_runs
 
     runset = load_runs(study=result.study_name, tracking_uri=result.tracking_uri, warn=lambda _msg: None)

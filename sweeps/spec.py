@@ -87,8 +87,6 @@ SCHEMA_METRICS = (
     "total_time_s",
 )
 MEMBER_METRIC = re.compile(r"member_\d+_acc")
-# Fusion methods of docs/design.md §1; the installed library may add more.
-KNOWN_METHODS = ("avg", "nt", "nt_hierarchical", "nt_iterative", "ot")
 
 
 @dataclass(frozen=True)
@@ -316,13 +314,9 @@ def _check_param_values(param: Param, base: dict, source: str) -> None:
                 f"{str(exc).removeprefix(source + ': ')}"
             ) from None
     if param.name == "fusion.method":
-        methods = set(KNOWN_METHODS)
-        try:  # the installed library may register more methods than the design lists
-            import fusion
+        import fusion
 
-            methods |= set(fusion.available_methods())
-        except Exception:  # noqa: BLE001 - fusion missing or broken: the design list still applies
-            pass
+        methods = set(fusion.available_methods())  # the registry is the one list of methods
         for v in values:
             if v not in methods:
                 raise ConfigError(
