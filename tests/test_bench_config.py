@@ -95,3 +95,19 @@ def test_cli_unknown_key_and_unreadable_config_exit_2(tmp_path, capsys):
     assert "unknown key 'modle'" in err and "did you mean 'model'" in err and "Traceback" not in err
     assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("fusion.repair=fix", "'fusion.repair' must be one of \\['none', 'reset', 'repair'\\]"),
+        ("fusion.repair_batches=0", "'fusion.repair_batches' must be >= 1"),
+        ("fusion.data_samples=0", "'fusion.data_samples' must be >= 1"),
+        ("fusion.lmc=maybe", "'fusion.lmc' must be bool"),
+        ("fusion.measure_memory=sometimes", "'fusion.measure_memory' must be one of"),
+        ("finetune.distill_baseline=1", "'finetune.distill_baseline' must be bool"),
+    ],
+)
+def test_new_protocol_keys_are_validated(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])

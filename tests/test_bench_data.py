@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import load_config
+from bench.config import load_config, resolve
 from bench.data import load_data
 from bench.errors import ConfigError, FusebenchError
 
@@ -129,3 +129,35 @@ def test_imagefolder(tmp_path):
     assert (len(d.train), len(d.val), len(d.test)) == (8, 2, 4)
     x, y = next(d.test.batches(4))
     assert x.shape == (4, 3, 8, 8) and sorted(y.tolist()) == [0, 0, 1, 1]
+
+
+def test_mnist1d_is_generated_offline_cached_and_deterministic(tmp_path):
+    from bench.data import MNIST1D_SAMPLES
+
+    dcfg = resolve({"data": {"name": "mnist1d", "root": str(tmp_path / "a")}})["data"]
+    first = load_data(dcfg, torch.device("cpu"))
+    assert first.dims == 1 and first.in_chans == 1 and first.image_size == 40 and first.num_classes == 10
+    sizes = {k: len(getattr(first, k)) for k in ("train", "val", "test")}
+    assert sizes["test"] >= 1000 and sum(sizes.values()) == MNIST1D_SAMPLES
+    assert sizes == {"train": 7200, "val": 800, "test": 2000}
+    assert first.train.x.shape == (7200, 1, 40) and first.test.y.unique().numel() == 10
+    assert list((tmp_path / "a").glob("mnist1d-*.npz")), "generated once, cached under data.root"
+    again = load_data(dcfg, torch.device("cpu"))  # from the cache
+    fresh = load_data({**dcfg, "root": str(tmp_path / "b")}, torch.device("cpu"))  # generated again
+    for other in (again, fresh):
+        assert torch.equal(first.train.x, other.train.x) and torch.equal(first.test.y, other.test.y)
+    # train/val/test do not overlap (no signal appears twice across splits)
+    rows = {tuple(r.tolist()) for split in (first.train, first.val) for r in split.x[:, 0]}
+    assert not any(tuple(r.tolist()) in rows for r in first.test.x[:200, 0])
+
+
+def test_mnist1d_generation_leaves_global_random_state_alone(tmp_path):
+    import random
+
+    np.random.seed(123)
+    random.seed(123)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    load_data(resolve({"data": {"name": "mnist1d", "root": str(tmp_path)}})["data"], torch.device("cpu"))
+    assert (np.random.rand(), random.random()) == expected

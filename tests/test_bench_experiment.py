@@ -91,7 +91,8 @@ def _check_run(uri, result, cfg, method, arch_tag, n):
 @pytest.mark.parametrize("method", ["nt", "avg"])
 def test_mlp_end_to_end(cfg, mlflow_uri, method):
     cfg["fusion"]["method"] = method
-    cfg["fusion"]["measure_memory"] = method == "nt"  # the honest CPU peak (child process) once
+    # the honest CPU peak of a child process once, the in-process VmHWM peak otherwise
+    cfg["fusion"]["measure_memory"] = "child" if method == "nt" else True
     seen = []
     result = run_experiment(cfg, epoch_callback=lambda e, v: seen.append((e, v)), extra_tags={"x.extra": "1"})
     metrics = _check_run(mlflow_uri, result, cfg, method, "mlp-32x2", 2)
@@ -114,6 +115,67 @@ def test_timm_cnn_end_to_end(cfg, mlflow_uri, method):
     metrics = _check_run(mlflow_uri, result, cfg, method, "test_resnet", 2)
     assert metrics["fused_params"] == metrics["member_params"]
     assert "best_member_ft_acc" not in metrics  # baseline off
+    # the default repair (BatchNorm reset) changed where fine-tuning starts, and both are logged
+    assert metrics["fused_acc_raw"] != metrics["fused_acc_before_ft"] and metrics["repair_time_s"] > 0
+
+
+def test_selection_rule_is_best_validation_epoch():
+    from bench.experiment import select_by_validation
+
+    # ties go to the earlier epoch; epoch 0 (before fine-tuning) competes too
+    assert select_by_validation([0.5, 0.7, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4]) == (1, 0.2)
+    assert select_by_validation([0.9, 0.7, 0.8], [0.11, 0.22, 0.33]) == (0, 0.11)
+    assert select_by_validation([0.1], [0.5]) == (0, 0.5)
+    with pytest.raises(ValueError):
+        select_by_validation([0.1, 0.2], [0.5])
+
+
+def test_repair_none_vs_reset_fair_baseline_and_run_names(cfg, mlflow_uri):
+    cfg["model"]["arch"] = "test_resnet"
+    cfg["members"]["epochs"] = 1
+    cfg["finetune"]["epochs"] = 2
+    cfg["finetune"]["distill_baseline"] = True
+    results = {}
+    for mode in ("none", "reset"):
+        cfg["fusion"]["repair"] = mode
+        results[mode] = run_experiment(cfg, extra_tags={"fusebench.trial": "7"})
+    client = MlflowClient(mlflow_uri)
+    none, reset = (client.get_run(results[k].run_id) for k in ("none", "reset"))
+    assert none.data.metrics["fused_acc_raw"] == none.data.metrics["fused_acc_before_ft"]
+    # same members, same fusion: the raw accuracy agrees, the repaired one is where fine-tuning starts
+    assert reset.data.metrics["fused_acc_raw"] == none.data.metrics["fused_acc_raw"]
+    assert _history(client, reset.info.run_id, "fused_acc")[0][1] == reset.data.metrics["fused_acc_before_ft"]
+    assert none.data.tags["fusebench.repair"] == "none" and reset.data.tags["fusebench.repair"] == "reset"
+    assert none.info.run_name == "nt · test_resnet · N=2 · s=0.5 · seed 0 · trial 7"
+    assert reset.info.run_name == "nt · test_resnet · N=2 · s=0.5 · reset · seed 0 · trial 7"
+    m = reset.data.metrics
+    for name in ("best_member_ft_acc", "best_member_distill_acc"):
+        assert 0.0 <= m[name] <= 1.0 and 0.0 <= m[name + "_final"] <= 1.0
+    # "Δ best member" is against the fine-tuned best member; the untuned difference is kept beside it
+    assert m["gain_over_best_member"] == pytest.approx(m["fused_acc_best_val"] - m["best_member_ft_acc"])
+    assert m["gain_over_best_member_untuned"] == pytest.approx(m["fused_acc_best_val"] - m["best_member_acc"])
+    assert [d.dataset.name for d in reset.inputs.dataset_inputs] == ["digits"] * 3
+    exp = client.get_experiment(reset.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_lmc_endpoints_are_the_members(cfg, mlflow_uri):
+    cfg["fusion"]["method"] = "weight_matching"
+    cfg["fusion"]["lmc"] = True
+    cfg["fusion"]["repair"] = "repair"
+    cfg["finetune"]["epochs"] = 0
+    result = run_experiment(cfg)
+    client = MlflowClient(mlflow_uri)
+    curve = _history(client, result.run_id, "lmc_acc")
+    assert [s for s, _ in curve] == [0, 25, 50, 75, 100]
+    # member B aligned by weight matching computes member B's function: the endpoints are the members
+    assert curve[0][1] == pytest.approx(result.metrics["member_0_acc"])
+    assert curve[-1][1] == pytest.approx(result.metrics["member_1_acc"])
+    losses = [v for _, v in _history(client, result.run_id, "lmc_loss")]
+    line = [(1 - a) * losses[0] + a * losses[-1] for a in (0, 0.25, 0.5, 0.75, 1)]
+    assert result.metrics["lmc_barrier_loss"] == pytest.approx(
+        max(0.0, *(v - w for v, w in zip(losses, line)))
+    )
 
 
 def test_stop_experiment_ends_killed(cfg, mlflow_uri):
