@@ -24,7 +24,15 @@ import optuna
 
 from bench.errors import FusebenchError
 from sweeps.spec import SweepSpec
-from sweeps.study import count_trials, create_or_load, open_storage, recover_stale_trials
+from sweeps.study import (
+    HEARTBEAT_INTERVAL_S,
+    count_trials,
+    create_or_load,
+    open_storage,
+    recover_stale_trials,
+)
+
+WAIT_POLL_S = 5.0  # how often a resume re-checks trials that other workers hold
 
 
 @dataclass
@@ -93,14 +101,23 @@ def run_worker(job: _WorkerJob) -> int:
     from sweeps.tracking import experiment_id
 
     info = open_storage(job.storage, job.study_name, job.runs_dir)
-    study = optuna.load_study(study_name=job.study_name, storage=info.storage,
-                              sampler=make_sampler(job.spec, worker=job.worker), pruner=make_pruner(job.spec))
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=info.storage,
+        sampler=make_sampler(job.spec, worker=job.worker),
+        pruner=make_pruner(job.spec),
+    )
     client = MlflowClient(tracking_uri=job.tracking_uri)
     exp_id = experiment_id(client, job.spec.base["experiment"])
     gate = _Gate(Path(job.runs_dir) / f"{job.study_name}.lock")
-    objective = Objective(job.spec, study_name=job.study_name, parent_run_id=job.parent_run_id,
-                          experiment_fn=job.experiment_fn or _default_experiment_fn(),
-                          tracking=(client, exp_id), on_start=gate.release)
+    objective = Objective(
+        job.spec,
+        study_name=job.study_name,
+        parent_run_id=job.parent_run_id,
+        experiment_fn=job.experiment_fn or _default_experiment_fn(),
+        tracking=(client, exp_id),
+        on_start=gate.release,
+    )
     ran = 0
     while job.deadline is None or time.time() < job.deadline:
         gate.acquire()
@@ -175,31 +192,51 @@ def run_sweep(
     exp_id = experiment_id(client, spec.base["experiment"])
     parent = ensure_parent_run(client, exp_id, study, spec, info.url)
     before = count_trials(study)
-    _print(out, f"study '{study_name}' ({info.kind}: {info.url}): {before['counted']}/{target} trials done"
-                f"{', resuming' if before['total'] else ''}; MLflow parent run {parent} at {uri}")
+    _print(
+        out,
+        f"study '{study_name}' ({info.kind}: {info.url}): {before['counted']}/{target} trials done"
+        f"{', resuming' if before['total'] else ''}; MLflow parent run {parent} at {uri}",
+    )
 
     recovered: list[int] = []
     status = "FINISHED"
     try:
         while True:
-            if info.kind == "journal":
-                stale = recover_stale_trials(study)
-                recovered += [t.number for t in stale]
-                for t in stale:
-                    _print(out, f"trial {t.number}: its worker died; marked FAIL and re-queued")
+            # a worker of this machine that died (SIGKILL, OOM): its trial ends FAIL at once, on every storage;
+            # on a database, trials of other machines end FAIL once their heartbeat is stale
+            stale = recover_stale_trials(study)
+            if info.kind == "rdb":
+                stale += fail_stale_heartbeats(study)
+            recovered += [t.number for t in stale]
+            for t in stale:
+                _print(out, f"trial {t.number}: its worker died; marked FAIL and re-queued")
             close_orphan_runs(client, exp_id, parent, study)
             counts = count_trials(study)
             if counts["counted"] >= target or (deadline is not None and time.time() >= deadline):
                 break
-            job = _WorkerJob(spec, study_name, storage if storage is not None else info.url, str(runs), target,
-                             deadline, parent, uri, 0, experiment_fn)
+            job = _WorkerJob(
+                spec,
+                study_name,
+                storage if storage is not None else info.url,
+                str(runs),
+                target,
+                deadline,
+                parent,
+                uri,
+                0,
+                experiment_fn,
+            )
             if workers == 1:
                 run_worker(job)
             else:
                 _run_processes(job, workers, out)
             after = count_trials(study)
             if after["counted"] == counts["counted"] and not recover_needed(study, info.kind):
-                break  # no progress and nothing to recover (e.g. every worker failed to start)
+                if not waiting_on_others(study, info.kind, after, target):
+                    break  # no progress and nothing to recover (e.g. every worker failed to start)
+                # live workers elsewhere hold the last trials: wait for them to finish, or go stale
+                _print(out, f"waiting for {after['RUNNING']} trial(s) running on other workers")
+                time.sleep(min(HEARTBEAT_INTERVAL_S, WAIT_POLL_S))
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -213,13 +250,39 @@ def run_sweep(
 
 
 def recover_needed(study: optuna.Study, kind: str) -> bool:
-    """Whether a RUNNING trial was left behind by a worker that is gone (journal storage only)."""
-    if kind != "journal":
-        return False
+    """Whether a RUNNING trial was left behind by a worker of this machine that is gone (any storage)."""
+    import socket
+
     from sweeps.study import WORKER_ATTR, _process_alive
 
-    return any(WORKER_ATTR in t.user_attrs and not _process_alive(t.user_attrs[WORKER_ATTR])
-               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    host = socket.gethostname()
+    return any(
+        WORKER_ATTR in t.user_attrs
+        and t.user_attrs[WORKER_ATTR].get("host") == host
+        and not _process_alive(t.user_attrs[WORKER_ATTR])
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    )
+
+
+def waiting_on_others(study: optuna.Study, kind: str, counts: dict[str, int], target: int) -> bool:
+    """On a database with heartbeats, RUNNING trials of live workers (here or on other machines) will end
+    COMPLETE, or FAIL once their heartbeat goes stale: worth waiting for when the target needs them. A
+    journal file has no heartbeat, so a trial of another machine cannot be judged from here."""
+    return kind == "rdb" and counts["RUNNING"] > 0 and counts["counted"] < target
+
+
+def fail_stale_heartbeats(study: optuna.Study) -> list:
+    """RUNNING trials whose heartbeat is older than the grace period end FAIL (Optuna's own check; its
+    stale-trial callback re-queues them). Returns the trials it failed."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    if not running:
+        return []
+    optuna.storages.fail_stale_trials(study)
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if t.number in running
+    ]
 
 
 def _run_processes(job: _WorkerJob, workers: int, out: TextIO | None) -> None:

@@ -1,6 +1,7 @@
 """A sweep killed with SIGKILL in the middle of a trial, then resumed with the same command: finished
 trials survive, the interrupted one ends FAIL and is retried (never RUNNING forever), the study reaches
-its target and neither its MLflow parent run nor the interrupted trial's run is left RUNNING."""
+its target and neither its MLflow parent run nor the interrupted trial's run is left RUNNING -- on every
+storage: a journal file, SQLite and PostgreSQL (started by the fixture)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -21,7 +23,15 @@ from sweeps.study import ERROR_ATTR, PARENT_RUN_ATTR, WORKER_ATTR, open_storage
 TESTS = Path(__file__).resolve().parent
 
 
-def _driver(tmp_path: Path, uri: str) -> list[str]:
+def _drop_study(url: str, name: str) -> None:
+    """The PostgreSQL fixture is shared by the module's tests: start from no study of this name."""
+    try:
+        optuna.delete_study(study_name=name, storage=open_storage(url, name).storage)
+    except KeyError:
+        pass
+
+
+def _driver(tmp_path: Path, uri: str, storage: str | None = None) -> list[str]:
     spec = {"base": {"experiment": "fusebench-tests", "finetune": {"epochs": 1}},
             "space": {"members.n": {"type": "int", "low": 2, "high": 64}},
             "objectives": [{"metric": "fused_acc_best_val", "direction": "maximize"}],
@@ -34,14 +44,19 @@ def _driver(tmp_path: Path, uri: str) -> list[str]:
         from sweeps.spec import load_spec
 
         if __name__ == "__main__":
-            run_sweep(load_spec({str(tmp_path / 'crash.yaml')!r}), tracking_uri={uri!r},
+            run_sweep(load_spec({str(tmp_path / 'crash.yaml')!r}), tracking_uri={uri!r}, storage={storage!r},
                       runs_dir={str(tmp_path / 'runs')!r}, experiment_fn=fake_experiment)
     """))
     return [sys.executable, str(script)]
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri):
-    cmd = _driver(tmp_path, mlflow_uri)
+@pytest.mark.parametrize("kind", ["journal", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri, kind, request):
+    storage_url = {"journal": None, "sqlite": f"sqlite:///{tmp_path / 'optuna.db'}"}.get(kind)
+    if kind == "postgres":
+        storage_url = request.getfixturevalue("postgres_url")
+        _drop_study(storage_url, "crash")
+    cmd = _driver(tmp_path, mlflow_uri, storage_url)
     markers = tmp_path / "markers"
     markers.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
@@ -57,7 +72,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri):
     proc.wait(30)
     proc.stderr.close()
 
-    storage = open_storage(None, "crash", tmp_path / "runs").storage
+    storage = open_storage(storage_url, "crash", tmp_path / "runs").storage
     study = optuna.load_study(study_name="crash", storage=storage)
     before = study.get_trials()
     assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
@@ -70,7 +85,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    study = optuna.load_study(study_name="crash", storage=open_storage(None, "crash", tmp_path / "runs").storage)
+    study = optuna.load_study(study_name="crash", storage=open_storage(storage_url, "crash", tmp_path / "runs").storage)
     after = study.get_trials()
     assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
     # finished trials kept as they were
@@ -97,3 +112,6 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri):
     assert killed_run.data.tags["fusebench.trial_state"] == "FAIL"
     assert "died" in killed_run.data.tags["fusebench.error"]
     assert all(r.info.status == "FINISHED" for n, rs in by_trial.items() if n != "2" for r in rs)
+
+
+from test_sweeps_postgres import postgres_url  # noqa: E402,F401  (the fixture, for the postgres case)
