@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "tracking_uri": None,
     "seed": 0,
     "device": "auto",
+    "precision": "fp32",
+    "channels_last": "auto",
+    "compile": False,
     "data": {
         "name": "digits",
         "root": "./data",
@@ -41,6 +44,13 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "weight_decay": 0.0005,
         "batch_size": 64,
+        "nesterov": False,
+        "schedule": "constant",
+        "milestones": [],
+        "gamma": 0.1,
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "augment": "none",
         "checkpoints": [],
         "cache_dir": None,
     },
@@ -60,6 +70,13 @@ DEFAULTS: dict[str, Any] = {
         "lr": 0.01,
         "momentum": 0.9,
         "weight_decay": 0.0,
+        "nesterov": False,
+        "schedule": "constant",
+        "milestones": [],
+        "gamma": 0.1,
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "augment": "none",
         "distill": False,
         "temperature": 4.0,
         "baseline": True,
@@ -77,6 +94,12 @@ CHOICES = {
     "members.optimizer": ("sgd", "adam", "adamw"),
     "finetune.optimizer": ("sgd", "adam", "adamw"),
     "fusion.repair": ("none", "reset", "repair"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "channels_last": ("auto", True, False),
+    "members.schedule": ("constant", "cosine", "multistep", "onecycle"),
+    "finetune.schedule": ("constant", "cosine", "multistep", "onecycle"),
+    "members.augment": ("none", "crop_flip"),
+    "finetune.augment": ("none", "crop_flip"),
     "fusion.measure_memory": (True, False, "child"),
 }
 
@@ -160,6 +183,23 @@ def _check_ranges(cfg: dict, source: str) -> None:
         sec, name = key.split(".")
         if cfg[sec][name] <= 0:
             raise bad(key, "must be > 0")
+    for sec in ("members", "finetune"):
+        r = cfg[sec]
+        if not 0.0 <= r["label_smoothing"] < 1.0:
+            raise bad(f"{sec}.label_smoothing", "must be in [0, 1)")
+        if r["warmup_epochs"] < 0 or (
+            r["epochs"] and r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"]
+        ):
+            raise bad(f"{sec}.warmup_epochs", "must be >= 0 and below the epochs")
+        if not 0.0 < r["gamma"] <= 1.0:
+            raise bad(f"{sec}.gamma", "must be in (0, 1]")
+        ms = r["milestones"]
+        if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms) or ms != sorted(
+            set(ms)
+        ):
+            raise bad(f"{sec}.milestones", f"must be increasing positive epoch numbers, got {ms!r}")
+        if r["schedule"] == "multistep" and not ms:
+            raise bad(f"{sec}.milestones", "are required by schedule: multistep (e.g. [30, 60])")
     if not all(isinstance(p, str) for p in cfg["members"]["checkpoints"]):
         raise bad("members.checkpoints", "must be a list of file paths")
 

@@ -329,16 +329,15 @@ class Experiment:
             self._log({"lmc_acc": acc, "lmc_loss": loss}, step=round(100 * alpha))
         self._log({"lmc_barrier_acc": path.barrier_acc, "lmc_barrier_loss": path.barrier_loss})
 
-    def _recipe(self) -> dict:
-        f = self.cfg["finetune"]
+    def _recipe(self):
+        """The fine-tune recipe (the members' batch size) and how it executes, shared by every fine-tune."""
+        from bench.recipes import Execution, Recipe
+
+        recipe = Recipe.from_section(self.cfg["finetune"], batch_size=self.cfg["members"]["batch_size"])
         return dict(
-            epochs=f["epochs"],
-            optimizer=f["optimizer"],
-            lr=f["lr"],
-            momentum=f["momentum"],
-            weight_decay=f["weight_decay"],
-            batch_size=self.cfg["members"]["batch_size"],
+            recipe=recipe,
             seed=self.cfg["seed"] + 7919,
+            execution=Execution.from_config(self.cfg, self.device),
         )
 
     def finetune(self) -> None:

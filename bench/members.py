@@ -33,7 +33,8 @@ from torch import nn
 from bench.config import stable_hash
 from bench.data import PREPROCESSING_VERSION, SPLIT_SEED, DataBundle
 from bench.errors import FusebenchError
-from bench.models import arch_label, build_model
+from bench.models import BUILT_IN, arch_label, build_model
+from bench.recipes import Execution, Recipe
 from bench.train import train_model
 
 CACHE_FORMAT = 1
@@ -52,6 +53,12 @@ def _major(version: str) -> str:
     return version.split(".")[0]
 
 
+RECIPE_DEFAULTS = {
+    "nesterov": False, "schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0,
+    "label_smoothing": 0.0, "augment": "none",
+}  # fmt: skip
+
+
 def member_key(cfg: dict, seed: int) -> dict:
     """Everything that determines a trained member's weights."""
     import timm
@@ -67,9 +74,16 @@ def member_key(cfg: dict, seed: int) -> dict:
     if d["name"] == "imagefolder":
         data["root"] = str(Path(d["root"]).expanduser().resolve())
     model = {"arch": m["arch"], "kwargs": m["kwargs"]}
-    if m["arch"] == "mlp":
+    if m["arch"] in BUILT_IN:
         model.update(width=m["width"], depth=m["depth"])
     recipe = {k: r[k] for k in ("epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size")}
+    # recipe fields added later enter the key only when they differ from the old behaviour, so members
+    # cached before them keep their keys
+    for key, plain in RECIPE_DEFAULTS.items():
+        if r[key] != plain:
+            recipe[key] = r[key]
+    if cfg["precision"] != "fp32":  # rounding changes the weights (channels_last / compile do not)
+        recipe["precision"] = cfg["precision"]
     libs = {"torch": _major(torch.__version__), "timm": _major(timm.__version__)}
     return {
         "format": CACHE_FORMAT,
@@ -191,17 +205,12 @@ def get_member(
         if cache.load(key, model):  # another process trained it while we waited
             return model.to(data.device).eval(), False, 0.0
         model = _fresh_model(cfg, data, seed).to(data.device)
-        r = cfg["members"]
         speed = train_model(
             model,
             data,
-            epochs=r["epochs"],
-            optimizer=r["optimizer"],
-            lr=r["lr"],
-            momentum=r["momentum"],
-            weight_decay=r["weight_decay"],
-            batch_size=r["batch_size"],
+            Recipe.from_section(cfg["members"]),
             seed=seed,
+            execution=Execution.from_config(cfg, data.device),
             desc=desc,
         )
         cache.save(key, model)

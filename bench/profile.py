@@ -60,45 +60,58 @@ def profile_experiment(workdir: Path, overrides: list[str] | None = None) -> lis
     return out
 
 
-def profile_epochs(archs: list[str], repeats: int, device: str = "auto") -> list[dict]:
+def profile_epochs(
+    archs: list[str],
+    repeats: int,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+    settings: list[str] | None = None,
+) -> list[dict]:
+    """Median epoch time and images/s of member training per architecture and execution setting.
+
+    ``settings``: execution variants to compare, each a comma list of config overrides, e.g.
+    ``"precision=fp32"``, ``"precision=bf16,channels_last=true"``, ``"precision=bf16,compile=true"``."""
     from bench.config import load_config
     from bench.data import load_data, resolve_device
     from bench.models import build_model
-    from bench.train import make_optimizer, train_epoch
+    from bench.recipes import Execution, Recipe
+    from bench.train import _sync_clock, train_epoch
 
     dev = resolve_device(device)
     out = []
     for arch in archs:
-        for on_device in (True, False):
-            cfg = load_config(None, [f"model.arch={arch}", f"data.on_device={str(on_device).lower()}"])
+        for setting in settings or ["precision=fp32"]:
+            extra = [o for o in setting.split(",") if o]
+            cfg = load_config(None, [f"model.arch={arch}", *(overrides or []), *extra])
             data = load_data(cfg["data"], dev)
             torch.manual_seed(0)
-            model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size, data.dims).to(
-                dev
-            )
-            r = cfg["members"]
-            opt = make_optimizer(
-                model.parameters(), r["optimizer"], r["lr"], r["momentum"], r["weight_decay"]
-            )
+            model = build_model(cfg["model"], data.in_chans, data.num_classes, data.image_size, data.dims)
+            model = model.to(dev)
+            recipe = Recipe.from_section(cfg["members"])
+            execution = Execution.from_config(cfg, dev)
+            opt = recipe.make_optimizer(model.parameters())
+            trained, scaler = execution.prepare(model), execution.grad_scaler(dev)
             gen = torch.Generator().manual_seed(0)
             times = []
             for i in range(repeats + 1):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                start = time.perf_counter()
-                train_epoch(model, data.train, opt, r["batch_size"], gen)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if i > 0:  # the first epoch warms up allocators / kernels
-                    times.append(time.perf_counter() - start)
+                start = _sync_clock(model)
+                train_epoch(
+                    model, data.train, opt, recipe.batch_size, gen,
+                    recipe=recipe, execution=execution, scaler=scaler, trained=trained,
+                )  # fmt: skip
+                if i > 0:  # the first epoch warms up allocators / kernels / compilation
+                    times.append(_sync_clock(model) - start)
+            median = statistics.median(times)
             out.append(
                 {
                     "arch": arch,
-                    "on_device": on_device,
+                    "setting": setting,
+                    "on_device": data.on_device,
                     "device": str(dev),
-                    "epoch_s_median": round(statistics.median(times), 4),
+                    "epoch_s_median": round(median, 4),
+                    "images_per_s": round(len(data.train) / median, 1),
                     "epoch_s_all": [round(x, 4) for x in times],
-                    "batches_per_epoch": -(-len(data.train) // r["batch_size"]),
+                    "batches_per_epoch": -(-len(data.train) // recipe.batch_size),
                 }
             )
             print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -112,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", default=["mlp", "resnet18"])
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (after one warm-up)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["precision=fp32"],
+        help='execution variants for the epochs part, e.g. "precision=bf16,channels_last=true"',
+    )
+    parser.add_argument("--data", nargs="*", default=[], help="config overrides for the epochs part")
     parser.add_argument("overrides", nargs="*", help="config overrides for the experiment part")
     args = parser.parse_args(argv)
     if args.threads:
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os.chdir(cwd)
     if args.part in ("all", "epochs"):
-        report["epochs"] = profile_epochs(args.archs, args.repeats, args.device)
+        report["epochs"] = profile_epochs(args.archs, args.repeats, args.device, args.data, args.settings)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -6,6 +6,7 @@ few seconds, so logs stay readable and the loop pays no per-batch cost.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -16,20 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.data import DataBundle, LoaderSplit, TensorSplit
+from bench.recipes import Execution, Recipe, crop_flip
 
 Split = TensorSplit | LoaderSplit
-
-
-def make_optimizer(
-    params, name: str, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
 
 
 class Progress:
@@ -77,12 +67,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[flo
     return correct / max(n, 1), loss_sum / max(n, 1)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x) for x, _ in split.batches(batch_size)])
-
-
 def train_epoch(
     model: nn.Module,
     split: Split,
@@ -91,26 +75,51 @@ def train_epoch(
     generator: torch.Generator,
     teacher: nn.Module | None = None,
     temperature: float = 4.0,
+    *,
+    recipe: Recipe | None = None,
+    scheduler=None,
+    execution: Execution | None = None,
+    scaler=None,
+    trained: nn.Module | None = None,
 ) -> float:
-    """One epoch; returns the mean training loss. With a teacher: KL(student || teacher) at T, times T^2."""
+    """One epoch; returns the mean training loss. With a teacher: KL(student || teacher) at T, times T^2.
+
+    ``recipe``: label smoothing and augmentation; ``scheduler`` is stepped after every optimizer step;
+    ``execution``: autocast precision (``scaler``: the fp16 GradScaler); ``trained``: the module to call
+    (a compiled / channels-last wrapper of ``model``)."""
     model.train()
-    total, n = torch.zeros((), device=_device_of(model)), 0
+    net = trained if trained is not None else model
+    device = _device_of(model)
+    smoothing = recipe.label_smoothing if recipe is not None else 0.0
+    augment = recipe is not None and recipe.augment == "crop_flip"
+    autocast = execution.autocast(device) if execution is not None else contextlib.nullcontext()
+    total, n = torch.zeros((), device=device), 0
     for x, y in split.batches(batch_size, shuffle=True, generator=generator):
-        out = model(x)
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(x)
-            loss = F.kl_div(
-                F.log_softmax(out / temperature, dim=1),
-                F.log_softmax(t_out / temperature, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            ) * (temperature**2)
-        else:
-            loss = F.cross_entropy(out, y)
+        if augment:
+            x = crop_flip(x, generator)
+        with autocast:
+            out = net(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                loss = F.kl_div(
+                    F.log_softmax(out.float() / temperature, dim=1),
+                    F.log_softmax(t_out.float() / temperature, dim=1),
+                    reduction="batchmean",
+                    log_target=True,
+                ) * (temperature**2)
+            else:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach() * len(y)  # no per-batch host sync
         n += len(y)
     return float(total) / max(n, 1)
@@ -124,33 +133,38 @@ def _device_of(model: nn.Module) -> torch.device:
 def train_model(
     model: nn.Module,
     data: DataBundle,
+    recipe: Recipe,
     *,
-    epochs: int,
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    batch_size: int,
     seed: int,
+    execution: Execution | None = None,
     desc: str = "train",
 ) -> float:
-    """Train from scratch (member recipe) in place. Shuffling is seeded so a member is reproducible.
-
-    Returns the training throughput in images per second (0.0 for 0 epochs)."""
+    """Train from scratch (member recipe) in place. Shuffling and augmentation are seeded so a member is
+    reproducible. Returns the training throughput in images per second (0.0 for 0 epochs)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
-    progress = Progress(epochs, desc)
+    opt = recipe.make_optimizer(model.parameters())
+    scheduler = recipe.make_scheduler(opt, _steps_per_epoch(data, recipe))
+    execution = execution or Execution()
+    trained, scaler = execution.prepare(model), execution.grad_scaler(_device_of(model))
+    progress = Progress(recipe.epochs, desc)
     seconds = 0.0
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, recipe.epochs + 1):
             start = _sync_clock(model)
-            loss = train_epoch(model, data.train, opt, batch_size, gen)
+            loss = train_epoch(
+                model, data.train, opt, recipe.batch_size, gen,
+                recipe=recipe, scheduler=scheduler, execution=execution, scaler=scaler, trained=trained,
+            )  # fmt: skip
             seconds += _sync_clock(model) - start
             progress.update(epoch, loss=loss)
     finally:
         progress.close()
     model.eval()
-    return epochs * len(data.train) / seconds if seconds > 0 else 0.0
+    return recipe.epochs * len(data.train) / seconds if seconds > 0 else 0.0
+
+
+def _steps_per_epoch(data: DataBundle, recipe: Recipe) -> int:
+    return max(1, -(-len(data.train) // recipe.batch_size))
 
 
 def _sync_clock(model: nn.Module) -> float:
@@ -184,21 +198,17 @@ class FinetuneResult:
 def finetune(
     model: nn.Module,
     data: DataBundle,
+    recipe: Recipe,
     *,
-    epochs: int,
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    batch_size: int,
     seed: int,
+    execution: Execution | None = None,
     teacher: nn.Module | None = None,
     temperature: float = 4.0,
     epoch_callback: Callable[[int, float], None] | None = None,
     epoch_hook: Callable[[int, FinetuneResult], None] | None = None,
     desc: str = "finetune",
 ) -> FinetuneResult:
-    """Fine-tune in place for ``epochs`` (0 allowed), evaluating val and test after every epoch.
+    """Fine-tune in place for ``recipe.epochs`` (0 allowed), evaluating val and test after every epoch.
 
     The model is selected by validation accuracy (``best_epoch``; ties go to the earlier epoch) and the
     test accuracy at that epoch is reported; the model itself ends in its final state.
@@ -213,9 +223,13 @@ def finetune(
     res.test_acc.append(test)
     if epoch_hook is not None:
         epoch_hook(0, res)
+    epochs = recipe.epochs
     if epochs > 0:
         gen = torch.Generator().manual_seed(seed)
-        opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+        opt = recipe.make_optimizer(model.parameters())
+        scheduler = recipe.make_scheduler(opt, _steps_per_epoch(data, recipe))
+        execution = execution or Execution()
+        trained, scaler = execution.prepare(model), execution.grad_scaler(_device_of(model))
         if teacher is not None:
             teacher.eval()
         progress = Progress(epochs, desc)
@@ -223,7 +237,10 @@ def finetune(
         try:
             for epoch in range(1, epochs + 1):
                 tick = _sync_clock(model)
-                loss = train_epoch(model, data.train, opt, batch_size, gen, teacher, temperature)
+                loss = train_epoch(
+                    model, data.train, opt, recipe.batch_size, gen, teacher, temperature,
+                    recipe=recipe, scheduler=scheduler, execution=execution, scaler=scaler, trained=trained,
+                )  # fmt: skip
                 train_seconds += _sync_clock(model) - tick
                 res.images_per_s = epoch * len(data.train) / train_seconds if train_seconds > 0 else 0.0
                 val, _ = evaluate(model, data.val)

@@ -13,6 +13,7 @@ from bench.config import load_config
 from bench.data import load_data
 from bench.measure import latency_ms, macs_and_params, peak_rss_beyond_baseline
 from bench.models import build_mlp
+from bench.recipes import Recipe
 from bench.train import Progress, evaluate, finetune
 
 
@@ -41,12 +42,12 @@ def digits(one_thread):
 
 def test_finetune_curves_and_selection(digits):
     model = build_mlp(64, 16, 1, 10)
-    res = finetune(model, digits, epochs=0, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
-                   batch_size=64, seed=0)  # fmt: skip
+    res = finetune(model, digits, Recipe(epochs=0, lr=0.05), seed=0)
     assert len(res.test_acc) == 1 and res.best_epoch == 0 and res.train_loss == []
     calls = []
-    res = finetune(model, digits, epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
-                   batch_size=64, seed=0, epoch_callback=lambda e, v: calls.append((e, v)))  # fmt: skip
+    res = finetune(
+        model, digits, Recipe(epochs=3, lr=0.05), seed=0, epoch_callback=lambda e, v: calls.append((e, v))
+    )
     assert len(res.test_acc) == len(res.val_acc) == 4 and len(res.train_loss) == 3
     assert calls == [(e, res.val_acc[e]) for e in (1, 2, 3)]
     assert res.best_epoch == int(np.argmax(res.val_acc))
@@ -65,8 +66,7 @@ def test_distillation_pulls_student_to_teacher(digits):
                                   reduction="batchmean", log_target=True))  # fmt: skip
 
     before = kl()
-    finetune(student, digits, epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
-             batch_size=64, seed=0, teacher=teacher, temperature=2.0)  # fmt: skip
+    finetune(student, digits, Recipe(epochs=3, lr=0.05), seed=0, teacher=teacher, temperature=2.0)
     assert kl() < 0.5 * before
 
 
