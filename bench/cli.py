@@ -17,6 +17,7 @@ import sys
 COMMANDS = {
     "run": ("bench.experiment_cli", "run one fusion experiment from a YAML config"),
     "perf": ("bench.perf", "benchmark fusion time and peak memory of the methods"),
+    "zoo": ("bench.zoo", "walk timm's models: which fuse, which are refused and why (docs/architectures.md)"),
     "sweep": ("sweeps.cli", "run an Optuna sweep from a YAML spec"),
     "leaderboard": ("dashboards.cli_leaderboard", "export a leaderboard table from MLflow"),
     "report": ("dashboards.cli_report", "write a self-contained HTML report from MLflow"),

@@ -1,0 +1,289 @@
+"""``fusebench zoo``: which timm models fusebench fuses, which it refuses and why -- measured, not claimed.
+
+For every timm model up to a parameter budget (counted on the meta device, no weights) the walk runs,
+in a worker process with a time limit per model:
+
+1. torch-pruning's dependency graph on the model (if torch-pruning cannot build one: "not traceable");
+2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
+3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
+   normalization across channels (LayerNorm / GroupNorm make the concatenation differ from the ensemble by
+   design, see the README), where it must agree to a relative error below 1e-3;
+4. default NT and averaging: the fused state loads strictly into a fresh model and that model runs.
+
+Any other exception is a fusebench bug and is recorded as an ``error`` with its type. Results are appended
+to a JSONL file as they come (a re-run skips the models already there), and the support table
+``docs/architectures.md`` is generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+INPUT_SIZE = 64
+NUM_CLASSES = 5
+STATUSES = ("fused", "refused", "not traceable", "wrong", "error", "skipped")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="docs/architectures.jsonl", help="JSONL results (resumable)")
+    parser.add_argument("--table", default="docs/architectures.md", help="the generated support table")
+    parser.add_argument("--filter", default="*", help="glob on timm model names, e.g. 'resnet*'")
+    parser.add_argument("--max-params", type=float, default=30.0, help="parameter budget in millions")
+    parser.add_argument("--limit", type=int, default=None, help="walk at most this many models")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
+    parser.add_argument("--models", nargs="*", default=None, help="exact model names instead of a walk")
+
+
+# ----------------------------------------------------------------------------- one model
+def _create(name: str, device: str = "cpu"):
+    import timm
+    import torch
+
+    kwargs = {"pretrained": False, "num_classes": NUM_CLASSES}
+    with torch.device(device):
+        try:
+            return timm.create_model(name, img_size=INPUT_SIZE, **kwargs)
+        except TypeError:
+            return timm.create_model(name, **kwargs)
+
+
+def count_params(name: str) -> int | None:
+    """Parameters of ``name`` (meta device: no memory, no init cost); None if it cannot be built."""
+    try:
+        return sum(p.numel() for p in _create(name, "meta").parameters())
+    except Exception:  # noqa: BLE001 - a model timm cannot build here is skipped, with the reason
+        return None
+
+
+def _cross_channel_norm(model) -> str | None:
+    import torch.nn as nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in type(m).__name__:
+            return type(m).__name__
+    return None
+
+
+def _rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def check_model(name: str) -> dict:
+    """The walk's checks on one model (see the module docstring): a JSON-able result."""
+    import torch
+    import torch_pruning as tp
+
+    import fusion
+
+    torch.manual_seed(0)
+    result: dict = {"model": name}
+    try:
+        members = [_create(name).eval() for _ in range(2)]
+    except Exception as exc:  # noqa: BLE001
+        return {
+            **result,
+            "status": "skipped",
+            "reason": f"timm cannot build it at {INPUT_SIZE}px: {exc}"[:300],
+        }
+    with torch.no_grad():  # distinct members, with non-trivial normalization statistics
+        for seed, m in enumerate(members):
+            gen = torch.Generator().manual_seed(seed)
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+                    mod.running_mean.normal_(0, 0.1, generator=gen)
+                    mod.running_var.uniform_(0.5, 1.5, generator=gen)
+    result["params"] = sum(p.numel() for p in members[0].parameters())
+    x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
+    try:
+        tp.DependencyGraph().build_dependency(members[0], example_inputs=x)
+    except Exception as exc:  # noqa: BLE001
+        return {**result, "status": "not traceable", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    try:
+        t = time.perf_counter()
+        graph = fusion.channel_groups(members[0], x)
+        result["trace_s"] = round(time.perf_counter() - t, 3)
+        result["groups"] = len(graph.groups)
+        norm = _cross_channel_norm(members[0])
+        with torch.no_grad():
+            if norm is None:
+                wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+                err = _rel_err(wide(x), fusion.ensemble(members)(x))
+                result["ensemble_rel_err"] = err
+                if not err < 1e-3:
+                    return {
+                        **result,
+                        "status": "wrong",
+                        "reason": f"NT at sparsity 0 is not the ensemble ({err:.2e})",
+                    }
+            else:
+                result["ensemble_check"] = f"skipped: {norm} normalizes across channels"
+            for method in ("nt", "avg"):
+                fused = fusion.fuse(members, method, example_inputs=x)
+                fresh = _create(name).eval()
+                fresh.load_state_dict(fused.state_dict(), strict=True)
+                fresh(x)
+    except fusion.FusionError as exc:
+        return {**result, "status": "refused", "reason": str(exc).splitlines()[0][:300]}
+    except Exception as exc:  # noqa: BLE001 - anything else is a fusebench bug: recorded, not hidden
+        return {**result, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    return {**result, "status": "fused"}
+
+
+def _worker(names: list[str], results: Path, timeout: float) -> None:
+    """Runs in a child process: check each model, append its line (a too-slow model is recorded)."""
+    import fcntl
+
+    import torch
+
+    torch.set_num_threads(1)
+
+    def alarm(_sig, _frame):
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, alarm)
+    for name in names:
+        start = time.perf_counter()
+        signal.alarm(int(max(1, timeout)))
+        try:
+            res = check_model(name)
+        except TimeoutError:
+            res = {"model": name, "status": "skipped", "reason": f"over the {timeout:.0f} s limit"}
+        finally:
+            signal.alarm(0)
+        res["seconds"] = round(time.perf_counter() - start, 2)
+        with open(results, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            f.write(json.dumps(res) + "\n")
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        print(f"[zoo] {name}: {res['status']} {res.get('reason', '')[:100]}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the walk
+def candidates(pattern: str, max_params_m: float) -> list[tuple[str, int | None]]:
+    import timm
+
+    out = []
+    for name in timm.list_models(pattern):
+        n = count_params(name)
+        if n is None or n <= max_params_m * 1e6:
+            out.append((name, n))
+    return out
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                done[row["model"]] = row
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a killed worker: that model is walked again
+    return done
+
+
+def walk(names: list[str], results: Path, workers: int, timeout: float) -> None:
+    """Check ``names`` in ``workers`` child processes (round-robin), appending to ``results``."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    chunks = [names[i::workers] for i in range(workers)]
+    procs = []
+    for chunk in chunks:
+        if not chunk:
+            continue
+        code = f"from bench.zoo import _worker; from pathlib import Path; _worker({chunk!r}, Path({str(results)!r}), {timeout})"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        )
+    for p in procs:
+        p.wait()
+
+
+def write_table(rows: dict[str, dict], path: Path) -> str:
+    counts = Counter(r["status"] for r in rows.values())
+    reasons = Counter(
+        (r["status"], _reason_class(r.get("reason", ""))) for r in rows.values() if r["status"] != "fused"
+    )
+    traceable = len(rows) - counts["not traceable"] - counts["skipped"]
+    lines = [
+        "# Architecture support (generated by `fusebench zoo`)",
+        "",
+        f"timm models walked: {len(rows)} (input {INPUT_SIZE}x{INPUT_SIZE}, {NUM_CLASSES} classes, two random members).",
+        "",
+        "| status | models |",
+        "|---|---|",
+        *(f"| {s} | {counts[s]} |" for s in STATUSES if counts[s]),
+        "",
+        f"Of the {traceable} models torch-pruning builds a dependency graph for, {counts['fused']} fuse "
+        f"({100 * counts['fused'] / max(traceable, 1):.1f} %), {counts['refused']} are refused with a named reason"
+        f", {counts['wrong']} gave a wrong model and {counts['error']} hit an unexpected error.",
+        "",
+        "## Reasons",
+        "",
+        "| status | reason | models |",
+        "|---|---|---|",
+        *(f"| {s} | {why} | {n} |" for (s, why), n in reasons.most_common()),
+        "",
+        "## Models",
+        "",
+        "| model | params (M) | status | reason |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(rows):
+        r = rows[name]
+        params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "—"
+        why = (r.get("reason") or r.get("ensemble_check") or "").replace("|", "\\|")
+        lines.append(f"| {name} | {params} | {r['status']} | {why} |")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def _reason_class(reason: str) -> str:
+    """The reason without model-specific names (module paths, numbers), to count refusal classes."""
+    import re
+
+    text = re.sub(
+        r"'[^']*'",
+        "'…'",
+        reason.split(":", 2)[0] if reason.startswith(("TypeError", "RuntimeError")) else reason,
+    )
+    text = re.sub(r"\d+", "N", text)
+    return text[:120].replace("|", "\\|")
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.errors import FusebenchError
+
+    if args.workers < 1:
+        raise FusebenchError(f"--workers must be >= 1, got {args.workers}")
+    results, table = Path(args.results), Path(args.table)
+    if args.models:
+        names = list(args.models)
+    else:
+        names = [n for n, _ in candidates(args.filter, args.max_params)]
+    names = [n for n in names if fnmatch.fnmatch(n, args.filter)]
+    done = load_results(results)
+    todo = [n for n in names if n not in done]
+    if args.limit is not None:
+        todo = todo[: max(0, args.limit - len([n for n in names if n in done]))]
+    print(
+        f"zoo: {len(names)} models, {len(names) - len(todo)} already in {results}, walking {len(todo)}",
+        file=sys.stderr,
+    )
+    walk(todo, results, args.workers, args.timeout)
+    rows = {k: v for k, v in load_results(results).items() if k in set(names) or not args.models}
+    text = write_table(rows, table)
+    print("\n".join(text.splitlines()[:14]))
+    print(f"table written to {table}")
+    return 0

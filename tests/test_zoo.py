@@ -1,0 +1,71 @@
+"""`fusebench zoo`: the per-model checks on tiny timm models, resumable results, the generated table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import cli
+from bench.zoo import check_model, load_results, write_table
+
+
+def test_a_cnn_fuses_and_nt_at_sparsity_zero_is_the_ensemble(one_thread):
+    res = check_model("test_resnet")
+    assert res["status"] == "fused", res
+    assert res["ensemble_rel_err"] < 1e-3 and res["groups"] > 0
+
+
+def test_a_layernorm_model_fuses_with_the_ensemble_check_explained(one_thread):
+    res = check_model("test_vit")
+    assert res["status"] == "fused", res
+    assert "normalizes across channels" in res["ensemble_check"] and "ensemble_rel_err" not in res
+
+
+def test_unknown_model_is_skipped_with_the_reason():
+    res = check_model("no_such_model_xyz")
+    assert res["status"] == "skipped" and "timm cannot build it" in res["reason"]
+
+
+def test_walk_is_resumable_and_writes_the_table(tmp_path, capsys):
+    results, table = tmp_path / "z.jsonl", tmp_path / "z.md"
+    argv = [
+        "zoo",
+        "--models",
+        "test_resnet",
+        "--workers",
+        "1",
+        "--results",
+        str(results),
+        "--table",
+        str(table),
+    ]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["test_resnet"] and rows[0]["status"] == "fused"
+    assert cli.main(argv) == 0  # again: nothing left to walk, nothing appended
+    assert "walking 0" in capsys.readouterr().err
+    assert len(results.read_text().splitlines()) == 1
+    assert "| test_resnet |" in table.read_text()
+
+
+def test_table_counts_and_reason_classes(tmp_path):
+    rows = {
+        "a": {"model": "a", "status": "fused", "params": 1e6},
+        "b": {"model": "b", "status": "refused", "reason": "channel tracing is inconsistent for 'x.weight' (dimension 1 of size 12)"},
+        "c": {"model": "c", "status": "refused", "reason": "channel tracing is inconsistent for 'y.weight' (dimension 1 of size 40)"},
+        "d": {"model": "d", "status": "not traceable", "reason": "RuntimeError: no"},
+    }  # fmt: skip
+    text = write_table(rows, tmp_path / "t.md")
+    assert "| fused | 1 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
+    assert "Of the 3 models torch-pruning builds a dependency graph for, 1 fuse (33.3 %)" in text
+    # one refusal class for both models: names and sizes are not part of the class
+    assert "| refused | channel tracing is inconsistent for '…' (dimension N of size N) | 2 |" in text
+    (tmp_path / "r.jsonl").write_text('{"model": "a", "status": "fused"}\n{"model": "b", "sta')  # cut line
+    assert list(load_results(tmp_path / "r.jsonl")) == ["a"]
+
+
+@pytest.mark.parametrize("bad", [["--workers", "0"]])
+def test_bad_arguments_exit_2(bad, capsys):
+    assert cli.main(["zoo", "--models", "test_resnet", *bad]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
