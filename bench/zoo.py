@@ -133,6 +133,8 @@ def check_model(name: str) -> dict:
                 fresh.load_state_dict(fused.state_dict(), strict=True)
                 fresh(x)
     except fusion.FusionError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise exc.__cause__ from None  # the time limit, not a refusal
         return {**result, "status": "refused", "reason": str(exc).splitlines()[0][:300]}
     except Exception as exc:  # noqa: BLE001 - anything else is a fusebench bug: recorded, not hidden
         return {**result, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
