@@ -187,7 +187,14 @@ def run_sweep(
     runs.mkdir(parents=True, exist_ok=True)
 
     info = open_storage(storage, study_name, runs, workers=workers)
-    study = create_or_load(info, study_name, spec.directions, make_sampler(spec), make_pruner(spec))
+    study = create_or_load(
+        info,
+        study_name,
+        spec.directions,
+        make_sampler(spec),
+        make_pruner(spec),
+        [o.metric for o in spec.objectives],
+    )
     client = MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, spec.base["experiment"])
     parent = ensure_parent_run(client, exp_id, study, spec, info.url)
@@ -239,6 +246,17 @@ def run_sweep(
                 time.sleep(min(HEARTBEAT_INTERVAL_S, WAIT_POLL_S))
     except KeyboardInterrupt:
         status = "KILLED"
+        try:
+            _requeue_interrupted(study)
+        except Exception as exc:  # noqa: BLE001 - the interruption and its summary come first
+            _print(sys.stderr, f"fusebench sweep: warning: could not queue the interrupted trial again: {exc}")
+        done = count_trials(study)
+        _print(
+            out,
+            f"\ninterrupted: study '{study_name}' has {done['counted']}/{target} trials done "
+            f"({done['COMPLETE']} complete, {done['PRUNED']} pruned, {done['FAIL']} failed); "
+            "the trial that was running ended FAIL, its MLflow run KILLED. The same command resumes.",
+        )
         raise
     finally:
         counts = count_trials(study)
@@ -247,6 +265,19 @@ def run_sweep(
         except Exception as exc:  # noqa: BLE001 - do not hide the sweep's own outcome
             _print(sys.stderr, f"fusebench sweep: warning: could not end the MLflow parent run: {exc}")
     return SweepResult(study_name, info.url, uri, parent, counts, target, time.time() - t0, recovered)
+
+
+def _requeue_interrupted(study: optuna.Study) -> None:
+    """Trials this process was running when Ctrl-C came ended FAIL (Optuna's doing); the interruption was
+    the user's, not the configuration's: queue them again, so the same command runs them on resume."""
+    from sweeps.study import WORKER_ATTR, requeue, retried_numbers
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    for t in trials:
+        owner = t.user_attrs.get(WORKER_ATTR) or {}
+        if t.state == optuna.trial.TrialState.FAIL and owner.get("pid") == os.getpid() and t.number not in retried:
+            requeue(study, t)
 
 
 def recover_needed(study: optuna.Study, kind: str) -> bool:

@@ -106,14 +106,20 @@ def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs"
 
 def create_or_load(info: StorageInfo, study_name: str, directions: list[str],
                    sampler: optuna.samplers.BaseSampler | None = None,
-                   pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """Create the study, or resume it (``load_if_exists``) after checking it optimizes the same thing."""
+                   pruner: optuna.pruners.BasePruner | None = None,
+                   metric_names: list[str] | None = None) -> optuna.Study:
+    """Create the study, or resume it (``load_if_exists``) after checking it optimizes the same thing.
+    ``metric_names`` name the objectives (optuna-dashboard shows them instead of "Objective 0")."""
     study = optuna.create_study(storage=info.storage, study_name=study_name, directions=directions,
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
     have = [d.name.lower() for d in study.directions]
     if have != list(directions):
         raise FusebenchError(f"study '{study_name}' in {info.url} optimizes {have}, the spec asks for "
                              f"{list(directions)}; use another --study name")
+    if metric_names and study.metric_names != list(metric_names):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(metric_names))
     return study
 
 

@@ -77,9 +77,11 @@ def fake_experiment(config: dict, *, parent_run_id=None, extra_tags=None, epoch_
     except StopExperiment:
         client.set_terminated(run_id, "KILLED")
         raise
-    except BaseException as exc:
-        client.set_tag(run_id, "fusebench.error", f"{type(exc).__name__}: {exc}")
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:  # as run_experiment: Ctrl-C ends the run KILLED, anything else FAILED
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = "interrupted (KeyboardInterrupt)" if interrupted else f"{type(exc).__name__}: {exc}"
+        client.set_tag(run_id, "fusebench.error", reason)
+        client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return ExperimentResult(run_id=run_id, metrics=metrics)

@@ -6,6 +6,7 @@ storage: a journal file, SQLite and PostgreSQL (started by the fixture)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,49 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri, kind, request):
     assert killed_run.data.tags["fusebench.trial_state"] == "FAIL"
     assert "died" in killed_run.data.tags["fusebench.error"]
     assert all(r.info.status == "FINISHED" for n, rs in by_trial.items() if n != "2" for r in rs)
+
+
+def test_ctrl_c_ends_the_trial_and_the_same_command_resumes(tmp_path, mlflow_uri):
+    """SIGINT (Ctrl-C) in the middle of a trial: the trial ends FAIL, its MLflow run KILLED with the reason,
+    the parent run KILLED, a summary is printed; the same command then finishes the target."""
+    cmd = _driver(tmp_path, mlflow_uri)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+           "FAKE_BLOCK_TRIAL": "1", "FAKE_MARKER_DIR": str(markers)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (markers / "started-1").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "trial 1 never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert re.search(r"interrupted: study 'crash' has \d/4 trials done \(1 complete, 0 pruned, 1 failed\)", out)
+    assert "The same command resumes" in out
+
+    study = optuna.load_study(study_name="crash", storage=open_storage(None, "crash", tmp_path / "runs").storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]  # queued again
+    client = MlflowClient(mlflow_uri)
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    exp = client.get_experiment_by_name("fusebench-tests")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    interrupted = [r for r in runs if r.data.tags.get("fusebench.trial") == "1"]
+    assert len(interrupted) == 1 and interrupted[0].info.status == "KILLED"
+    assert "KeyboardInterrupt" in interrupted[0].data.tags["fusebench.error"]
+
+    done = subprocess.run(cmd, env={**env, "FAKE_BLOCK_TRIAL": ""}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="crash", storage=open_storage(None, "crash", tmp_path / "runs").storage)
+    after = study.get_trials()
+    states = [t.state.name for t in after]
+    assert "RUNNING" not in states and states.count("COMPLETE") == 4  # the interrupted one ran again
+    retry = [t for t in after if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].params == trials[1].params and retry[0].state.name == "COMPLETE"
+    assert client.get_run(parent_id).info.status == "FINISHED"
 
 
 from test_sweeps_postgres import postgres_url  # noqa: E402,F401  (the fixture, for the postgres case)
