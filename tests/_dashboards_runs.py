@@ -108,6 +108,15 @@ def log_run(
     if "fused_acc" not in drop_metrics:
         batch += [Metric("fused_acc", v, now + s, s) for s, v in enumerate(curve)]
         batch += [Metric("fused_val_acc", v, now + s, s) for s, v in enumerate(val)]
+        if n == 2 and method == "ot":  # the linear path between the two aligned members (fusion.lmc)
+            a0, a1 = base["members"][0], base["members"][1]
+            dip = float(rng.uniform(0.05, 0.3))
+            path = [(1 - a) * a0 + a * a1 - dip * 4 * a * (1 - a) for a in (0, 0.25, 0.5, 0.75, 1)]
+            batch += [
+                Metric("lmc_acc", v, now + i, round(100 * a))
+                for i, (a, v) in enumerate(zip((0, 0.25, 0.5, 0.75, 1), path))
+            ]
+            batch.append(Metric("lmc_barrier_acc", dip, now, 0))
     client.log_batch(
         run.info.run_id,
         metrics=batch,

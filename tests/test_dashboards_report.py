@@ -116,7 +116,7 @@ def test_unreachable_optuna_storage_leaves_plots_out_with_a_note(store):
     for storage in (str(store["tmp"] / "gone.journal"), f"sqlite:///{store['tmp'] / 'gone.db'}", None):
         runset.storage = storage
         page, figs, notes = build_report(runset, curves)
-        assert set(figs) == {"finetune", "accuracy_vs_time", "cost"}
+        assert set(figs) == {"finetune", "accuracy_vs_time", "cost", "lmc"}
         assert any("Optuna" in n for n in notes)
         assert PLOT_IDS["optuna_history"] not in page and "left out" in page
     assert not (store["tmp"] / "gone.db").exists()  # never created by the report
