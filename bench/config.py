@@ -18,6 +18,18 @@ import yaml
 
 from bench.errors import ConfigError
 
+# The recipe keys shared by members and finetune beyond optimizer / lr / momentum / weight decay / epochs
+# (bench.recipes.Recipe): defaults that train exactly as before they existed.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "nesterov": False,
+    "schedule": "constant",
+    "milestones": [],
+    "gamma": 0.1,
+    "warmup_epochs": 0,
+    "label_smoothing": 0.0,
+    "augment": "none",
+}
+
 DEFAULTS: dict[str, Any] = {
     "experiment": "fusebench",
     "tracking_uri": None,
@@ -44,13 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "weight_decay": 0.0005,
         "batch_size": 64,
-        "nesterov": False,
-        "schedule": "constant",
-        "milestones": [],
-        "gamma": 0.1,
-        "warmup_epochs": 0,
-        "label_smoothing": 0.0,
-        "augment": "none",
+        **RECIPE_DEFAULTS,
         "checkpoints": [],
         "cache_dir": None,
     },
@@ -70,13 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 0.01,
         "momentum": 0.9,
         "weight_decay": 0.0,
-        "nesterov": False,
-        "schedule": "constant",
-        "milestones": [],
-        "gamma": 0.1,
-        "warmup_epochs": 0,
-        "label_smoothing": 0.0,
-        "augment": "none",
+        **RECIPE_DEFAULTS,
         "distill": False,
         "temperature": 4.0,
         "baseline": True,

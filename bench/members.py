@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.config import stable_hash
+from bench.config import RECIPE_DEFAULTS, stable_hash
 from bench.data import PREPROCESSING_VERSION, SPLIT_SEED, DataBundle
 from bench.errors import FusebenchError
 from bench.models import BUILT_IN, arch_label, build_model
@@ -51,12 +51,6 @@ def cache_dir(cfg: dict) -> Path:
 
 def _major(version: str) -> str:
     return version.split(".")[0]
-
-
-RECIPE_DEFAULTS = {
-    "nesterov": False, "schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0,
-    "label_smoothing": 0.0, "augment": "none",
-}  # fmt: skip
 
 
 def member_key(cfg: dict, seed: int) -> dict:

@@ -147,3 +147,15 @@ def fusion_zoo():
     from types import SimpleNamespace
 
     return SimpleNamespace(member=make_fusion_member, example=fusion_example_input)
+
+
+def chromium_or_skip() -> str:
+    """The headless browser of the rendering tests; CI installs it, so there its absence is a failure."""
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is not installed but CI=true: .ci/run must apt-get install chromium")
+        pytest.skip("chromium not installed (apt-get install -y chromium); the browser tests need it")
+    return exe

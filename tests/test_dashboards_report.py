@@ -3,9 +3,7 @@ opens, artifacts on the parent run, and a real render in headless Chromium (not 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import chromium_or_skip
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _dashboards_runs as synth  # noqa: E402
@@ -159,12 +158,7 @@ def test_ui_binds_loopback_and_warns_otherwise(store, capsys):
 
 
 def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("chromium is not installed but CI=true: .ci/run must apt-get install chromium")
-        pytest.skip("chromium not installed (apt-get install -y chromium); the render test needs it")
-    return exe
+    return chromium_or_skip()
 
 
 _FLAGS = [

@@ -5,7 +5,6 @@ trial run's page with its descriptive name. The test starts and stops the server
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import chromium_or_skip
 from mlflow import MlflowClient
 
 from sweeps.runner import run_sweep
@@ -23,12 +23,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("chromium is not installed but CI=true: .ci/run must apt-get install chromium")
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
-    return exe
+    return chromium_or_skip()
 
 
 def _free_port() -> int:
