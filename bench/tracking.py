@@ -9,6 +9,7 @@ background thread, in order, so they overlap with training; ``end`` waits for th
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -156,8 +157,12 @@ class Tracker:
                 raise exc
             mlflow.set_tracking_uri(self.client.tracking_uri)
             with mlflow.start_run(run_id=self.run_id, nested=True):
+                # pickled module (not a torch.export program, which fixes the batch size of the example)
                 mlflow.pytorch.log_model(
-                    model.cpu(), name="fused_model", input_example=example[:1].cpu().numpy()
+                    copy.deepcopy(model).cpu(),  # the experiment's model stays on its device
+                    name="fused_model",
+                    input_example=example.cpu().numpy(),
+                    serialization_format="pickle",
                 )
         finally:
             self.seconds += time.perf_counter() - start

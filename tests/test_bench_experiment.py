@@ -233,3 +233,30 @@ def test_bad_names_suggest_and_create_nothing(tmp_path, mlflow_uri, capsys):
     assert cli.main(["run", str(config), "fusion.method=tn", *base]) == 2
     assert "unknown method 'tn'" in capsys.readouterr().err
     assert len(client.search_runs([exp])) == before and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_log_model_logs_the_fused_model_it_computed(cfg, mlflow_uri):
+    import mlflow
+    import torch
+
+    from bench.config import resolve
+    from bench.data import load_data
+
+    cfg["finetune"]["epochs"] = 0
+    cfg["fusion"]["log_model"] = True
+    result = run_experiment(cfg)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    mlflow.set_tracking_uri(mlflow_uri)
+    model_id = run.outputs.model_outputs[0].model_id
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [(m.model_id, m.name, m.source_run_id) for m in logged if m.model_id == model_id] == [
+        (model_id, "fused_model", result.run_id)
+    ]
+    loaded = mlflow.pytorch.load_model(f"models:/{model_id}")
+    data = load_data(resolve(cfg)["data"], torch.device("cpu"))
+    with torch.no_grad():
+        acc = float((loaded(data.test.x).argmax(1) == data.test.y).float().mean())
+    assert acc == pytest.approx(result.metrics["fused_acc_best_val"])  # the very model that was measured
