@@ -3,7 +3,7 @@
 >>> import fusion
 >>> fused = fusion.fuse(models, "nt", example_inputs=torch.randn(1, 3, 32, 32))
 >>> fusion.available_methods()
-['activation_matching', 'avg', 'nt', 'nt_hierarchical', 'nt_iterative', 'ot', 'weight_matching']
+['activation_matching', 'avg', 'nt', 'nt_hierarchical', 'nt_iterative', 'ot', 'weight_matching', 'zipit']
 
 Channel groups are traced automatically with torch-pruning's dependency graph (``channel_groups``), so
 every method works on any architecture that can be traced, on the members' device. This package imports

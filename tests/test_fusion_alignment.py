@@ -1,4 +1,4 @@
-"""Alignment baselines (Git Re-Basin weight / activation matching), `fusion.align` and `fusion.interpolate`.
+"""Alignment baselines (Git Re-Basin weight / activation matching, ZipIt!), `fusion.align`, `fusion.interpolate`.
 
 Oracles: a member fused with copies of itself whose channel groups were permuted at random must come back
 exactly (same weights, same function) -- on an MLP, residual CNNs and a ViT (heads as units); weight
@@ -33,9 +33,11 @@ def _permuted_copy(model, example, seed):
 
 
 def _options(method, x):
-    return {"data": torch.cat([x, torch.randn_like(x.repeat(15, *([1] * (x.dim() - 1))))])} if (
-        method == "activation_matching"
-    ) else {}
+    return (
+        {"data": torch.cat([x, torch.randn_like(x.repeat(15, *([1] * (x.dim() - 1))))])}
+        if (method in ("activation_matching", "zipit"))
+        else {}
+    )
 
 
 def _assert_same_weights(fused, member):
@@ -60,7 +62,15 @@ def test_permuted_copies_fuse_back_into_the_member(method, arch, n):
         assert not torch.allclose(avg(x), a(x), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch,n", [("mlp", 2), ("grouped", 2), ("resnet18", 2), ("mlp", 4), ("grouped", 3)])
+def test_zipit_fuses_permuted_copies_back_into_the_member(arch, n):
+    test_permuted_copies_fuse_back_into_the_member("zipit", arch, n)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [*METHODS, pytest.param("zipit", marks=pytest.mark.slow)],  # zipit: ~9 s on one core
+)
 def test_permuted_vit_heads_fuse_back(method):
     x = torch.randn(2, 3, 32, 32)
     a = make_vit("vit_tiny_patch16_224", 0).eval()
@@ -135,3 +145,92 @@ def test_bad_options():
         fusion.align(members, "nt")
     with pytest.raises(FusionError, match="alpha"):
         fusion.interpolate(*members, 1.5)
+
+
+def _mlp_and_permutation(seed=0):
+    """An MLP member and a copy whose every group was permuted, with those permutations."""
+    a = make_fusion_member("mlp", 0).eval()
+    x = fusion_example_input("mlp")
+    graph = fusion.channel_groups(a, x)
+    selection = graph.random_permutation(torch.Generator().manual_seed(seed + 1))
+    b = build_model(a, graph.assemble([full_state(a)], selection))
+    return a, b, x, graph, [units for _, units in selection]
+
+
+@pytest.mark.parametrize("method", [*METHODS, "zipit"])
+def test_provenance_of_a_permuted_copy_pairs_each_unit_with_its_twin(method):
+    """Fused unit k is the mean of unit k of member 0 and the unit of member 1 that holds the same neuron:
+    the copy's unit i is the member's unit perm[i], so the member's unit k sits at argsort(perm)[k]."""
+    a, b, x, graph, perms = _mlp_and_permutation()
+    fused = fusion.fuse([a, b], method, example_inputs=x, **_options(method, x))
+    prov = fusion.provenance_of(fused)
+    assert prov.method == method and prov.n_members == 2
+    for gi, g in enumerate(graph.groups):
+        k, m, u, w = prov.group_sources(gi, g.n_units)
+        assert torch.allclose(w, torch.full_like(w, 0.5))
+        mine = m == 0
+        assert torch.equal(u[mine], k[mine]), "member 0 is the frame: fused unit k is its unit k"
+        twin = torch.argsort(perms[gi])
+        assert torch.equal(u[~mine], twin[k[~mine]]), f"group {g.name}: wrong twin"
+        assert torch.equal(
+            torch.bincount(k[~mine], minlength=g.n_units), torch.ones(g.n_units, dtype=torch.long)
+        )
+
+
+def _redundant_pair():
+    """Member A's first hidden layer holds one neuron twice (units 0 and 1); member B computes the same
+    function with that neuron once (its unit 0, reading both of A's outgoing weights) and a different neuron
+    (unit 1) that nothing downstream reads. The groups after it see the same features in A and B."""
+    a = make_fusion_member("mlp", 0).eval()
+    b = make_fusion_member("mlp", 0).eval()
+    with torch.no_grad():
+        a[1].weight[1], a[1].bias[1] = a[1].weight[0], a[1].bias[0]
+        b[1].weight[1] = torch.randn(64, generator=torch.Generator().manual_seed(5))
+        b[3].weight[:, 0] = a[3].weight[:, 0] + a[3].weight[:, 1]
+        b[3].weight[:, 1] = 0.0
+    return a, b
+
+
+def test_zipit_merges_redundant_units_of_one_member():
+    """ZipIt! keeps both of B's distinct neurons by merging A's duplicate pair into one unit (a same-member
+    merge), so the fused model computes the members' function exactly; a one-to-one matching (beta = 0:
+    no same-member merge) has to average the duplicate with B's other neuron and cannot."""
+    a, b = _redundant_pair()
+    x = fusion_example_input("mlp", batch=32, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+        fused = fusion.fuse([a, b], "zipit", example_inputs=x, data=x, alpha=1.0, beta=0.5)
+        torch.testing.assert_close(fused(x), a(x), rtol=1e-4, atol=1e-4)
+        first = [g.name for g in fusion.channel_groups(a, x).groups].index("1")
+        k, m, u, w = fusion.provenance_of(fused).group_sources(first, 32)
+        dup = k[(m == 0) & (u == 0)]
+        assert torch.equal(k[(m == 0) & (u == 1)], dup), "A's duplicate units are one fused unit"
+        assert torch.allclose(w[k == dup], torch.full((3,), 1 / 3)), "with B's unit 0: three sources"
+        one_to_one = fusion.fuse([a, b], "zipit", example_inputs=x, data=x, alpha=0.0, beta=0.0)
+        assert not torch.allclose(one_to_one(x), a(x), rtol=1e-2, atol=1e-2)
+        k, m, _, _ = fusion.provenance_of(one_to_one).group_sources(first, 32)
+        assert torch.equal(torch.bincount(k[m == 0], minlength=32), torch.ones(32, dtype=torch.long))
+
+
+def test_zipit_bad_options():
+    members = [nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)) for _ in range(2)]
+    data = torch.randn(8, 4)
+    with pytest.raises(FusionError, match="needs a batch of inputs"):
+        fusion.fuse(members, "zipit")
+    with pytest.raises(FusionError, match="alpha must be"):
+        fusion.fuse(members, "zipit", data=data, alpha=1.5)
+    with pytest.raises(FusionError, match="beta must be"):
+        fusion.fuse(members, "zipit", data=data, beta=-0.1)
+    with pytest.raises(FusionError, match="does not align"):
+        fusion.align(members, "zipit", data=data)
+
+
+def test_repair_reads_zipit_provenance():
+    """REPAIR gives every fused unit its sources' statistics: where zipit is exact (a duplicate merged within
+    a member, three sources of weight 1/3), those already are the fused unit's, so repair changes nothing."""
+    a, b = _redundant_pair()
+    x = fusion_example_input("mlp", batch=64, seed=2)
+    fused = fusion.fuse([a, b], "zipit", example_inputs=x, data=x, alpha=1.0, beta=0.5)
+    repaired = fusion.repair(fused, [x], members=[a, b], mode="repair")
+    with torch.no_grad():
+        torch.testing.assert_close(repaired(x), a(x), rtol=1e-4, atol=1e-4)

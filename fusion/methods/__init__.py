@@ -1,3 +1,3 @@
 """Fusion methods; importing this package registers them."""
 
-from . import activation_matching, avg, nt, ot, weight_matching  # noqa: F401
+from . import activation_matching, avg, nt, ot, weight_matching, zipit  # noqa: F401

@@ -1,0 +1,196 @@
+"""ZipIt! (Stoica, Bolya et al., ICLR 2024) on the traced channel groups: merge correlated units within AND
+across members.
+
+Per group, every member's units (N x U of them) are described by their activations on a batch (``data``;
+the outputs of the conv / linear layers that produce the group, as activation matching and OT's activation
+mode use), and merged greedily: the two most correlated clusters are merged, over and over, until U remain,
+so the fused model has the members' architecture. Unlike a permutation, two units of one member may be
+merged (redundant features), and a fused unit may hold several units of a member and none of another. A
+merged cluster's similarity to another is the smaller of its parts' (min linkage), and:
+
+* ``alpha`` in [0, 1] penalises merging a cluster again with a cluster that holds a unit of a member it
+  already holds (positive similarities are multiplied by ``alpha``; 0 forbids it, which for N = 2 and
+  ``beta = 0`` is a one-to-one matching). Merges that bring in a member not yet in the cluster are not
+  penalised, so N > 2 members zip one unit of each member together when they are alike (ZipIt!'s
+  ``alpha <= 0`` rule, extended to ``alpha > 0``);
+* ``beta`` in [0, 1] is the budget of same-member merges (two clusters made only of one member's units):
+  each member may take ``floor(beta * (N - 1) * U / N)`` of them (ZipIt!'s beta; 0: only cross-member merges).
+
+The merge of a group is a many-to-one map: fused unit k is the mean of the units of its cluster S_k (the
+"merge" matrix M, which is also the provenance). Every layer is zipped as ``sum_m M_m W_m U_m`` (ZipIt!'s
+Eq. 8): the rows a group produces (weights, biases, normalization) are merged with M, the columns its
+consumers read are "unmerged" with U (U[j, k] = 1 when member unit j is in S_k: the fused unit k stands in
+for each of its sources); consumer-only layers (the classifier) are divided by N, tensors that touch no
+group are averaged. A member fused with permuted copies of itself comes back exactly.
+
+Partial zipping (zip up to a layer, keep the rest per member: a multi-head model) is not offered: the fused
+model always has the members' architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..build import build_model, check_runs
+from ..errors import FusionError
+from ..groups import ChannelGraph, mean_tensor
+from ..layers import OUT, is_float
+from ..provenance import Provenance, attach
+from ..registry import register
+from ..trace import channel_groups, full_state
+from .ot import _activation_features
+
+
+def _check(alpha, beta, data):
+    if data is None:
+        raise FusionError("zipit needs a batch of inputs: pass data=<tensor of inputs>")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise FusionError(f"{name} must be a number in [0, 1], got {v!r}")
+
+
+def similarity(feats: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between every pair of rows (units) of ``feats`` [n, samples], float32, with ties
+    broken by raw distance (at most 1e-3): units constant over the batch have no correlation, but their values
+    still tell them apart."""
+    f = feats.float()
+    centred = f - f.mean(1, keepdim=True)
+    centred = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    sim = centred @ centred.T
+    sq = (f * f).sum(1)
+    dist = (f @ f.T).mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0)
+    return sim.sub_(dist.mul_(1e-3 / float(dist.max().clamp(min=1e-30))))
+
+
+def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alpha: float, beta: float):
+    """Greedy ZipIt! merging of ``n`` units (``member_of[i]``: unit i's member) into ``n // n_members``
+    clusters. Returns each unit's cluster, numbered in the order of the clusters' first unit."""
+    n = sim.shape[0]
+    target = n // n_members
+    dev = sim.device
+    raw = sim.float().clone()  # min-linkage similarity between clusters (indexed by their first unit)
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    holds = torch.nn.functional.one_hot(member_of.to(dev), n_members).float()  # members in each cluster
+    pure = member_of.to(dev).clone()  # the member a cluster is made of, or -1 once mixed
+    label = torch.arange(n, device=dev)
+    budget = [int(beta * (n - target) / n_members + 1e-9)] * n_members
+    exhausted = torch.tensor([b <= 0 for b in budget], device=dev)
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+
+    def effective(rows: torch.Tensor) -> torch.Tensor:
+        s = raw[rows].clone()
+        shared = (holds[rows] @ holds.T) > 0
+        if alpha == 0.0:
+            s = torch.where(shared, neg_inf, s)
+        else:
+            s = torch.where(shared & (s > 0), s * alpha, s)
+        p = pure[rows]
+        same = (p[:, None] == pure[None, :]) & (p[:, None] >= 0) & exhausted[p.clamp(min=0)][:, None]
+        s = s.masked_fill(same | ~alive[None, :], float("-inf"))
+        s[torch.arange(rows.numel(), device=dev), rows] = float("-inf")
+        return s
+
+    every = torch.arange(n, device=dev)
+    best, arg = effective(every).max(1)
+    for _ in range(n - target):
+        i = int(best.argmax())
+        j = int(arg[i])
+        if best[i] == float("-inf"):
+            raise FusionError(
+                f"zipit cannot merge further with alpha={alpha}: every remaining merge repeats a member; "
+                "use alpha > 0"
+            )
+        i, j = min(i, j), max(i, j)
+        same_member = int(pure[i]) >= 0 and int(pure[i]) == int(pure[j])
+        merged = torch.minimum(raw[i], raw[j])
+        raw[i], raw[:, i] = merged, merged
+        alive[j] = False
+        label[label == j] = i
+        holds[i] = torch.maximum(holds[i], holds[j])
+        if not same_member:
+            pure[i] = -1
+        stale = (arg == i) | (arg == j)
+        stale[i] = True
+        if same_member:
+            m = int(pure[i])
+            budget[m] -= 1
+            if budget[m] == 0:
+                exhausted[m] = True
+                stale |= pure == m
+        stale &= alive
+        best[j] = float("-inf")
+        rows = stale.nonzero().squeeze(1)
+        best[rows], arg[rows] = effective(rows).max(1)
+    reps = alive.nonzero().squeeze(1)
+    rank = torch.empty(n, dtype=torch.long, device=dev)
+    rank[reps] = torch.arange(reps.numel(), device=dev)
+    return rank[label]
+
+
+def zip_sources(graph: ChannelGraph, feats, alpha: float, beta: float):
+    """Per group, the merge as provenance entries (fused unit, member, member unit, 1 / cluster size)."""
+    n_members = len(feats)
+    sources = []
+    for gi, g in enumerate(graph.groups):
+        u = g.n_units
+        members = torch.arange(n_members).repeat_interleave(u)
+        units = torch.arange(u).repeat(n_members)
+        per = [f[gi] for f in feats]
+        if any(f is None for f in per):  # no producing conv / linear to observe: averaging
+            cluster = units.clone()
+        else:
+            sim = similarity(torch.cat(per))
+            cluster = zip_clusters(sim, members, n_members, float(alpha), float(beta)).cpu()
+        size = torch.bincount(cluster, minlength=u).float()
+        sources.append((cluster, members, units, 1.0 / size[cluster]))
+    return sources
+
+
+def zip_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, member: int, sources) -> torch.Tensor:
+    """Member ``member``'s share of the fused tensor ``name``: M along the dimensions a group produces,
+    U along the dimensions a group is read on."""
+    for d, refs in graph.tensor_dims.get(name, {}).items():
+        for gi, si in refs:
+            slot = graph.groups[gi].slots[si]
+            fused, members, units, weights = sources[gi]
+            pick = members == member
+            pos = slot.positions
+            if (pos < 0).any():
+                raise FusionError(f"zipit: units of group {graph.groups[gi].name!r} differ in shape")
+            k, j = fused[pick], units[pick]
+            w = weights[pick] if slot.role == OUT else torch.ones(k.numel())
+            dst = pos[k].reshape(-1).to(t.device)
+            src = pos[j].reshape(-1).to(t.device)
+            scale = w[:, None].expand(k.numel(), pos[0].numel()).reshape(-1).to(t.device, t.dtype)
+            shape = [1] * t.dim()
+            shape[d] = -1
+            moved = t.index_select(d, src) * scale.reshape(shape)
+            out = t.index_fill(d, pos.reshape(-1).to(t.device), 0)
+            t = out.index_add_(d, dst, moved)
+    return t
+
+
+@register("zipit")
+def zipit(models, *, example_inputs=None, data=None, alpha=0.3, beta=0.125, verify=True):
+    """Merge correlated units within and across members (ZipIt!) on ``data``, keeping the members' widths."""
+    _check(alpha, beta, data)
+    inputs = example_inputs if example_inputs is not None else data
+    graph = channel_groups(models[0], inputs, verify=verify)
+    n = len(models)
+    with torch.no_grad():
+        sources = zip_sources(graph, [_activation_features(m, graph, data) for m in models], alpha, beta)
+        states = [full_state(m) for m in models]
+        fused_state = {}
+        for name, ref in states[0].items():
+            if not is_float(ref):
+                fused_state[name] = ref.clone()
+            elif name not in graph.tensor_dims:
+                fused_state[name] = mean_tensor([s[name] for s in states])
+            else:
+                total = zip_tensor(graph, name, states[0][name], 0, sources)
+                for m in range(1, n):
+                    total = total.add_(zip_tensor(graph, name, states[m][name], m, sources))
+                fused_state[name] = total.div_(n) if graph.is_consumer_only(name) else total
+    fused = build_model(models[0], fused_state)
+    check_runs(fused, inputs)
+    return attach(fused, Provenance("zipit", n, sources))
