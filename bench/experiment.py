@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import schema
 from bench.config import load_config, resolve
 from bench.errors import ConfigError, FusebenchError
 
@@ -86,18 +87,14 @@ def _device_tag(device: torch.device) -> str:
 
 def run_name(tags: dict[str, str]) -> str:
     """A run name a person can tell apart in the MLflow UI, e.g. ``nt · resnet18 · N=4 · s=0.5 · seed 1 · trial 7``."""
-    parts = [
-        tags.get("fusebench.method", "?"),
-        tags.get("fusebench.arch", "?"),
-        f"N={tags.get('fusebench.n_members')}",
-    ]
-    if tags.get("fusebench.sparsity"):
-        parts.append(f"s={tags['fusebench.sparsity']}")
-    if tags.get("fusebench.repair") not in (None, "", "none"):
-        parts.append(tags["fusebench.repair"])
-    parts.append(f"seed {tags.get('fusebench.seed')}")
-    if tags.get("fusebench.trial"):
-        parts.append(f"trial {tags['fusebench.trial']}")
+    parts = [tags.get(schema.METHOD, "?"), tags.get(schema.ARCH, "?"), f"N={tags.get(schema.N_MEMBERS)}"]
+    if tags.get(schema.SPARSITY):
+        parts.append(f"s={tags[schema.SPARSITY]}")
+    if tags.get(schema.REPAIR) not in (None, "", "none"):
+        parts.append(tags[schema.REPAIR])
+    parts.append(f"seed {tags.get(schema.SEED)}")
+    if tags.get(schema.TRIAL):
+        parts.append(f"trial {tags[schema.TRIAL]}")
     return " · ".join(parts)
 
 
@@ -120,16 +117,16 @@ def run_experiment(
 
     device = resolve_device(cfg["device"])
     tags = {
-        "fusebench.device": _device_tag(device),
-        "fusebench.role": "experiment",
-        "fusebench.method": cfg["fusion"]["method"],
-        "fusebench.arch": arch_label(cfg["model"]),
-        "fusebench.dataset": cfg["data"]["name"],
-        "fusebench.n_members": str(_n_members(cfg)),
-        "fusebench.sparsity": _sparsity_tag(cfg),
-        "fusebench.repair": cfg["fusion"]["repair"],
-        "fusebench.finetune_epochs": str(cfg["finetune"]["epochs"]),
-        "fusebench.seed": str(cfg["seed"]),
+        schema.DEVICE: _device_tag(device),
+        schema.ROLE: schema.ROLE_EXPERIMENT,
+        schema.METHOD: cfg["fusion"]["method"],
+        schema.ARCH: arch_label(cfg["model"]),
+        schema.DATASET: cfg["data"]["name"],
+        schema.N_MEMBERS: str(_n_members(cfg)),
+        schema.SPARSITY: _sparsity_tag(cfg),
+        schema.REPAIR: cfg["fusion"]["repair"],
+        schema.FINETUNE_EPOCHS: str(cfg["finetune"]["epochs"]),
+        schema.SEED: str(cfg["seed"]),
         **provenance_tags(),
         **{k: str(v) for k, v in (extra_tags or {}).items()},
     }

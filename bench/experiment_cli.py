@@ -20,6 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench import schema
     from bench.config import load_config
     from bench.experiment import run_experiment
 
@@ -27,8 +28,8 @@ def main(args: argparse.Namespace) -> int:
     result = run_experiment(cfg)
     m = result.metrics
     print(
-        f"run {result.run_id}: {cfg['fusion']['method']} on {cfg['data']['name']}/{result.tags['fusebench.arch']} "
-        f"N={result.tags['fusebench.n_members']}: best member {m['best_member_acc']:.4f}, "
+        f"run {result.run_id}: {cfg['fusion']['method']} on {cfg['data']['name']}/{result.tags[schema.ARCH]} "
+        f"N={result.tags[schema.N_MEMBERS]}: best member {m['best_member_acc']:.4f}, "
         f"ensemble {m['ensemble_acc']:.4f}, fused {m['fused_acc_before_ft']:.4f} -> "
         f"{m['fused_acc_best_val']:.4f} after {cfg['finetune']['epochs']} epochs "
         f"(fusion {m['fusion_time_s']:.3f}s, members trained {result.members_trained}, "

@@ -20,11 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
+from bench import schema
 from bench.config import flatten, to_yaml
 
-ROLE_EXPERIMENT = "experiment"
-# MLflow 3's UI opens an experiment of this kind on its runs table (not on the GenAI traces overview)
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _BATCH_PARAMS, _BATCH_METRICS, _BATCH_TAGS = 100, 1000, 100
 _VERSION_PACKAGES = ("fusebench", "torch", "torchvision", "timm", "torch-pruning", "pot", "mlflow", "numpy")
 
@@ -59,8 +57,8 @@ def library_versions() -> dict[str, str]:
 
 
 def provenance_tags() -> dict[str, str]:
-    tags = {f"fusebench.version.{k}": v for k, v in library_versions().items()}
-    tags["fusebench.git_commit"] = git_commit()
+    tags = {f"{schema.VERSION_PREFIX}{k}": v for k, v in library_versions().items()}
+    tags[schema.GIT_COMMIT] = git_commit()
     return tags
 
 
@@ -71,13 +69,13 @@ def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+            return client.create_experiment(name, tags=schema.EXPERIMENT_KIND)
         except MlflowException:  # created meanwhile by another worker
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
-    if exp.tags.get("mlflow.experimentKind") is None:
-        for key, value in EXPERIMENT_KIND.items():
+    if any(exp.tags.get(key) is None for key in schema.EXPERIMENT_KIND):
+        for key, value in schema.EXPERIMENT_KIND.items():
             client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
@@ -105,11 +103,11 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
         self.experiment_id = self._experiment_id(cfg["experiment"])
         tags = {
-            "fusebench.role": ROLE_EXPERIMENT,
+            schema.ROLE: schema.ROLE_EXPERIMENT,
             **{k: "" if v is None else str(v) for k, v in (tags or {}).items()},
         }
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[schema.MLFLOW_PARENT_RUN] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.run_id: str = run.info.run_id
         self._metrics: list = []
@@ -238,13 +236,13 @@ class Tracker:
         try:
             self.flush()
             if error is not None:
-                self.set_tags({"fusebench.error": error})
+                self.set_tags({schema.ERROR: error})
             errors = self._drain()
             if not (errors and status == "FINISHED"):
                 errors = []  # a failing run re-raises its own error; tracking errors are secondary
             else:  # a write that failed must not go unnoticed
                 status = "FAILED"
-                self.client.set_tag(self.run_id, "fusebench.error", f"tracking: {errors[0]}"[:5000])
+                self.client.set_tag(self.run_id, schema.ERROR, f"tracking: {errors[0]}"[:5000])
             self.client.set_terminated(self.run_id, status)
         finally:
             self._pool.shutdown(wait=True)

@@ -17,31 +17,19 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from bench import schema
 from bench.errors import FusebenchError
 
-#: Tag that marks what a run is (``experiment`` or ``study``).
-ROLE_TAG = "fusebench.role"
-STUDY_TAG = "fusebench.study"
-#: Tag on a study's parent run holding the Optuna storage (journal file path or DB URL).
-STORAGE_TAG = "fusebench.storage"
+ROLE_TAG = schema.ROLE
+STUDY_TAG = schema.STUDY
+STORAGE_TAG = schema.STORAGE
 
 #: The configuration key of a leaderboard row, in display order.
 KEY_COLUMNS = ["dataset", "arch", "n_members", "method", "sparsity", "repair", "finetune_epochs"]
 
 #: Without these a run cannot be ranked: it is skipped with a warning.
-REQUIRED_METRICS = ("fused_acc_before_ft", "fused_acc_best_val")
+REQUIRED_METRICS = schema.REQUIRED_METRICS
 
-# key column -> (schema tag, param to fall back on when the tag is missing)
-_KEY_SOURCES = {
-    "dataset": ("fusebench.dataset", "data.name"),
-    "arch": ("fusebench.arch", "model.arch"),
-    "n_members": ("fusebench.n_members", "members.n"),
-    "method": ("fusebench.method", "fusion.method"),
-    "sparsity": ("fusebench.sparsity", "fusion.options.sparsity"),
-    "repair": ("fusebench.repair", "fusion.repair"),
-    "finetune_epochs": ("fusebench.finetune_epochs", "finetune.epochs"),
-    "seed": ("fusebench.seed", "seed"),
-}
 _INT_KEYS = ("n_members", "finetune_epochs", "seed")
 _MAX_WARNINGS = 8
 
@@ -139,13 +127,13 @@ def _row(run) -> tuple[dict, list[str]]:
         "experiment_id": run.info.experiment_id,
         "start_time": run.info.start_time,
         "study": tags.get(STUDY_TAG, ""),
-        "trial": tags.get("fusebench.trial", ""),
-        "trial_state": tags.get("fusebench.trial_state", ""),
-        "parent_run_id": tags.get("mlflow.parentRunId", ""),
-        "device": tags.get("fusebench.device", ""),
+        "trial": tags.get(schema.TRIAL, ""),
+        "trial_state": tags.get(schema.TRIAL_STATE, ""),
+        "parent_run_id": tags.get(schema.MLFLOW_PARENT_RUN, ""),
+        "device": tags.get(schema.DEVICE, ""),
     }
     problems = []
-    for key, (tag, param) in _KEY_SOURCES.items():
+    for key, (tag, param) in schema.KEY_TAGS.items():
         value = tags.get(tag, params.get(param))
         if key == "sparsity":
             row[key] = _normalize_sparsity(value or "")
@@ -273,7 +261,7 @@ def load_runs(
     )
 
 
-def load_curves(runset: RunSet, metric: str = "fused_acc") -> pd.DataFrame:
+def load_curves(runset: RunSet, metric: str = schema.FUSED_ACC) -> pd.DataFrame:
     """Per-epoch history of ``metric`` for every run: columns run_id, step, value.
 
     ``search_runs`` only returns a metric's latest value, so the curves need one history call per run.

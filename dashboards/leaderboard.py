@@ -18,18 +18,20 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from bench import schema
 from bench.errors import FusebenchError
 from dashboards.data import KEY_COLUMNS
 
-ACC_RAW = "fused_acc_raw"
-ACC_BEFORE = "fused_acc_before_ft"
-ACC_AFTER = "fused_acc_best_val"
-GAIN_MEMBER = "gain_over_best_member"
-GAIN_ENSEMBLE = "gain_over_ensemble"
+ACC_RAW = schema.FUSED_ACC_RAW
+ACC_BEFORE = schema.FUSED_ACC_BEFORE_FT
+ACC_AFTER = schema.FUSED_ACC_BEST_VAL
+GAIN_MEMBER = schema.GAIN_OVER_BEST_MEMBER
+GAIN_ENSEMBLE = schema.GAIN_OVER_ENSEMBLE
+TIME, MEM, PARAMS = schema.FUSION_TIME_S, schema.FUSION_PEAK_MEM_MB, schema.FUSED_PARAMS
 #: Metrics summarised by mean, std (ddof=1) over seeds.
 MEAN_STD_METRICS = (ACC_RAW, ACC_BEFORE, ACC_AFTER, GAIN_MEMBER, GAIN_ENSEMBLE)
 #: Cost metrics summarised by the median (robust to a noisy shared machine).
-MEDIAN_METRICS = ("fusion_time_s", "fusion_peak_mem_mb", "fused_params")
+MEDIAN_METRICS = (TIME, MEM, PARAMS)
 
 BASELINE_KEYS = ("dataset", "arch", "n_members", "finetune_epochs")
 BASELINES = ("ensemble", "best member", "best member + FT", "best member distilled")
@@ -50,9 +52,9 @@ _DISPLAY_NAMES = {
     ACC_AFTER: "acc. fine-tuned (%)",
     GAIN_MEMBER: "Δ best member (pp)",
     GAIN_ENSEMBLE: "Δ ensemble (pp)",
-    "fusion_time_s": "fusion time (s)",
-    "fusion_peak_mem_mb": "peak mem (MB)",
-    "fused_params": "params",
+    TIME: "fusion time (s)",
+    MEM: "peak mem (MB)",
+    PARAMS: "params",
 }
 
 
@@ -83,7 +85,7 @@ def resolve_group_by(group_by: Sequence[str] | None, runs: pd.DataFrame) -> list
 def _with_gains(runs: pd.DataFrame) -> pd.DataFrame:
     """Gains as logged; recomputed from the baselines for runs that did not log them."""
     runs = runs.copy()
-    for gain, base in ((GAIN_MEMBER, "best_member_acc"), (GAIN_ENSEMBLE, "ensemble_acc")):
+    for gain, base in ((GAIN_MEMBER, schema.BEST_MEMBER_ACC), (GAIN_ENSEMBLE, schema.ENSEMBLE_ACC)):
         derived = runs[ACC_AFTER] - runs[base] if base in runs else np.nan
         runs[gain] = runs[gain].fillna(derived) if gain in runs else derived
     if ACC_RAW not in runs:  # runs from before repair: the fused accuracy was the raw one
@@ -110,13 +112,8 @@ def _aggregate(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def _baseline_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (cell, baseline): the per-seed baseline values as pseudo-runs."""
     cells = [*BASELINE_KEYS, "seed"]
-    names = (
-        "ensemble_acc",
-        "best_member_acc",
-        "best_member_ft_acc",
-        "best_member_distill_acc",
-        "member_params",
-    )
+    ens_acc, best_acc, ft_acc = schema.ENSEMBLE_ACC, schema.BEST_MEMBER_ACC, schema.BEST_MEMBER_FT_ACC
+    names = (ens_acc, best_acc, ft_acc, schema.BEST_MEMBER_DISTILL_ACC, schema.MEMBER_PARAMS)
     cols = [c for c in names if c in runs]
     if not cols:
         return pd.DataFrame()
@@ -124,15 +121,15 @@ def _baseline_frame(runs: pd.DataFrame) -> pd.DataFrame:
     for c in names:
         if c not in per_cell:
             per_cell[c] = np.nan
-    ens, best, best_ft = per_cell["ensemble_acc"], per_cell["best_member_acc"], per_cell["best_member_ft_acc"]
-    params = per_cell["member_params"]
+    ens, best, best_ft = per_cell[ens_acc], per_cell[best_acc], per_cell[ft_acc]
+    params = per_cell[schema.MEMBER_PARAMS]
     specs = {
         # name: (acc right after "fusion", acc after fine-tuning, params); the fine-tuned baselines are
         # selected like the fused model (test accuracy at the best validation epoch)
         "ensemble": (ens, ens, params * per_cell["n_members"]),
         "best member": (best, best, params),
         "best member + FT": (best, best_ft, params),
-        "best member distilled": (best, per_cell["best_member_distill_acc"], params),
+        "best member distilled": (best, per_cell[schema.BEST_MEMBER_DISTILL_ACC], params),
     }
     # "Δ best member" is against the fine-tuned best member where it ran (as the experiments log it)
     reference = best_ft.fillna(best)
@@ -145,9 +142,9 @@ def _baseline_frame(runs: pd.DataFrame) -> pd.DataFrame:
         part[ACC_AFTER] = after
         part[GAIN_MEMBER] = after - reference
         part[GAIN_ENSEMBLE] = after - ens
-        part["fusion_time_s"] = np.nan
-        part["fusion_peak_mem_mb"] = np.nan
-        part["fused_params"] = params
+        part[TIME] = np.nan
+        part[MEM] = np.nan
+        part[PARAMS] = params
         parts.append(part[part[ACC_AFTER].notna()])
     return pd.concat(parts, ignore_index=True)
 
@@ -216,9 +213,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         ]
     for metric in (GAIN_MEMBER, GAIN_ENSEMBLE):
         out[_DISPLAY_NAMES[metric]] = [_gain(m) for m in table[f"{metric}_mean"]]
-    out[_DISPLAY_NAMES["fusion_time_s"]] = [_num(v, ".3g") for v in table["fusion_time_s_median"]]
-    out[_DISPLAY_NAMES["fusion_peak_mem_mb"]] = [_num(v, ".1f") for v in table["fusion_peak_mem_mb_median"]]
-    out[_DISPLAY_NAMES["fused_params"]] = [_num(v, ",.0f") for v in table["fused_params_median"]]
+    for metric, fmt in ((TIME, ".3g"), (MEM, ".1f"), (PARAMS, ",.0f")):
+        out[_DISPLAY_NAMES[metric]] = [_num(v, fmt) for v in table[f"{metric}_median"]]
     return out.reset_index(drop=True)
 
 

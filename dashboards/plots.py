@@ -14,18 +14,11 @@ import plotly.colors as pcolors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from bench import schema
 from dashboards.leaderboard import ACC_AFTER
+from fusion.registry import display_order
 
-
-def _known_methods() -> list[str]:
-    """The fusion registry's methods, NT and the classic baselines first: a method keeps its colour."""
-    import fusion
-
-    first = ["nt", "avg", "ot", "nt_iterative", "nt_hierarchical"]
-    return first + [m for m in fusion.available_methods() if m not in first]
-
-
-_KNOWN = _known_methods()
+_KNOWN = display_order()  # the fusion registry's methods in display order: a method keeps its colour
 _PALETTE = pcolors.qualitative.D3
 _BASELINE_COLORS = {"ensemble": "#3b3b3b", "best member": "#9a9a9a", "best member + FT": "#6b6b6b"}
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -150,9 +143,13 @@ def finetune_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | Non
             shown.add(variant)
         setting = runs[(runs.dataset == dataset) & (runs.arch == arch) & (runs.n_members == n)]
         top = setting[setting.finetune_epochs == setting.finetune_epochs.max()]
-        cells = top.groupby("seed")[[c for c in ("ensemble_acc", "best_member_ft_acc") if c in top]].mean()
+        baselines = (schema.ENSEMBLE_ACC, schema.BEST_MEMBER_FT_ACC)
+        cells = top.groupby("seed")[[c for c in baselines if c in top]].mean()
         x_end = float(facet["step"].max()) if not facet.empty else 1.0
-        for col_name, label in (("ensemble_acc", "ensemble"), ("best_member_ft_acc", "best member + FT")):
+        for col_name, label in (
+            (schema.ENSEMBLE_ACC, "ensemble"),
+            (schema.BEST_MEMBER_FT_ACC, "best member + FT"),
+        ):
             if col_name in cells and cells[col_name].notna().any():
                 level = 100 * cells[col_name].mean()
                 fig.add_trace(
@@ -262,8 +259,8 @@ def _width_axis(runs: pd.DataFrame) -> tuple[str, str] | None:
         width = pd.to_numeric(runs["params.model.width"], errors="coerce")
         if width.notna().all() and width.nunique() > 1:
             return "params.model.width", "MLP width"
-    if "member_params" in runs and runs["member_params"].nunique() > 1:
-        return "member_params", "member parameters"
+    if schema.MEMBER_PARAMS in runs and runs[schema.MEMBER_PARAMS].nunique() > 1:
+        return schema.MEMBER_PARAMS, "member parameters"
     return None
 
 
@@ -271,7 +268,10 @@ def cost_scaling(runs: pd.DataFrame) -> go.Figure | None:
     """Median fusion time and peak memory per method against ensemble size and width."""
     metrics = [
         (m, t)
-        for m, t in (("fusion_time_s", "fusion time (s)"), ("fusion_peak_mem_mb", "peak memory (MB)"))
+        for m, t in (
+            (schema.FUSION_TIME_S, "fusion time (s)"),
+            (schema.FUSION_PEAK_MEM_MB, "peak memory (MB)"),
+        )
         if m in runs and runs[m].notna().any()
     ]
     if not metrics:
@@ -316,7 +316,7 @@ def cost_scaling(runs: pd.DataFrame) -> go.Figure | None:
                     col=c,
                 )
                 shown.add(label)
-            if axis_col == "member_params":
+            if axis_col == schema.MEMBER_PARAMS:
                 fig.update_xaxes(title_text=axis_title, type="log", row=r, col=c)
                 fig.update_yaxes(
                     title_text=metric_title,
@@ -337,13 +337,13 @@ def cost_scaling(runs: pd.DataFrame) -> go.Figure | None:
 def lmc_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | None:
     """Linear mode connectivity: test accuracy along the path between two members aligned by each method
     (x: interpolation weight alpha), mean over seeds with a ±1 std band; the barrier is in the legend."""
-    if curves is None or curves.empty or "lmc_barrier_acc" not in runs:
+    if curves is None or curves.empty or schema.LMC_BARRIER_ACC not in runs:
         return None
-    lmc = runs.dropna(subset=["lmc_barrier_acc"])
+    lmc = runs.dropna(subset=[schema.LMC_BARRIER_ACC])
     if lmc.empty:
         return None
     data = curves.merge(
-        lmc[["run_id", "dataset", "arch", "method", "repair", "lmc_barrier_acc"]], on="run_id"
+        lmc[["run_id", "dataset", "arch", "method", "repair", schema.LMC_BARRIER_ACC]], on="run_id"
     )
     data["alpha"] = data["step"] / 100.0
     methods = sorted(data["method"].unique())
@@ -355,7 +355,7 @@ def lmc_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | None:
         sub = data[(data["dataset"] == dataset) & (data["arch"] == arch)]
         for (method, repair), group in sub.groupby(["method", "repair"]):
             stats = group.groupby("alpha")["value"].agg(["mean", "std"]).reset_index().fillna({"std": 0.0})
-            barrier = 100 * group.drop_duplicates("run_id")["lmc_barrier_acc"].mean()
+            barrier = 100 * group.drop_duplicates("run_id")[schema.LMC_BARRIER_ACC].mean()
             color = method_color(method, methods)
             name = f"{method} ({repair}) barrier {barrier:.1f} pp"
             fig.add_trace(

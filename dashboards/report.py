@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from bench import schema
 from dashboards import plots
 from dashboards.data import RunSet, _sqlite_path, load_curves, open_client, warn_stderr
 from dashboards.leaderboard import ACC_AFTER, BASELINES, build_leaderboard, display_table
@@ -213,10 +214,10 @@ def _table_html(table: pd.DataFrame, methods: list[str]) -> str:
 
 def _lmc_curves(runset: RunSet) -> pd.DataFrame | None:
     runs = runset.runs
-    if "lmc_barrier_acc" not in runs or runs["lmc_barrier_acc"].isna().all():
+    if schema.LMC_BARRIER_ACC not in runs or runs[schema.LMC_BARRIER_ACC].isna().all():
         return None
-    lmc = dataclasses.replace(runset, runs=runs.dropna(subset=["lmc_barrier_acc"]))
-    return load_curves(lmc, "lmc_acc")
+    lmc = dataclasses.replace(runset, runs=runs.dropna(subset=[schema.LMC_BARRIER_ACC]))
+    return load_curves(lmc, schema.LMC_ACC)
 
 
 def build_report(

@@ -8,6 +8,9 @@ from collections.abc import Callable
 from .errors import FusionError
 
 _METHODS: dict[str, Callable] = {}
+#: Display metadata: the order in which reports list and colour the methods (NT and the classic
+#: baselines first, then every other registered method by name), so a method keeps its colour.
+DISPLAY_FIRST = ("nt", "avg", "ot", "nt_iterative", "nt_hierarchical")
 
 
 def register(name: str) -> Callable[[Callable], Callable]:
@@ -25,6 +28,12 @@ def register(name: str) -> Callable[[Callable], Callable]:
 def available_methods() -> list[str]:
     """Names of the registered fusion methods, sorted."""
     return sorted(_METHODS)
+
+
+def display_order() -> list[str]:
+    """The registered methods in display order (``DISPLAY_FIRST``, then the others sorted)."""
+    first = [m for m in DISPLAY_FIRST if m in _METHODS]
+    return first + [m for m in available_methods() if m not in first]
 
 
 def get_method(name: str) -> Callable:

@@ -18,11 +18,12 @@ from typing import Any
 
 import optuna
 
+from bench import schema
 from sweeps.search import sample_params
 from sweeps.spec import SweepSpec, apply_params
 from sweeps.study import ERROR_ATTR, WORKER_ATTR, worker_identity
 
-RUN_IDS_ATTR = "fusebench.run_ids"
+RUN_IDS_ATTR = schema.TRIAL_RUN_IDS_ATTR
 
 
 def _stop_experiment_class() -> type[BaseException]:
@@ -78,10 +79,10 @@ class Objective:
                 seed_cfg = copy.deepcopy(cfg)
                 seed_cfg["seed"] = int(cfg["seed"]) + repeat
                 tags = {
-                    "fusebench.study": self.study_name,
-                    "fusebench.trial": str(trial.number),
-                    "fusebench.trial_state": "RUNNING",
-                    "fusebench.repeat": str(repeat),
+                    schema.STUDY: self.study_name,
+                    schema.TRIAL: str(trial.number),
+                    schema.TRIAL_STATE: "RUNNING",
+                    schema.REPEAT: str(repeat),
                 }
                 # Pruning compares trials epoch by epoch: only the first seed reports, so every
                 # trial's curve means the same thing.

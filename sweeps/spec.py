@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import config as bench_config
+from bench import schema
 from bench.errors import ConfigError
 
 TOP_KEYS = (
@@ -60,33 +61,6 @@ PRUNER_KEYS = {
     "median": ("type", "n_startup_trials", "n_warmup_steps"),
     "hyperband": ("type", "min_resource", "reduction_factor"),
 }
-# The metrics of the MLflow run schema (docs/design.md §3) that a trial can be judged by.
-SCHEMA_METRICS = (
-    "members_mean_acc",
-    "best_member_acc",
-    "ensemble_acc",
-    "best_member_ft_acc",
-    "fused_acc",
-    "fused_val_acc",
-    "ft_train_loss",
-    "fused_acc_before_ft",
-    "fused_acc_final",
-    "fused_acc_best_val",
-    "gain_over_best_member",
-    "gain_over_ensemble",
-    "fusion_time_s",
-    "fusion_peak_mem_mb",
-    "fused_params",
-    "member_params",
-    "fused_macs",
-    "member_macs",
-    "fused_latency_ms",
-    "ensemble_latency_ms",
-    "train_time_s",
-    "finetune_time_s",
-    "total_time_s",
-)
-MEMBER_METRIC = re.compile(r"member_\d+_acc")
 
 
 @dataclass(frozen=True)
@@ -348,7 +322,7 @@ def _check_names(names: dict[str, Any], source: str, where: str) -> None:
 
 def _parse_objectives(raw: Any, source: str) -> list[Objective]:
     if raw is None:
-        return [Objective("fused_acc_best_val", "maximize")]
+        return [Objective(schema.FUSED_ACC_BEST_VAL, "maximize")]
     if isinstance(raw, dict):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
@@ -360,10 +334,10 @@ def _parse_objectives(raw: Any, source: str) -> list[Objective]:
             raise ConfigError(f"{source}: '{where}' must be a mapping with 'metric' and 'direction'")
         _check_keys(item, ("metric", "direction"), source, where)
         metric, direction = item.get("metric"), item.get("direction")
-        if not isinstance(metric, str) or not (metric in SCHEMA_METRICS or MEMBER_METRIC.fullmatch(metric)):
+        if not schema.is_metric(metric):
             raise ConfigError(
                 f"{source}: '{where}.metric': unknown metric {metric!r}"
-                f"{_suggest(str(metric), SCHEMA_METRICS)} (see docs/design.md §3)"
+                f"{_suggest(str(metric), list(schema.METRICS))} (see docs/design.md §3)"
             )
         if direction not in ("maximize", "minimize"):
             raise ConfigError(

@@ -21,11 +21,12 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from bench import schema
 from bench.errors import FusebenchError
 
-WORKER_ATTR = "fusebench.worker"       # {"host", "pid", "pid_start"} of the process running the trial
-ERROR_ATTR = "fusebench.error"         # why a trial failed
-PARENT_RUN_ATTR = "fusebench.parent_run_id"
+WORKER_ATTR = schema.TRIAL_WORKER_ATTR
+ERROR_ATTR = schema.TRIAL_ERROR_ATTR
+PARENT_RUN_ATTR = schema.STUDY_PARENT_RUN_ATTR
 MAX_RETRY = 2                          # re-queues of one configuration after its worker died
 # A RUNNING trial with no worker record this old was orphaned between creation and its first line.
 NO_OWNER_GRACE_S = 300.0
@@ -211,7 +212,7 @@ def requeue(study: optuna.Study, failed: FrozenTrial) -> bool:
     if len(history) > MAX_RETRY:
         return False
     system_attrs = {**failed.system_attrs, "failed_trial": history[0], "retry_history": history}
-    user_attrs = {k: v for k, v in failed.user_attrs.items() if not k.startswith("fusebench.")}
+    user_attrs = {k: v for k, v in failed.user_attrs.items() if not k.startswith(schema.PREFIX)}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
         user_attrs=user_attrs, system_attrs=system_attrs))

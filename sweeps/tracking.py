@@ -16,9 +16,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from bench import schema
 from sweeps.spec import SweepSpec
-
-ROLE_STUDY = "study"
 
 
 def resolve_tracking_uri(cli_uri: str | None, base: dict) -> str:
@@ -54,10 +53,10 @@ def ensure_parent_run(client: MlflowClient, exp_id: str, study, spec: SweepSpec,
         except MlflowException:
             pass  # deleted from MLflow: make a new one
     tags = {
-        "fusebench.role": ROLE_STUDY,
-        "fusebench.study": study.study_name,
-        "fusebench.storage": storage_url,
-        "mlflow.note.content": spec.description or f"Optuna study {study.study_name} from {spec.source}",
+        schema.ROLE: schema.ROLE_STUDY,
+        schema.STUDY: study.study_name,
+        schema.STORAGE: storage_url,
+        schema.MLFLOW_NOTE: spec.description or f"Optuna study {study.study_name} from {spec.source}",
     }
     run = client.create_run(exp_id, tags=tags, run_name=f"study-{study.study_name}")
     mine = run.info.run_id
@@ -108,11 +107,11 @@ def mark_trial_runs(client: MlflowClient, runs: list, state: str, error: str | N
     for run in runs:
         rid = run.info.run_id
         ids.append(rid)
-        if run.data.tags.get("fusebench.trial_state") != state:
-            client.set_tag(rid, "fusebench.trial_state", state)
+        if run.data.tags.get(schema.TRIAL_STATE) != state:
+            client.set_tag(rid, schema.TRIAL_STATE, state)
         if run.info.status == "RUNNING":
-            if error and "fusebench.error" not in run.data.tags:
-                client.set_tag(rid, "fusebench.error", error[:5000])
+            if error and schema.ERROR not in run.data.tags:
+                client.set_tag(rid, schema.ERROR, error[:5000])
             client.set_terminated(rid, status="FAILED" if state != "PRUNED" else "KILLED")
     return ids
 
@@ -127,7 +126,7 @@ def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, stu
         if run.info.status != "RUNNING":
             continue
         try:
-            number = int(run.data.tags.get("fusebench.trial", "-1"))
+            number = int(run.data.tags.get(schema.TRIAL, "-1"))
         except ValueError:
             continue
         trial = finished.get(number)

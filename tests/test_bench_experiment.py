@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from bench import cli
+from bench import cli, schema
 from bench.config import load_config
 from bench.experiment import StopExperiment, run_experiment
 
@@ -77,6 +77,9 @@ def _check_run(uri, result, cfg, method, arch_tag, n):
         metrics["fused_acc_best_val"] - metrics["ensemble_acc"]
     )
     assert SCHEMA_TAGS <= set(tags)
+    # everything the run logged is named in bench.schema (the vocabulary sweeps and dashboards read)
+    assert [k for k in metrics if not schema.is_metric(k)] == []
+    assert [k for k in tags if k.startswith(schema.PREFIX) and not schema.is_tag(k)] == []
     assert tags["fusebench.method"] == method and tags["fusebench.arch"] == arch_tag
     assert tags["fusebench.dataset"] == "digits" and tags["fusebench.n_members"] == str(n)
     assert tags["fusebench.role"] == "experiment" and tags["fusebench.device"] == "cpu"
