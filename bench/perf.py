@@ -57,17 +57,28 @@ def build_members(arch: str, width: int, n: int, device: str) -> tuple[list[nn.M
     return members, x.to(device)
 
 
-def _fuse_repeatedly(members, method, example, repeats):
+def method_data(method: str, example: torch.Tensor, samples: int = 256) -> torch.Tensor | None:
+    """A fixed batch of inputs for the methods that observe activations (``data=``), else None."""
+    import fusion
+
+    if "data" not in fusion.method_options(method):
+        return None
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(samples, *example.shape[1:], generator=g).to(example.device)
+
+
+def _fuse_repeatedly(members, method, example, repeats, data=None):
     """Runs in the measured process: fuse ``repeats`` times, return the wall times (synchronized)."""
     import fusion
 
     cuda = example.is_cuda
+    options = {} if data is None else {"data": data}
     times = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fused = fusion.fuse(members, method, example_inputs=example)
+        fused = fusion.fuse(members, method, example_inputs=example, **options)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -82,21 +93,22 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
     from bench.measure import gpu_peak_beyond_baseline, peak_rss_beyond_baseline
 
     members, x = build_members(case.arch, case.width, case.n, device)
+    data = method_data(case.method, x)
     if device.startswith("cuda"):
         cold, cold_mb, _ = gpu_peak_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, 1, device=device
+            _fuse_repeatedly, members, case.method, x, 1, data, device=device
         )
-        _fuse_repeatedly(members, case.method, x, 1)
+        _fuse_repeatedly(members, case.method, x, 1, data)
         warm, warm_mb, _ = gpu_peak_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, repeats, device=device
+            _fuse_repeatedly, members, case.method, x, repeats, data, device=device
         )
     else:
         preload = ("fusion", "torch_pruning", "ot")
         cold, cold_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, 1, preload=preload
+            _fuse_repeatedly, members, case.method, x, 1, data, preload=preload
         )
         warm, warm_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, repeats, preload=preload, warmup=True
+            _fuse_repeatedly, members, case.method, x, repeats, data, preload=preload, warmup=True
         )
     model_mb = sum(p.numel() * p.element_size() for p in members[0].parameters()) / 2**20
     return {
@@ -129,18 +141,20 @@ def default_cases(methods: list[str], widths, quick: bool) -> list[Case]:
                 if m == "ot" and arch == "vgg11":
                     continue
                 cases.append(Case(arch, arch, 0, 2, m))
+        for m in methods:  # many members: MergeMany / OT to an anchor / NT over 16 models
+            cases.append(Case("resnet18", "resnet18", 0, 16, m))
     return cases
 
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'case':<14}{'method':<8}{'N':>3}{'first s':>10}{'median s':>10}{'first MB':>10}{'extra MB':>10}"
+        f"{'case':<14}{'method':<20}{'N':>3}{'first s':>10}{'median s':>10}{'first MB':>10}{'extra MB':>10}"
         f"{'model MB':>10}{'extra/model':>12}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['case']:<14}{r['method']:<8}{r['N']:>3}{r['first_s']:>10.3f}{r['median_s']:>10.3f}"
+            f"{r['case']:<14}{r['method']:<20}{r['N']:>3}{r['first_s']:>10.3f}{r['median_s']:>10.3f}"
             f"{r['first_extra_mb']:>10.1f}{r['peak_extra_mb']:>10.1f}{r['model_mb']:>10.1f}{r['extra_per_model']:>12.2f}"
         )
     return "\n".join(lines)
