@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from bench import schema
 from bench.config import flatten, to_yaml
@@ -27,9 +28,69 @@ _BATCH_PARAMS, _BATCH_METRICS, _BATCH_TAGS = 100, 1000, 100
 _VERSION_PACKAGES = ("fusebench", "torch", "torchvision", "timm", "torch-pruning", "pot", "mlflow", "numpy")
 
 
-def resolve_tracking_uri(cfg: dict) -> str | None:
-    """Config, else MLFLOW_TRACKING_URI, else None (MLflow's own default, ``sqlite:///mlflow.db``)."""
-    return cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None
+def resolve_tracking_uri(*candidates: str | None) -> str:
+    """The one precedence for every command: the first candidate that is set (a ``--tracking-uri``, then
+    the config's ``tracking_uri``), else ``MLFLOW_TRACKING_URI``, else MLflow's own default
+    (``sqlite:///mlflow.db`` in the working directory)."""
+    for uri in candidates:
+        if uri:
+            return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (None for other URIs and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    if not path or path == ":memory:":
+        return None
+    return Path(unquote(path.split("?", 1)[0]))
+
+
+def open_client(*candidates: str | None, must_exist: bool = False):
+    """``(MlflowClient, uri)`` on the store ``resolve_tracking_uri(*candidates)`` names. ``must_exist``
+    (readers): refuse a store that is not there instead of creating an empty one for a mistyped path."""
+    from mlflow import MlflowClient
+
+    from bench.errors import FusebenchError
+
+    uri = resolve_tracking_uri(*candidates)
+    if must_exist:
+        db = sqlite_path(uri)
+        if db is not None and not db.exists():
+            raise FusebenchError(f"tracking store {uri!r} does not exist (no file {db})")
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            local = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
+            if not local.exists():
+                raise FusebenchError(f"tracking store {uri!r} does not exist")
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def tag_filter(**tags: str | int) -> str:
+    """An MLflow search filter matching every ``tag=value`` (``tag_filter(**{schema.ROLE: "study"})``)."""
+    parts = []
+    for tag, value in tags.items():
+        quoted = str(value).replace("'", "\\'")
+        parts.append(f"tags.`{tag}` = '{quoted}'")
+    return " AND ".join(parts)
+
+
+def search_runs(client, experiment_ids: list[str], filter_string: str = "", page_size: int = 1000):
+    """Every run matching the filter, page by page (``search_runs`` returns one page at a time)."""
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=page_size, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,8 +161,8 @@ class Tracker:
         start = time.perf_counter()
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-        self.experiment_id = self._experiment_id(cfg["experiment"])
+        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.get("tracking_uri")))
+        self.experiment_id = experiment_id(self.client, cfg["experiment"])
         tags = {
             schema.ROLE: schema.ROLE_EXPERIMENT,
             **{k: "" if v is None else str(v) for k, v in (tags or {}).items()},
@@ -116,9 +177,6 @@ class Tracker:
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self.seconds = time.perf_counter() - start
-
-    def _experiment_id(self, name: str) -> str:
-        return experiment_id(self.client, name)
 
     def log_dataset(self, data, dcfg: dict) -> None:
         """The data set as MLflow dataset inputs (the UI's Dataset column): one per split, with its size."""

@@ -12,8 +12,9 @@ import ipaddress
 import os
 import sys
 
+from bench.tracking import resolve_tracking_uri
 from dashboards._cli import add_tracking_arg
-from dashboards.data import resolve_tracking_uri, warn_stderr
+from dashboards.data import warn_stderr
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

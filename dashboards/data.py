@@ -8,16 +8,13 @@ it, so ``fusebench leaderboard``/``report`` print one line and exit 2 instead of
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from bench import schema
+from bench import schema, tracking
 from bench.errors import FusebenchError
 
 ROLE_TAG = schema.ROLE
@@ -55,52 +52,9 @@ class RunSet:
         return self.parent_run_ids[0] if self.parent_run_ids else None
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's own default (sqlite:///mlflow.db)."""
-    if uri:
-        return uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:"):
-        return None
-    path = uri.split(":///", 1)[1] if ":///" in uri else ""
-    if not path or path == ":memory:":
-        return None
-    return Path(unquote(path.split("?", 1)[0]))
-
-
 def open_client(tracking_uri: str | None = None):
-    """An ``MlflowClient`` on the store, refusing to create an empty SQLite file for a mistyped path."""
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri)
-    db = _sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise FusebenchError(f"tracking store {uri!r} does not exist (no file {db})")
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        local = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
-        if not local.exists():
-            raise FusebenchError(f"tracking store {uri!r} does not exist")
-    return MlflowClient(tracking_uri=uri), uri
-
-
-def _search(client, experiment_ids: list[str], filter_string: str) -> Iterator:
-    """All runs matching the filter, page by page (search_runs returns one page at a time)."""
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=5000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
+    """``(MlflowClient, uri)``: a reader never creates an empty store for a mistyped path."""
+    return tracking.open_client(tracking_uri, must_exist=True)
 
 
 def _all_experiment_ids(client) -> list[str]:
@@ -186,8 +140,8 @@ def _frame(runs: list, warn: Callable[[str], None]) -> tuple[pd.DataFrame, list[
     return frame, skipped
 
 
-def _experiment_filter() -> str:
-    return f"tags.`{ROLE_TAG}` = 'experiment'"
+def _role(role: str, **tags: str) -> str:
+    return tracking.tag_filter(**{ROLE_TAG: role}, **tags)
 
 
 def load_runs(
@@ -215,7 +169,7 @@ def load_runs(
                 f"unknown experiment {experiment!r} in tracking store {uri} (experiments: {shown or 'none'})"
             )
         source = f"experiment {experiment!r}"
-        runs = list(_search(client, [exp.experiment_id], _experiment_filter()))
+        runs = list(tracking.search_runs(client, [exp.experiment_id], _role(schema.ROLE_EXPERIMENT)))
         if not runs:
             raise FusebenchError(
                 f"experiment {experiment!r} in {uri} has no fusebench runs (no run with tag {ROLE_TAG}=experiment)"
@@ -223,18 +177,12 @@ def load_runs(
     else:
         source = f"study {study!r}"
         all_ids = _all_experiment_ids(client)
-        quoted = study.replace("'", "\\'")
-        parents = list(
-            _search(client, all_ids, f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{quoted}'")
-        )
-        runs = list(_search(client, all_ids, _experiment_filter() + f" and tags.`{STUDY_TAG}` = '{quoted}'"))
+        named = {STUDY_TAG: study}
+        parents = list(tracking.search_runs(client, all_ids, _role(schema.ROLE_STUDY, **named)))
+        runs = list(tracking.search_runs(client, all_ids, _role(schema.ROLE_EXPERIMENT, **named)))
         if not parents and not runs:
-            known = sorted(
-                {
-                    r.data.tags.get(STUDY_TAG, "")
-                    for r in _search(client, all_ids, f"tags.`{ROLE_TAG}` = 'study'")
-                }
-            )
+            studies = tracking.search_runs(client, all_ids, _role(schema.ROLE_STUDY))
+            known = sorted({r.data.tags.get(STUDY_TAG, "") for r in studies})
             shown = ", ".join(repr(n) for n in known[:10]) + (" ..." if len(known) > 10 else "")
             raise FusebenchError(
                 f"unknown study {study!r} in tracking store {uri} (studies: {shown or 'none'})"

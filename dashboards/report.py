@@ -21,8 +21,9 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from bench import schema
+from bench.tracking import sqlite_path
 from dashboards import plots
-from dashboards.data import RunSet, _sqlite_path, load_curves, open_client, warn_stderr
+from dashboards.data import RunSet, load_curves, open_client, warn_stderr
 from dashboards.leaderboard import ACC_AFTER, BASELINES, build_leaderboard, display_table
 
 #: div ids of the figures, in page order (tests look for them).
@@ -55,7 +56,7 @@ def load_optuna_study(storage: str | None, study_name: str | None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         if "://" in storage and not storage.startswith("file://"):
-            db = _sqlite_path(storage)
+            db = sqlite_path(storage)
             if db is not None and not db.exists():
                 return None, f"Optuna storage {storage} not found on this machine"
             # skip_table_creation: a report must never create or migrate tables in someone's database

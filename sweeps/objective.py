@@ -74,6 +74,7 @@ class Objective:
         state, error = "FAIL", None
         try:
             cfg = apply_params(self.spec.base, params, source=f"{self.spec.source}: trial {trial.number}")
+            cfg["tracking_uri"] = self.tracking[0].tracking_uri  # where the study's parent run lives
             per_seed: list[dict[str, float]] = []
             for repeat in range(self.spec.repeats):
                 seed_cfg = copy.deepcopy(cfg)
@@ -97,15 +98,29 @@ class Objective:
             return values[0] if len(values) == 1 else values
         except stop as exc:
             state = "PRUNED"
+            self._failed_run(trial, run_ids, exc)
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr(ERROR_ATTR, error[:2000])
+            self._failed_run(trial, run_ids, exc)
             if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc):
                 _free_accelerator_memory()
             raise
+        except BaseException as exc:  # Ctrl-C: the trial ends FAIL, its run KILLED (by run_experiment)
+            self._failed_run(trial, run_ids, exc)
+            raise
         finally:
             self._finish_runs(trial, run_ids, state, error)
+
+    @staticmethod
+    def _failed_run(trial: optuna.Trial, run_ids: list[str], exc: BaseException) -> None:
+        """The run of the seed that raised: ``run_experiment`` attaches its id to the exception (none
+        when it failed before creating a run)."""
+        run_id = getattr(exc, "fusebench_run_id", None)
+        if run_id and run_id not in run_ids:
+            run_ids.append(run_id)
+            trial.set_user_attr(RUN_IDS_ATTR, list(run_ids))
 
     def _objective_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -130,15 +145,12 @@ class Objective:
         return values
 
     def _finish_runs(self, trial: optuna.Trial, run_ids: list[str], state: str, error: str | None) -> None:
-        """Tag every run of the trial with its final state (the failing seed's run id is found by search)."""
-        from sweeps.tracking import mark_trial_runs, trial_runs
+        """Tag every run of the trial with its final state."""
+        from sweeps.tracking import mark_trial_runs
 
-        client, exp_id = self.tracking
+        client, _ = self.tracking
         try:
-            runs = trial_runs(client, exp_id, self.parent_run_id, trial.number)
-            ids = mark_trial_runs(client, runs, state, error)
-            if set(ids) - set(run_ids):
-                trial.set_user_attr(RUN_IDS_ATTR, sorted(set(run_ids) | set(ids), key=(run_ids + ids).index))
+            mark_trial_runs(client, [client.get_run(rid) for rid in run_ids], state, error)
         except Exception as exc:  # noqa: BLE001 - tracking trouble must not turn a result into a failure
             print(f"fusebench sweep: warning: could not tag the MLflow runs of trial {trial.number}: {exc}",
                   file=sys.stderr)

@@ -94,11 +94,9 @@ def _quiet_optuna() -> None:
 def run_worker(job: _WorkerJob) -> int:
     """Run trials until the study reaches its target or the deadline passes; returns trials run here."""
     _quiet_optuna()
-    from mlflow import MlflowClient
-
+    from bench.tracking import experiment_id, open_client
     from sweeps.objective import Objective
     from sweeps.search import make_pruner, make_sampler
-    from sweeps.tracking import experiment_id
 
     info = open_storage(job.storage, job.study_name, job.runs_dir)
     study = optuna.load_study(
@@ -107,7 +105,7 @@ def run_worker(job: _WorkerJob) -> int:
         sampler=make_sampler(job.spec, worker=job.worker),
         pruner=make_pruner(job.spec),
     )
-    client = MlflowClient(tracking_uri=job.tracking_uri)
+    client, _ = open_client(job.tracking_uri)
     exp_id = experiment_id(client, job.spec.base["experiment"])
     gate = _Gate(Path(job.runs_dir) / f"{job.study_name}.lock")
     objective = Objective(
@@ -161,16 +159,9 @@ def run_sweep(
     picklable (a module-level function), since workers are spawned processes.
     """
     _quiet_optuna()
-    from mlflow import MlflowClient
-
+    from bench.tracking import experiment_id, open_client
     from sweeps.search import make_pruner, make_sampler
-    from sweeps.tracking import (
-        close_orphan_runs,
-        ensure_parent_run,
-        experiment_id,
-        finish_parent_run,
-        resolve_tracking_uri,
-    )
+    from sweeps.tracking import close_orphan_runs, ensure_parent_run, finish_parent_run
 
     t0 = time.time()
     if workers < 1:
@@ -181,8 +172,9 @@ def run_sweep(
         target = min(n_trials, spec.grid_size())
     timeout = timeout if timeout is not None else spec.timeout
     deadline = t0 + timeout if timeout else None
-    uri = resolve_tracking_uri(tracking_uri, spec.base)
-    spec.base["tracking_uri"] = uri  # trials log where the parent run lives, in every worker
+    # --tracking-uri, else the base config's, else MLFLOW_TRACKING_URI, else MLflow's default; every trial
+    # logs there too (the objective puts it in the trial's config)
+    client, uri = open_client(tracking_uri, spec.base["tracking_uri"])
     runs = Path(runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
 
@@ -195,7 +187,6 @@ def run_sweep(
         make_pruner(spec),
         [o.metric for o in spec.objectives],
     )
-    client = MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, spec.base["experiment"])
     parent = ensure_parent_run(client, exp_id, study, spec, info.url)
     before = count_trials(study)

@@ -1,14 +1,13 @@
 """The study's MLflow side: one parent run per study, trial-run tags, orphan clean-up.
 
 Everything goes through ``MlflowClient`` with explicit run ids: workers are separate processes, and the
-fluent API's process-global "active run" would attach runs to the wrong parent (REFERENCE.md §5).
+fluent API's process-global "active run" would attach runs to the wrong parent.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -17,22 +16,8 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from bench import schema
+from bench.tracking import search_runs, tag_filter
 from sweeps.spec import SweepSpec
-
-
-def resolve_tracking_uri(cli_uri: str | None, base: dict) -> str:
-    """--tracking-uri, else the base config's, else MLFLOW_TRACKING_URI, else MLflow's default."""
-    import mlflow
-
-    uri = cli_uri or base.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or mlflow.get_tracking_uri()
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the MLflow experiment (one helper for bench and sweeps: bench.tracking)."""
-    from bench.tracking import experiment_id as get_or_create
-
-    return get_or_create(client, name)
 
 
 def ensure_parent_run(client: MlflowClient, exp_id: str, study, spec: SweepSpec, storage_url: str) -> str:
@@ -87,33 +72,16 @@ def _log_spec(client: MlflowClient, run_id: str, spec: SweepSpec) -> None:
         client.log_text(run_id, spec.text, "sweep_spec.yaml")
 
 
-def trial_runs(client: MlflowClient, exp_id: str, parent_run_id: str, trial_number: int | None = None) -> list:
-    """Child runs of the study (of one trial when ``trial_number`` is given)."""
-    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    if trial_number is not None:
-        flt += f" AND tags.`fusebench.trial` = '{trial_number}'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=flt, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def mark_trial_runs(client: MlflowClient, runs: list, state: str, error: str | None = None) -> list[str]:
+def mark_trial_runs(client: MlflowClient, runs: list, state: str, error: str | None = None) -> None:
     """Set ``fusebench.trial_state`` on a trial's runs; end the ones a dead worker left RUNNING."""
-    ids = []
     for run in runs:
         rid = run.info.run_id
-        ids.append(rid)
         if run.data.tags.get(schema.TRIAL_STATE) != state:
             client.set_tag(rid, schema.TRIAL_STATE, state)
         if run.info.status == "RUNNING":
             if error and schema.ERROR not in run.data.tags:
                 client.set_tag(rid, schema.ERROR, error[:5000])
             client.set_terminated(rid, status="FAILED" if state != "PRUNED" else "KILLED")
-    return ids
 
 
 def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, study) -> int:
@@ -122,7 +90,8 @@ def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, stu
 
     finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     fixed = 0
-    for run in trial_runs(client, exp_id, parent_run_id):
+    children = search_runs(client, [exp_id], tag_filter(**{schema.MLFLOW_PARENT_RUN: parent_run_id}))
+    for run in children:
         if run.info.status != "RUNNING":
             continue
         try:

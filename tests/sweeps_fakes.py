@@ -1,7 +1,8 @@
 """A stand-in for ``bench.experiment.run_experiment`` that follows its contract (docs/design.md §2/§3)
 without training anything, so sweep tests exercise Optuna, MLflow and processes in well under a second
 per trial. It creates a real MLflow child run under the given parent, calls the epoch callback, logs
-the schema's metrics, and ends the run FINISHED / KILLED (StopExperiment) / FAILED (any error).
+the schema's metrics, and ends the run FINISHED / KILLED (StopExperiment) / FAILED (any error), the run id
+attached to the exception as ``exc.fusebench_run_id``.
 
 Behaviour switches (all optional):
 - ``fusion.options.fake_fail``: ``"nan"`` raises like a NaN fine-tune loss, ``"oom"`` raises
@@ -74,10 +75,12 @@ def fake_experiment(config: dict, *, parent_run_id=None, extra_tags=None, epoch_
                    "total_time_s": time.perf_counter() - t0}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-    except StopExperiment:
+    except StopExperiment as exc:
+        exc.fusebench_run_id = run_id
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:  # as run_experiment: Ctrl-C ends the run KILLED, anything else FAILED
+        exc.fusebench_run_id = run_id  # the failed run travels with the exception
         interrupted = isinstance(exc, KeyboardInterrupt)
         reason = "interrupted (KeyboardInterrupt)" if interrupted else f"{type(exc).__name__}: {exc}"
         client.set_tag(run_id, "fusebench.error", reason)
