@@ -127,7 +127,7 @@ class ChannelGraph:
             if s.role == IN and self.is_consumer_only(s.tensor):
                 per_pos = per_pos * (1.0 / n_members) ** p
             pos = s.positions.to(per_pos.device)
-            vals = per_pos[pos.clamp(min=0)] * (pos >= 0)
+            vals = per_pos.index_select(0, pos.clamp(min=0).reshape(-1)).reshape(pos.shape) * (pos >= 0)
             unit = vals.sum(dim=(1, 2))
             total = unit if total is None else total + unit
             n_items += 1
@@ -141,13 +141,15 @@ class ChannelGraph:
         pos_parts, mem_parts = [], []
         for gi, si in refs:
             members, units = selection[gi]
-            pos = self.groups[gi].slots[si].positions[units]  # [K, u, r]
+            # index_select / masked_select: advanced indexing is parallelised and, on small index tensors,
+            # far slower than these (milliseconds per call when the cores are busy)
+            pos = self.groups[gi].slots[si].positions.index_select(0, units)  # [K, u, r]
             mem = members[:, None, None].expand_as(pos)
             pos = pos.permute(2, 0, 1).reshape(-1)
             mem = mem.permute(2, 0, 1).reshape(-1)
             keep = pos >= 0
-            pos_parts.append(pos[keep])
-            mem_parts.append(mem[keep])
+            pos_parts.append(torch.masked_select(pos, keep))
+            mem_parts.append(torch.masked_select(mem, keep))
         return torch.cat(pos_parts), torch.cat(mem_parts)
 
     def assemble(
@@ -166,7 +168,9 @@ class ChannelGraph:
             for d, (pos, _) in index.items():
                 shape[d] = pos.numel()
             scale = 1.0 / n if self.is_consumer_only(name) else 1.0
-            out = ref.new_zeros(shape)
+            # every entry is written when one member fills it all or only one dimension is slotted (each slice
+            # along it comes whole from one member); otherwise the blocks between members stay zero
+            out = ref.new_empty(shape) if n == 1 or len(index) == 1 else ref.new_zeros(shape)
             # each member writes only its own block; entries between members stay zero. In the general case the
             # last slotted dimension is written with index_copy_: its positions belong to one member each, and
             # the entries of such a slice that are not that member's are zero
@@ -183,17 +187,17 @@ class ChannelGraph:
                     slotted = sorted(picks)
                     if len(slotted) == 1:
                         dst, src = picks[last]
-                        sub = t.index_select(last, src)
+                        sub = _take(t, last, src)
                         if scale != 1.0:
-                            sub.mul_(scale)
+                            sub = sub * scale  # not in place: sub may be a view of the member
                         out.index_copy_(last, dst, sub)
                     elif len(slotted) == 2 and slotted[1] == slotted[0] + 1:
                         # one gather and one scatter of the member's block (rows x columns), no zero padding
                         lead = (slice(None),) * slotted[0]
                         (dst0, src0), (dst1, src1) = picks[slotted[0]], picks[slotted[1]]
-                        block = t[lead + (src0[:, None], src1[None, :])]
+                        block = _take(_take(t, slotted[0], src0), slotted[1], src1)
                         if scale != 1.0:
-                            block.mul_(scale)
+                            block = block * scale  # not in place: block may be a view of the member
                         rows, cols = _as_range(dst0), _as_range(dst1)
                         if rows is not None and cols is not None:  # NT keeps concatenation order: blocks
                             out[lead + (rows, cols)].copy_(block)
@@ -215,6 +219,15 @@ class ChannelGraph:
                         out.index_copy_(last, picks[last][0], sub)
             new[name] = out
         return new
+
+
+def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index)``, as a view when ``index`` is a run of consecutive positions (NT keeps
+    each member's units in order, so its blocks are often whole runs)."""
+    run = _as_range(index)
+    if run is not None:
+        return t.narrow(dim, run.start, run.stop - run.start)
+    return t.index_select(dim, index)
 
 
 def _as_range(index: torch.Tensor) -> slice | None:

@@ -221,17 +221,21 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
 
 
 def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
-    per_root: list[list[int]] = [[] for _ in range(n_root)]
-    for idx, r in zip(idxs, root_idxs):
-        if r is None or not 0 <= r < n_root:
-            raise FusionError(f"torch-pruning gave an invalid channel index mapping for {name!r}")
-        if idx not in per_root[r]:
-            per_root[r].append(int(idx))
-    width = max(len(p) for p in per_root)
-    out = torch.full((n_root, width), -1, dtype=torch.long)
-    for r, plist in enumerate(per_root):
-        plist.sort()
-        out[r, : len(plist)] = torch.tensor(plist, dtype=torch.long)
+    """``out[r]``: the sorted, distinct positions along the item's dimension that root channel r maps to
+    (-1 pads rows with fewer). Vectorised: thousands of channels per item are common."""
+    idx = torch.tensor([int(i) for i in idxs], dtype=torch.long)
+    root = torch.tensor([-1 if r is None else int(r) for r in root_idxs], dtype=torch.long)
+    if idx.numel() != root.numel() or ((root < 0) | (root >= n_root) | (idx < 0)).any():
+        raise FusionError(f"torch-pruning gave an invalid channel index mapping for {name!r}")
+    if idx.numel() == 0:
+        return torch.full((n_root, 0), -1, dtype=torch.long)
+    span = int(idx.max()) + 1
+    pairs = torch.unique(root * span + idx)  # sorted by root, then position; duplicates dropped
+    r, pos = pairs // span, pairs % span
+    counts = torch.bincount(r, minlength=n_root)
+    column = torch.arange(pairs.numel()) - (torch.cumsum(counts, 0) - counts)[r]
+    out = torch.full((n_root, int(counts.max())), -1, dtype=torch.long)
+    out[r, column] = pos
     return out
 
 
