@@ -1,10 +1,11 @@
-"""The ``fusebench`` command line.
+"""Sub-command dispatch shared by the command lines, and bench's own commands (``run``, ``perf``, ``zoo``).
 
-Each sub-command lives in the package that owns it and exposes ``configure(parser)`` and
-``main(args) -> int``; this module only dispatches, so importing it stays cheap (torch, MLflow and
-Optuna are imported by the sub-command that needs them).
-Bad input (a ``ValueError`` subclass raised by fusebench or the fusion library) is printed as one
-line on stderr with exit code 2 and no traceback.
+The ``fusebench`` command line, which sits above every package, adds the other packages' commands to
+these; ``python -m bench.cli`` offers bench's alone. A command is a module (or object) with
+``configure(parser)`` and ``main(args) -> int``, imported when the parser is built: heavy imports (torch,
+MLflow, Optuna) belong inside ``main``. Bad input (a ``ValueError`` subclass raised by fusebench or the
+fusion library) is printed as one line ``fusebench <cmd>: error: ...`` on stderr with exit code 2 and no
+traceback.
 """
 
 from __future__ import annotations
@@ -12,36 +13,40 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
-# name -> (module, help)
-COMMANDS = {
+# name -> (module or object with configure/main, help)
+COMMANDS: dict[str, tuple[Any, str]] = {
     "run": ("bench.experiment_cli", "run one fusion experiment from a YAML config"),
     "perf": ("bench.perf", "benchmark fusion time and peak memory of the methods"),
     "zoo": ("bench.zoo", "walk timm's models: which fuse, which are refused and why (docs/architectures.md)"),
-    "sweep": ("sweeps.cli", "run an Optuna sweep from a YAML spec"),
-    "leaderboard": ("dashboards.cli_leaderboard", "export a leaderboard table from MLflow"),
-    "report": ("dashboards.cli_report", "write a self-contained HTML report from MLflow"),
-    "ui": ("dashboards.cli_ui", "start the MLflow UI on the configured tracking store"),
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def _load(target: Any) -> Any | None:
+    """The command's implementation; None when its module is not installed (the others still work)."""
+    if not isinstance(target, str):
+        return target
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not target.startswith(exc.name):
+            raise
+        return None
+
+
+def build_parser(commands: dict[str, tuple[Any, str]] = COMMANDS) -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="fusebench", description="Benchmark platform for model fusion.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    modules = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    loaded = {}
+    for name, (target, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # A sub-command whose module is not installed/built must not break the other ones.
-            if exc.name is None or not module_name.startswith(exc.name):
-                raise
-            continue
-        module.configure(p)
-        modules[name] = module
-    return parser, modules
+        command = _load(target)
+        if command is not None:
+            command.configure(p)
+            loaded[name] = command
+    return parser, loaded
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -54,17 +59,15 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
+def main(argv: list[str] | None = None, commands: dict[str, tuple[Any, str]] = COMMANDS) -> int:
+    parser, loaded = build_parser(commands)
     args = parser.parse_args(argv)
-    if args.command not in modules:
-        print(
-            f"fusebench {args.command}: error: not available ({COMMANDS[args.command][0]} is missing)",
-            file=sys.stderr,
-        )
+    if args.command not in loaded:
+        missing = commands[args.command][0]
+        print(f"fusebench {args.command}: error: not available ({missing} is missing)", file=sys.stderr)
         return 2
     try:
-        return int(modules[args.command].main(args) or 0)
+        return int(loaded[args.command].main(args) or 0)
     except KeyboardInterrupt:
         print("fusebench: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""``fusebench sweep SPEC.yaml``: run (or resume) an Optuna sweep, then print the leaderboard.
+"""``fusebench sweep SPEC.yaml``: run (or resume) an Optuna sweep, then print a leaderboard of the study.
 
 Re-running the same command continues the same study (same name, same storage): finished trials are
 kept, trials a crash left RUNNING are failed and re-queued, and the study stops at its target count.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 
 from bench.errors import FusebenchError
 
@@ -29,23 +30,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", default="runs", help="folder for journal files and locks (default: runs)")
 
 
-def _dashboards_leaderboard(result) -> str:
-    """The dashboards package's leaderboard of this study (mean ± std over seeds, gains), as Markdown."""
-    from dashboards import leaderboard as lb
-    from dashboards.data import load_runs
-
-    runset = load_runs(study=result.study_name, tracking_uri=result.tracking_uri, warn=lambda _msg: None)
-    return lb.format_table(lb.build_leaderboard(runset.runs), "md")
-
-
-def _print_leaderboard(result, study, out) -> None:
-    """The dashboards' leaderboard when it can be built, else a compact table of the Optuna trials."""
-    try:
-        print(_dashboards_leaderboard(result), file=out)
-        return
-    except Exception as exc:  # noqa: BLE001 - no finished run yet, or dashboards missing: Optuna's view
-        print(f"(leaderboard from MLflow unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
-              "showing the Optuna trials)", file=out)
+def _print_leaderboard(result, study, out, leaderboard: Callable | None) -> None:
+    """``leaderboard(result)`` (the command line passes the dashboards' one) when it can be built, else a
+    compact table of the Optuna trials."""
+    if leaderboard is not None:
+        try:
+            print(leaderboard(result), file=out)
+            return
+        except Exception as exc:  # noqa: BLE001 - no finished run yet: Optuna's view
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            print(f"(leaderboard from MLflow unavailable: {first}; showing the Optuna trials)", file=out)
     import pandas as pd
 
     from sweeps.runner import trials_table
@@ -54,7 +48,8 @@ def _print_leaderboard(result, study, out) -> None:
         print(trials_table(study).to_string(index=False), file=out)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, leaderboard: Callable | None = None) -> int:
+    """Run the sweep; ``leaderboard(SweepResult) -> str`` prints the study's table at the end."""
     from sweeps.spec import load_spec
 
     spec = load_spec(args.spec)  # every spec error is raised here, before any study or run exists
@@ -81,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
           f"(target {result.target}) in {result.wall_time_s:.1f} s", file=out)
     study = optuna.load_study(study_name=result.study_name,
                               storage=open_storage(args.storage, result.study_name, args.runs_dir).storage)
-    _print_leaderboard(result, study, out)
+    _print_leaderboard(result, study, out, leaderboard)
     uri = result.tracking_uri
     print(f"\nMLflow: parent run {result.parent_run_id} in experiment '{spec.base['experiment']}'.\n"
           f"Open the UI:  fusebench ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)\n"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cli
 from bench.config import DEFAULTS, flatten, load_config, parse_override, resolve, stable_hash
 from bench.errors import ConfigError
+from fusebench import cli
 
 
 def test_defaults_are_the_design_contract():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from bench import cli, schema
+from bench import schema
 from bench.config import load_config
 from bench.experiment import StopExperiment, run_experiment
+from fusebench import cli
 
 SCHEMA_METRICS = {
     "members_mean_acc", "best_member_acc", "ensemble_acc", "fused_acc",

@@ -9,12 +9,12 @@ import textwrap
 import pytest
 import torch
 
-from bench import cli
 from bench.config import load_config
 from bench.data import load_data
 from bench.errors import FusebenchError
 from bench.members import MemberCache, get_members, member_key, member_seed
 from bench.models import build_model
+from fusebench import cli
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cli
 from bench.perf import Case, run_case
+from fusebench import cli
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def store(tmp_path_factory):
 
 
 def _cli(argv):
-    from bench.cli import main
+    from fusebench.cli import main
 
     return main(argv)
 

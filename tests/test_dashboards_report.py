@@ -30,7 +30,7 @@ def store(tmp_path_factory):
     journal = synth.write_optuna_journal(tmp / "study.journal", STUDY)
     uri, records, parent = synth.write_study(tmp, experiment="fb-report", study=STUDY, storage=journal)
     out = tmp / "report.html"
-    from bench.cli import main
+    from fusebench.cli import main
 
     assert main(["report", "--tracking-uri", uri, "--study", STUDY, "-o", str(out)]) == 0
     return {"uri": uri, "records": records, "parent": parent, "tmp": tmp, "html": out}
@@ -122,7 +122,7 @@ def test_unreachable_optuna_storage_leaves_plots_out_with_a_note(store):
 
 
 def test_experiment_report_without_study(store, tmp_path):
-    from bench.cli import main
+    from fusebench.cli import main
 
     out = tmp_path / "sub" / "exp.html"
     assert (
@@ -145,7 +145,7 @@ def test_experiment_report_without_study(store, tmp_path):
 
 
 def test_ui_binds_loopback_and_warns_otherwise(store, capsys):
-    from bench.cli import main
+    from fusebench.cli import main
 
     assert main(["ui", "--tracking-uri", store["uri"], "--port", "5123", "--dry-run"]) == 0
     out = capsys.readouterr()

@@ -69,7 +69,7 @@ def test_mlflow_ui_shows_named_study_runs(tmp_path, one_thread):
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+        [sys.executable, "-m", "fusebench", "ui", "--tracking-uri", uri, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from bench.cli import main as cli_main
+from fusebench.cli import main as cli_main
 from sweeps.study import PARENT_RUN_ATTR, open_storage
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from bench.cli import main as cli_main
 from bench.errors import ConfigError
+from fusebench.cli import main as cli_main
 from sweeps.search import make_pruner, make_sampler, sample_params
 from sweeps.spec import apply_params, enumerate_grid, load_spec, parse_spec
 
