@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dashboards._cli import add_source_args, load_from_args
+from dashboards._cli import add_log_to_run_arg, add_source_args, load_from_args, log_to_run
 from dashboards.data import warn_stderr
 from dashboards.leaderboard import FORMATS, build_leaderboard, format_table, log_to_parent
 
@@ -22,15 +22,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: from -o's suffix, else md")
     parser.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    parser.add_argument(
-        "--no-log", action="store_true", help="with --study: do not attach the table to the parent run"
-    )
+    add_log_to_run_arg(parser, "the table (leaderboard/leaderboard.csv and .md)")
 
 
 _SUFFIX_FORMATS = {".csv": "csv", ".md": "md", ".tex": "latex", ".html": "html", ".htm": "html"}
 
 
 def main(args: argparse.Namespace) -> int:
+    log = log_to_run(args)
     runset = load_from_args(args)
     table = build_leaderboard(runset.runs, args.group_by)
     fmt = args.format
@@ -44,6 +43,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"leaderboard of {runset.source}: {len(table)} rows -> {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    if args.study and not args.no_log:
+    if log:
         log_to_parent(runset, table, warn_stderr)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dashboards._cli import add_source_args, load_from_args
+from dashboards._cli import add_log_to_run_arg, add_source_args, load_from_args, log_to_run
 from dashboards.report import write_report
 
 
@@ -18,17 +18,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="with --study: the Optuna storage to read instead of the parent run's fusebench.storage tag "
         "(a journal moved here, or a DB URL with the password the tag leaves out)",
     )
-    parser.add_argument(
-        "--no-log",
-        action="store_true",
-        help="with --study: do not attach the report and plots to the parent run",
-    )
+    add_log_to_run_arg(parser, "the report and each plot (report/report.html, report/plots/)")
 
 
 def main(args: argparse.Namespace) -> int:
+    log = log_to_run(args)
     runset = load_from_args(args)
     if args.optuna_storage:
         runset.storage = args.optuna_storage
-    out = write_report(runset, args.output, log=not args.no_log)
+    out = write_report(runset, args.output, log=log)
     print(f"report of {runset.source} ({len(runset.runs)} runs) -> {out}", file=sys.stderr)
     return 0

@@ -266,8 +266,9 @@ def log_to_parent(runset, table: pd.DataFrame, warn) -> bool:
         return False
     try:
         client, _ = open_client(runset.tracking_uri)
-        client.log_text(runset.parent_run_id, format_table(table, "csv"), "leaderboard/leaderboard.csv")
-        client.log_text(runset.parent_run_id, format_table(table, "md"), "leaderboard/leaderboard.md")
+        for fmt, suffix in (("csv", "csv"), ("md", "md")):
+            path = f"{schema.LEADERBOARD_DIR}/leaderboard.{suffix}"
+            client.log_text(runset.parent_run_id, format_table(table, fmt), path)
     except Exception as exc:  # noqa: BLE001 - an unwritable artifact store must not lose the table
         warn(f"could not log the leaderboard to parent run {runset.parent_run_id}: {exc}")
         return False

@@ -290,9 +290,9 @@ def build_report(
 
 
 def write_report(
-    runset: RunSet, output: str | Path, *, log: bool = True, warn: Callable[[str], None] = warn_stderr
+    runset: RunSet, output: str | Path, *, log: bool = False, warn: Callable[[str], None] = warn_stderr
 ) -> Path:
-    """Write the report; with a study, also attach it and each plot to the parent run."""
+    """Write the report; with ``log`` and a study, also attach it and each plot to the parent run."""
     page, figs, _ = build_report(runset)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,13 +303,13 @@ def write_report(
             return out
         try:
             client, _ = open_client(runset.tracking_uri)
-            client.log_artifact(runset.parent_run_id, str(out), "report")
+            client.log_artifact(runset.parent_run_id, str(out), schema.REPORT_DIR)
             for key, fig in figs.items():
                 # each plot stands alone in the MLflow UI's artifact viewer, which has no internet either
                 client.log_text(
                     runset.parent_run_id,
                     fig.to_html(include_plotlyjs=True),
-                    f"report/plots/{PLOT_IDS[key]}.html",
+                    f"{schema.REPORT_DIR}/plots/{PLOT_IDS[key]}.html",
                 )
         except Exception as exc:  # noqa: BLE001 - the file on disk is the product; logging is a bonus
             warn(f"could not log the report to parent run {runset.parent_run_id}: {exc}")

@@ -245,12 +245,16 @@ def test_every_format_is_well_formed(store):
 
 
 def test_cli_writes_file_prints_and_logs_to_parent(store, capsys):
+    from mlflow.tracking import MlflowClient
+
     out = store["tmp"] / "lb.csv"
-    assert _cli(["leaderboard", "--tracking-uri", store["uri"], "--study", STUDY, "-o", str(out)]) == 0
+    argv = ["leaderboard", "--tracking-uri", store["uri"], "--study", STUDY, "-o", str(out)]
+    assert _cli(argv) == 0
+    assert MlflowClient(tracking_uri=store["uri"]).list_artifacts(store["parent"], "leaderboard") == []
+    assert _cli([*argv, "--log-to-run"]) == 0
     assert pd.read_csv(out).shape[0] == len(
         build_leaderboard(load_runs(study=STUDY, tracking_uri=store["uri"]).runs)
     )
-    from mlflow.tracking import MlflowClient
 
     logged = {
         a.path for a in MlflowClient(tracking_uri=store["uri"]).list_artifacts(store["parent"], "leaderboard")
@@ -272,6 +276,7 @@ def test_cli_writes_file_prints_and_logs_to_parent(store, capsys):
         (["--study", "no-such-study"], "unknown study 'no-such-study'"),
         (["--experiment", "fb-broken"], "none is usable"),
         (["--group-by", "colour", "--experiment", "fb-dash"], "unknown key 'colour'"),
+        (["--experiment", "fb-dash", "--log-to-run"], "--log-to-run needs --study"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(store, capsys, argv, message):

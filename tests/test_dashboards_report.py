@@ -30,9 +30,14 @@ def store(tmp_path_factory):
     journal = synth.write_optuna_journal(tmp / "study.journal", STUDY)
     uri, records, parent = synth.write_study(tmp, experiment="fb-report", study=STUDY, storage=journal)
     out = tmp / "report.html"
+    from mlflow.tracking import MlflowClient
+
     from fusebench.cli import main
 
-    assert main(["report", "--tracking-uri", uri, "--study", STUDY, "-o", str(out)]) == 0
+    argv = ["report", "--tracking-uri", uri, "--study", STUDY, "-o", str(out)]
+    assert main(argv) == 0
+    assert MlflowClient(tracking_uri=uri).list_artifacts(parent, "report") == []  # read only by default
+    assert main([*argv, "--log-to-run"]) == 0
     return {"uri": uri, "records": records, "parent": parent, "tmp": tmp, "html": out}
 
 
