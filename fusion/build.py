@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .layers import resize_module
-from .trace import call, map_inputs
+from .trace import call, check_kernels, map_inputs
 
 
 def _fix_attention(model: nn.Module) -> None:
@@ -54,6 +54,7 @@ def check_runs(model: nn.Module, example_inputs) -> None:
         return
     device = next(model.parameters()).device
     try:
-        call(model.eval(), map_inputs(example_inputs, lambda t: t.to(device)))
+        with check_kernels():
+            call(model.eval(), map_inputs(example_inputs, lambda t: t.to(device)))
     except Exception as exc:  # noqa: BLE001
         raise FusionError(f"the fused model does not run: {type(exc).__name__}: {exc}") from exc
