@@ -2,13 +2,13 @@
 
 Why strict: a mistyped key (``fintune.epochs``) silently ignored would run the wrong experiment and log
 it as if it were right; every unknown or mistyped key is an error naming the file and the dotted key.
-The defaults below are the contract of docs/design.md §2.
+The table below (``SCHEMA``: every key's default, type, choices and range) is the contract of
+docs/design.md §2.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -17,100 +17,86 @@ from typing import Any
 import yaml
 
 from bench.errors import ConfigError
+from bench.validation import Field, check_ranges, defaults, did_you_mean
 
 # The recipe keys shared by members and finetune beyond optimizer / lr / momentum / weight decay / epochs
 # (bench.recipes.Recipe): defaults that train exactly as before they existed.
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "nesterov": False,
-    "schedule": "constant",
-    "milestones": [],
-    "gamma": 0.1,
-    "warmup_epochs": 0,
-    "label_smoothing": 0.0,
-    "augment": "none",
+RECIPE_FIELDS: dict[str, Field] = {
+    "nesterov": Field(False),
+    "schedule": Field("constant", choices=("constant", "cosine", "multistep", "onecycle")),
+    "milestones": Field([], items=int),  # increasing positive epochs (checked in _check_rules)
+    "gamma": Field(0.1, gt=0.0, le=1.0),
+    "warmup_epochs": Field(0, ge=0),  # below the epochs (checked in _check_rules)
+    "label_smoothing": Field(0.0, ge=0.0, lt=1.0),
+    "augment": Field("none", choices=("none", "crop_flip")),
 }
+RECIPE_DEFAULTS: dict[str, Any] = defaults(RECIPE_FIELDS)
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
-DEFAULTS: dict[str, Any] = {
-    "experiment": "fusebench",
-    "tracking_uri": None,
-    "seed": 0,
-    "device": "auto",
-    "precision": "fp32",
-    "channels_last": "auto",
-    "compile": False,
+#: The experiment config (docs/design.md §2): every key, its default, type, choices and range.
+SCHEMA: dict[str, Any] = {
+    "experiment": Field("fusebench"),
+    "tracking_uri": Field(None, str, nullable=True),
+    "seed": Field(0),
+    "device": Field("auto"),
+    "precision": Field("fp32", choices=("fp32", "bf16", "fp16")),
+    "channels_last": Field("auto", choices=("auto", True, False)),
+    "compile": Field(False),
     "data": {
-        "name": "digits",
-        "root": "./data",
-        "download": False,
-        "val_fraction": 0.1,
-        "image_size": None,
-        "batch_size": 128,
-        "on_device": "auto",
+        "name": Field("digits"),  # the known names are checked by bench.data.check_name
+        "root": Field("./data"),
+        "download": Field(False),
+        "val_fraction": Field(0.1, gt=0.0, lt=1.0),
+        "image_size": Field(None, int, nullable=True, gt=0, expect="a positive integer or null"),
+        "batch_size": Field(128, ge=1),
+        "on_device": Field("auto", choices=("auto", True, False)),
     },
-    "model": {"arch": "mlp", "width": 64, "depth": 2, "kwargs": {}},
+    "model": {
+        "arch": Field("mlp"),
+        "width": Field(64, ge=1),
+        "depth": Field(2, ge=1),
+        "kwargs": Field({}, free=True),
+    },
     "members": {
-        "n": 2,
-        "epochs": 20,
-        "optimizer": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 0.0005,
-        "batch_size": 64,
-        **RECIPE_DEFAULTS,
-        "checkpoints": [],
-        "cache_dir": None,
+        "n": Field(2),  # >= 1 unless checkpoints are given (checked in _check_rules)
+        "epochs": Field(20, ge=0),
+        "optimizer": Field("sgd", choices=OPTIMIZERS),
+        "lr": Field(0.05, gt=0.0),
+        "momentum": Field(0.9),
+        "weight_decay": Field(0.0005),
+        "batch_size": Field(64, ge=1),
+        **RECIPE_FIELDS,
+        "checkpoints": Field([], items=str),
+        "cache_dir": Field(None, str, nullable=True),
     },
     "fusion": {
-        "method": "nt",
-        "options": {},
-        "repair": "reset",
-        "repair_batches": 20,
-        "data_samples": 512,
-        "lmc": False,
-        "measure_memory": True,
-        "log_model": False,
+        "method": Field("nt"),  # the fusion registry's names, checked by bench.experiment.validate
+        "options": Field({}, free=True),
+        "repair": Field("reset", choices=("none", "reset", "repair")),
+        "repair_batches": Field(20, ge=1),
+        "data_samples": Field(512, ge=1),
+        "lmc": Field(False),
+        "measure_memory": Field(True, choices=(True, False, "child")),
+        "log_model": Field(False),
     },
     "finetune": {
-        "epochs": 5,
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        **RECIPE_DEFAULTS,
-        "distill": False,
-        "temperature": 4.0,
-        "baseline": True,
-        "distill_baseline": False,
+        "epochs": Field(5, ge=0),
+        "optimizer": Field("sgd", choices=OPTIMIZERS),
+        "lr": Field(0.01, gt=0.0),
+        "momentum": Field(0.9),
+        "weight_decay": Field(0.0),
+        **RECIPE_FIELDS,
+        "distill": Field(False),
+        "temperature": Field(4.0, gt=0.0),
+        "baseline": Field(True),
+        "distill_baseline": Field(False),
     },
 }
-
-# Keys whose value is a free-form mapping (not checked key by key).
-FREE_MAPPINGS = {"model.kwargs", "fusion.options"}
-# Keys that may be null besides their default type.
-NULLABLE = {"tracking_uri", "data.image_size", "members.cache_dir"}
-# Allowed values of enumerated keys.
-CHOICES = {
-    "data.on_device": ("auto", True, False),
-    "members.optimizer": ("sgd", "adam", "adamw"),
-    "finetune.optimizer": ("sgd", "adam", "adamw"),
-    "fusion.repair": ("none", "reset", "repair"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "channels_last": ("auto", True, False),
-    "members.schedule": ("constant", "cosine", "multistep", "onecycle"),
-    "finetune.schedule": ("constant", "cosine", "multistep", "onecycle"),
-    "members.augment": ("none", "crop_flip"),
-    "finetune.augment": ("none", "crop_flip"),
-    "fusion.measure_memory": (True, False, "child"),
-}
+DEFAULTS: dict[str, Any] = defaults(SCHEMA)
 
 
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _merge(base: dict, override: Any, source: str, prefix: str = "") -> dict:
-    """Merge ``override`` into a copy of ``base``, checking every key and type against ``base``."""
+def _merge(table: dict, base: dict, override: Any, source: str, prefix: str = "") -> dict:
+    """Merge ``override`` into a copy of ``base``, checking every key and value against ``table``."""
     if not isinstance(override, dict):
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(f"{source}: {where}: expected a mapping, got {type(override).__name__}")
@@ -118,90 +104,33 @@ def _merge(base: dict, override: Any, source: str, prefix: str = "") -> dict:
     for key, value in override.items():
         key = str(key)
         dotted = prefix + key
-        if key not in base:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(key, list(base))}")
-        out[key] = _check_value(base[key], value, source, dotted)
+        if key not in table:
+            raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean(key, table)}")
+        field = table[key]
+        if isinstance(field, dict):
+            out[key] = _merge(field, base[key], value, source, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(field.check(value, source, dotted))
     return out
 
 
-def _check_value(default: Any, value: Any, source: str, dotted: str) -> Any:
-    if dotted in FREE_MAPPINGS:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if isinstance(default, dict):
-        return _merge(default, value, source, dotted + ".")
-    if value is None and dotted in NULLABLE:
-        return None
-    if dotted in CHOICES:
-        if value not in CHOICES[dotted]:
-            raise ConfigError(f"{source}: '{dotted}' must be one of {list(CHOICES[dotted])}, got {value!r}")
-        return value
-    if dotted == "data.image_size":
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: '{dotted}' must be a positive integer or null, got {value!r}")
-        return value
-    expected = type(default) if default is not None else str
-    if expected is bool:
-        ok = isinstance(value, bool)
-    elif expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
-        ok = isinstance(value, list)
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise ConfigError(f"{source}: '{dotted}' must be {expected.__name__}, got {value!r}")
-    return value
+def _check_rules(cfg: dict, source: str) -> None:
+    """What one key's field cannot say: rules between keys."""
 
-
-def _check_ranges(cfg: dict, source: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: '{key}' {why}")
 
-    if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
-        raise bad("data.val_fraction", "must be in (0, 1)")
-    for key in (
-        "data.batch_size", "members.batch_size", "model.width", "model.depth", "fusion.repair_batches",
-        "fusion.data_samples",
-    ):  # fmt: skip
-        sec, name = key.split(".")
-        if cfg[sec][name] < 1:
-            raise bad(key, "must be >= 1")
-    for key in ("members.epochs", "finetune.epochs"):
-        sec, name = key.split(".")
-        if cfg[sec][name] < 0:
-            raise bad(key, "must be >= 0")
     if cfg["members"]["n"] < 1 and not cfg["members"]["checkpoints"]:
         raise bad("members.n", "must be >= 1")
-    for key in ("members.lr", "finetune.lr", "finetune.temperature"):
-        sec, name = key.split(".")
-        if cfg[sec][name] <= 0:
-            raise bad(key, "must be > 0")
     for sec in ("members", "finetune"):
         r = cfg[sec]
-        if not 0.0 <= r["label_smoothing"] < 1.0:
-            raise bad(f"{sec}.label_smoothing", "must be in [0, 1)")
-        if r["warmup_epochs"] < 0 or (
-            r["epochs"] and r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"]
-        ):
+        if r["epochs"] and r["warmup_epochs"] and r["warmup_epochs"] >= r["epochs"]:
             raise bad(f"{sec}.warmup_epochs", "must be >= 0 and below the epochs")
-        if not 0.0 < r["gamma"] <= 1.0:
-            raise bad(f"{sec}.gamma", "must be in (0, 1]")
         ms = r["milestones"]
-        if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms) or ms != sorted(
-            set(ms)
-        ):
+        if not all(m > 0 for m in ms) or ms != sorted(set(ms)):
             raise bad(f"{sec}.milestones", f"must be increasing positive epoch numbers, got {ms!r}")
         if r["schedule"] == "multistep" and not ms:
             raise bad(f"{sec}.milestones", "are required by schedule: multistep (e.g. [30, 60])")
-    if not all(isinstance(p, str) for p in cfg["members"]["checkpoints"]):
-        raise bad("members.checkpoints", "must be a list of file paths")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -228,11 +157,12 @@ def _nest(key: str, value: Any) -> dict:
 
 def resolve(raw: dict | None = None, overrides: list[str] | None = None, *, source: str = "<config>") -> dict:
     """Defaults <- ``raw`` <- overrides, validated. Returns a new plain dict."""
-    cfg = _merge(DEFAULTS, raw or {}, source)
+    cfg = _merge(SCHEMA, DEFAULTS, raw or {}, source)
     for text in overrides or []:
         key, value = parse_override(text)
-        cfg = _merge(cfg, _nest(key, value), f"override '{text}'")
-    _check_ranges(cfg, source)
+        cfg = _merge(SCHEMA, cfg, _nest(key, value), f"override '{text}'")
+    check_ranges(SCHEMA, cfg, source)
+    _check_rules(cfg, source)
     return cfg
 
 

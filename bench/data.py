@@ -124,10 +124,9 @@ class _NormalizedTensorDataset(Dataset):
 
 def check_name(name: str) -> None:
     if name not in DATASETS:
-        import difflib
+        from bench.validation import did_you_mean
 
-        close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        hint = did_you_mean(name, DATASETS, cutoff=0.4)
         raise ConfigError(f"data.name: unknown data set '{name}'{hint}; known: {', '.join(DATASETS)}")
 
 

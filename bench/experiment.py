@@ -9,7 +9,6 @@ leaves no run and no cache entry; anything that fails later leaves the run FAILE
 from __future__ import annotations
 
 import copy
-import difflib
 import random
 import time
 import warnings
@@ -23,6 +22,7 @@ import torch
 from bench import schema
 from bench.config import load_config, resolve
 from bench.errors import ConfigError, FusebenchError
+from bench.validation import did_you_mean
 
 
 class StopExperiment(Exception):  # noqa: N818 - named by the design contract
@@ -46,8 +46,7 @@ def _check_method(method: str) -> None:
 
     methods = fusion.available_methods()
     if method not in methods:
-        close = difflib.get_close_matches(method, methods, n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        hint = did_you_mean(method, methods, cutoff=0.4)
         raise ConfigError(f"fusion.method: unknown method '{method}'{hint}; available: {', '.join(methods)}")
 
 

@@ -6,11 +6,10 @@ trace it without example inputs and so members' state dicts are trivially compar
 
 from __future__ import annotations
 
-import difflib
-
 from torch import nn
 
 from bench.errors import FusebenchError
+from bench.validation import did_you_mean
 
 
 def arch_label(mcfg: dict) -> str:
@@ -34,10 +33,9 @@ def _unknown_arch(name: str) -> FusebenchError:
     import timm
 
     names = timm.list_models()
-    close = difflib.get_close_matches(name, [*BUILT_IN, *names], n=4, cutoff=0.6)
-    if not close:  # e.g. "resnet" -> resnet18, resnet50...
-        close = [n for n in names if n.startswith(name)][:4]
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    hint = did_you_mean(name, [*BUILT_IN, *names], n=4, cutoff=0.6)
+    if not hint:  # e.g. "resnet" -> resnet18, resnet50...
+        hint = did_you_mean(name, [n for n in names if n.startswith(name)][:4], n=4, cutoff=0.0)
     return FusebenchError(f"model.arch: unknown architecture '{name}'{hint}; use 'mlp' or a timm model name")
 
 

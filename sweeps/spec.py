@@ -22,7 +22,6 @@ Format (see the shipped ``sweeps/*.yaml``)::
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,35 +31,53 @@ from typing import Any
 from bench import config as bench_config
 from bench import schema
 from bench.errors import ConfigError
+from bench.validation import Field, check_keys, did_you_mean, is_number
 
-TOP_KEYS = (
-    "study",
-    "description",
-    "base",
-    "space",
-    "objectives",
-    "sampler",
-    "pruner",
-    "repeats",
-    "n_trials",
-    "timeout",
-)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # study names (also file names of journals)
+# The spec, declared: the scalar top-level keys as fields, the sections parsed by their own function.
+SCALARS: dict[str, Field] = {
+    "study": Field(None, object, nullable=True),  # default: the file's stem; must match NAME
+    "description": Field("", object, nullable=True),
+    "repeats": Field(1, int, ge=1, expect="an integer >= 1"),
+    "n_trials": Field(None, int, nullable=True, ge=1, expect="an integer >= 1"),
+    "timeout": Field(None, float, nullable=True, gt=0, expect="a positive number of seconds"),
+}
+SECTIONS = ("base", "space", "objectives", "sampler", "pruner")
+TOP_KEYS = ("study", "description", *SECTIONS, "repeats", "n_trials", "timeout")
+
+# one dimension of the space: {type, choices | low, high, log, step; when}
 PARAM_KEYS = ("type", "choices", "low", "high", "log", "step", "when")
 PARAM_TYPES = ("categorical", "int", "float")
-SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
-SAMPLER_KEYS = {
-    "tpe": ("type", "seed", "n_startup_trials"),
-    "random": ("type", "seed"),
-    "grid": ("type", "seed"),
-    "bruteforce": ("type", "seed"),
-    "nsga2": ("type", "seed", "population_size"),
+NUMERIC_ONLY = ("low", "high", "log", "step")
+
+
+def _numeric_fields(ptype: str) -> dict[str, Field]:
+    kind, what = (int, "an integer") if ptype == "int" else (float, "a number")
+    return {
+        "low": Field(None, kind, expect=what),
+        "high": Field(None, kind, expect=what),
+        "log": Field(False, bool, expect="true or false"),
+        "step": Field(None, kind, nullable=True, gt=0, expect=f"a positive {ptype}"),
+    }
+
+
+OBJECTIVE_KEYS = ("metric", "direction")
+DIRECTION = Field(None, choices=("maximize", "minimize"), expect="maximize or minimize")
+# sampler / pruner: a type and its options (all non-negative integers)
+SAMPLERS: dict[str, tuple[str, ...]] = {
+    "tpe": ("seed", "n_startup_trials"),
+    "random": ("seed",),
+    "grid": ("seed",),
+    "bruteforce": ("seed",),
+    "nsga2": ("seed", "population_size"),
 }
-PRUNERS = ("none", "median", "hyperband")
-PRUNER_KEYS = {
-    "none": ("type",),
-    "median": ("type", "n_startup_trials", "n_warmup_steps"),
-    "hyperband": ("type", "min_resource", "reduction_factor"),
+PRUNERS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "median": ("n_startup_trials", "n_warmup_steps"),
+    "hyperband": ("min_resource", "reduction_factor"),
 }
+GRID_SAMPLERS = ("grid", "bruteforce")
+OPTION = Field(None, int, ge=0, expect="a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -119,31 +136,12 @@ class SweepSpec:
 
     def target_trials(self) -> int:
         """How many finished trials end the study: ``n_trials``, capped by the grid for grid search."""
-        if self.sampler["type"] in ("grid", "bruteforce"):
+        if self.sampler["type"] in GRID_SAMPLERS:
             size = self.grid_size()
             return min(self.n_trials, size) if self.n_trials else size
         if not self.n_trials:
             raise ConfigError(f"{self.source}: 'n_trials' is required for sampler '{self.sampler['type']}'")
         return self.n_trials
-
-
-def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _check_keys(mapping: dict, allowed: tuple[str, ...], source: str, where: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            prefix = f"{where}." if where else ""
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), allowed)}; "
-                f"allowed: {', '.join(allowed)}"
-            )
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def is_active(param: Param, values: dict[str, Any]) -> bool:
@@ -197,79 +195,74 @@ def _parse_param(name: str, raw: Any, source: str, earlier: dict[str, Param]) ->
     where = f"space.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{where}' must be a mapping with 'type' and its range, got {raw!r}")
-    _check_keys(raw, PARAM_KEYS, source, where)
+    check_keys(raw, PARAM_KEYS, source, where, listed=True)
     ptype = raw.get("type", "categorical" if "choices" in raw else None)
     if ptype not in PARAM_TYPES:
         raise ConfigError(
             f"{source}: '{where}.type' must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}"
-            f"{_suggest(str(ptype), PARAM_TYPES)}"
+            f"{did_you_mean(ptype, PARAM_TYPES)}"
         )
-    when: dict[str, tuple] = {}
-    raw_when = raw.get("when") or {}
-    if not isinstance(raw_when, dict):
+    when = _parse_when(raw.get("when") or {}, source, where, earlier)
+    if ptype == "categorical":
+        for key in NUMERIC_ONLY:
+            if key in raw:
+                raise ConfigError(
+                    f"{source}: '{where}.{key}' does not apply to a categorical param (use 'choices')"
+                )
+        return Param(name, ptype, choices=_parse_choices(raw.get("choices"), source, where), when=when)
+    if "choices" in raw:
+        raise ConfigError(f"{source}: '{where}.choices' applies only to type categorical")
+    v = {
+        key: f.check(raw.get(key, f.default), source, f"{where}.{key}")
+        for key, f in _numeric_fields(ptype).items()
+    }
+    _numeric_fields(ptype)["step"].check_range(v["step"], source, f"{where}.step")
+    if v["low"] > v["high"]:
+        raise ConfigError(f"{source}: '{where}': low ({v['low']}) > high ({v['high']})")
+    if v["step"] is not None and v["log"]:
+        raise ConfigError(f"{source}: '{where}': 'step' and 'log: true' cannot be combined (Optuna)")
+    if v["log"] and v["low"] <= 0:
+        raise ConfigError(f"{source}: '{where}': 'log: true' needs low > 0, got {v['low']}")
+    return Param(name, ptype, when=when, **v)
+
+
+def _parse_when(raw: Any, source: str, where: str, earlier: dict[str, Param]) -> dict[str, tuple]:
+    """``when: {param: value | [values]}``: the params must be declared earlier, the values among their choices."""
+    if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{where}.when' must map a param to a value or a list of values")
-    for cond, allowed in raw_when.items():
+    when: dict[str, tuple] = {}
+    for cond, allowed in raw.items():
         if cond not in earlier:
             raise ConfigError(
                 f"{source}: '{where}.when' refers to '{cond}', which is not a param declared "
-                f"before it in 'space'{_suggest(str(cond), list(earlier))}"
+                f"before it in 'space'{did_you_mean(cond, earlier)}"
             )
         allowed_t = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not allowed_t:
             raise ConfigError(f"{source}: '{where}.when.{cond}' is an empty list")
         ref = earlier[cond]
-        if ref.type == "categorical":
-            for v in allowed_t:
-                if v not in ref.choices:
-                    raise ConfigError(
-                        f"{source}: '{where}.when.{cond}': {v!r} is not one of the choices "
-                        f"of '{cond}' {list(ref.choices)}"
-                    )
+        for v in allowed_t:
+            if ref.type == "categorical" and v not in ref.choices:
+                raise ConfigError(
+                    f"{source}: '{where}.when.{cond}': {v!r} is not one of the choices "
+                    f"of '{cond}' {list(ref.choices)}"
+                )
         when[str(cond)] = allowed_t
-    if ptype == "categorical":
-        for key in ("low", "high", "log", "step"):
-            if key in raw:
-                raise ConfigError(
-                    f"{source}: '{where}.{key}' does not apply to a categorical param (use 'choices')"
-                )
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{source}: '{where}.choices' must be a non-empty list, got {choices!r}")
-        if len({repr(c) for c in choices}) != len(choices):
-            raise ConfigError(f"{source}: '{where}.choices' has duplicates: {choices!r}")
-        for c in choices:
-            if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise ConfigError(
-                    f"{source}: '{where}.choices': {c!r} is not a scalar "
-                    "(Optuna stores only None, bool, int, float and str)"
-                )
-        return Param(name, ptype, choices=tuple(choices), when=when)
-    if "choices" in raw:
-        raise ConfigError(f"{source}: '{where}.choices' applies only to type categorical")
-    low, high = raw.get("low"), raw.get("high")
-    for key, v in (("low", low), ("high", high)):
-        if not _is_number(v) or (ptype == "int" and not isinstance(v, int)):
+    return when
+
+
+def _parse_choices(choices: Any, source: str, where: str) -> tuple:
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{source}: '{where}.choices' must be a non-empty list, got {choices!r}")
+    if len({repr(c) for c in choices}) != len(choices):
+        raise ConfigError(f"{source}: '{where}.choices' has duplicates: {choices!r}")
+    for c in choices:
+        if not (c is None or isinstance(c, (bool, int, float, str))):
             raise ConfigError(
-                f"{source}: '{where}.{key}' must be {'an integer' if ptype == 'int' else 'a number'}"
-                f", got {v!r}"
+                f"{source}: '{where}.choices': {c!r} is not a scalar "
+                "(Optuna stores only None, bool, int, float and str)"
             )
-    if low > high:
-        raise ConfigError(f"{source}: '{where}': low ({low}) > high ({high})")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{source}: '{where}.log' must be true or false, got {log!r}")
-    step = raw.get("step")
-    if step is not None:
-        if not _is_number(step) or step <= 0 or (ptype == "int" and not isinstance(step, int)):
-            raise ConfigError(f"{source}: '{where}.step' must be a positive {ptype}, got {step!r}")
-        if log:
-            raise ConfigError(f"{source}: '{where}': 'step' and 'log: true' cannot be combined (Optuna)")
-    if log and low <= 0:
-        raise ConfigError(f"{source}: '{where}': 'log: true' needs low > 0, got {low}")
-    if ptype == "float":
-        low, high = float(low), float(high)
-        step = float(step) if step is not None else None
-    return Param(name, ptype, low=low, high=high, log=log, step=step, when=when)
+    return tuple(choices)
 
 
 def _check_param_values(param: Param, base: dict, source: str) -> None:
@@ -295,11 +288,11 @@ def _check_param_values(param: Param, base: dict, source: str) -> None:
             if v not in methods:
                 raise ConfigError(
                     f"{source}: '{where}': unknown fusion method {v!r}"
-                    f"{_suggest(str(v), sorted(methods))}; known: {', '.join(sorted(methods))}"
+                    f"{did_you_mean(v, sorted(methods))}; known: {', '.join(sorted(methods))}"
                 )
     if param.name == "fusion.options.sparsity":
         for v in values:
-            if not _is_number(v) or not 0.0 <= v < 1.0:
+            if not is_number(v) or not 0.0 <= v < 1.0:
                 raise ConfigError(f"{source}: '{where}': sparsity must be in [0, 1), got {v!r}")
     if param.name in ("model.arch", "data.name"):
         for v in values:
@@ -332,26 +325,23 @@ def _parse_objectives(raw: Any, source: str) -> list[Objective]:
         where = f"objectives[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: '{where}' must be a mapping with 'metric' and 'direction'")
-        _check_keys(item, ("metric", "direction"), source, where)
-        metric, direction = item.get("metric"), item.get("direction")
+        check_keys(item, OBJECTIVE_KEYS, source, where, listed=True)
+        metric = item.get("metric")
         if not schema.is_metric(metric):
             raise ConfigError(
                 f"{source}: '{where}.metric': unknown metric {metric!r}"
-                f"{_suggest(str(metric), list(schema.METRICS))} (see docs/design.md §3)"
+                f"{did_you_mean(metric, schema.METRICS)} (see docs/design.md §3)"
             )
-        if direction not in ("maximize", "minimize"):
-            raise ConfigError(
-                f"{source}: '{where}.direction' must be maximize or minimize, got {direction!r}"
-            )
-        out.append(Objective(metric, direction))
+        out.append(Objective(metric, DIRECTION.check(item.get("direction"), source, f"{where}.direction")))
     if len({o.metric for o in out}) != len(out):
         raise ConfigError(f"{source}: 'objectives' lists a metric twice")
     return out
 
 
 def _parse_choice_block(
-    raw: Any, source: str, key: str, names: tuple[str, ...], keys: dict[str, tuple[str, ...]], default: str
-) -> dict[str, Any]:
+    raw: Any, source: str, key: str, kinds: dict[str, tuple[str, ...]], default: str
+) -> dict:
+    """``sampler`` / ``pruner``: a name, or ``{type: name, <option>: <non-negative int>, ...}``."""
     if raw is None:
         raw = {"type": default}
     if isinstance(raw, str):
@@ -359,15 +349,16 @@ def _parse_choice_block(
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{key}' must be a name or a mapping with 'type', got {raw!r}")
     kind = raw.get("type", default)
-    if kind not in names:
+    if kind not in kinds:
         raise ConfigError(
-            f"{source}: '{key}': unknown {key} {kind!r}{_suggest(str(kind), names)}; "
-            f"choose one of {', '.join(names)}"
+            f"{source}: '{key}': unknown {key} {kind!r}{did_you_mean(kind, kinds)}; "
+            f"choose one of {', '.join(kinds)}"
         )
-    _check_keys(raw, keys[kind], source, key)
+    check_keys(raw, ("type", *kinds[kind]), source, key, listed=True)
     for k, v in raw.items():
-        if k != "type" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            raise ConfigError(f"{source}: '{key}.{k}' must be a non-negative integer, got {v!r}")
+        if k != "type":
+            OPTION.check(v, source, f"{key}.{k}")
+            OPTION.check_range(v, source, f"{key}.{k}")
     return {**raw, "type": kind}
 
 
@@ -390,7 +381,7 @@ def parse_spec(
     """Validate a spec already read from YAML; raises ``ConfigError`` naming ``source`` and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep spec must be a mapping, got {type(raw).__name__}")
-    _check_keys(raw, TOP_KEYS, source, "")
+    check_keys(raw, TOP_KEYS, source, listed=True)
     base = _load_base(raw.get("base"), spec_path, source)
     _check_names({"model.arch": base["model"]["arch"], "data.name": base["data"]["name"]}, source, "base")
     raw_space = raw.get("space")
@@ -402,8 +393,40 @@ def parse_spec(
         space[name] = _parse_param(name, praw, source, space)
         _check_param_values(space[name], base, source)
     objectives = _parse_objectives(raw.get("objectives"), source)
-    sampler = _parse_choice_block(raw.get("sampler"), source, "sampler", SAMPLERS, SAMPLER_KEYS, "tpe")
-    pruner = _parse_choice_block(raw.get("pruner"), source, "pruner", PRUNERS, PRUNER_KEYS, "none")
+    sampler = _parse_choice_block(raw.get("sampler"), source, "sampler", SAMPLERS, "tpe")
+    pruner = _parse_choice_block(raw.get("pruner"), source, "pruner", PRUNERS, "none")
+    _check_rules(space, objectives, sampler, pruner, source)
+    scalars = {k: raw.get(k, f.default) for k, f in SCALARS.items()}
+    for key, f in SCALARS.items():
+        scalars[key] = f.check(scalars[key], source, key)
+        f.check_range(scalars[key], source, key)
+    study = scalars["study"] or (spec_path.stem if spec_path is not None else "sweep")
+    if not isinstance(study, str) or not NAME.fullmatch(study):
+        raise ConfigError(
+            f"{source}: 'study' must be a name of letters, digits, '.', '_' or '-', got {study!r}"
+        )
+    if sampler["type"] not in GRID_SAMPLERS and scalars["n_trials"] is None:
+        raise ConfigError(f"{source}: 'n_trials' is required for sampler '{sampler['type']}'")
+    return SweepSpec(
+        source=source,
+        study=study,
+        base=base,
+        space=space,
+        objectives=objectives,
+        sampler=sampler,
+        pruner=pruner,
+        repeats=scalars["repeats"],
+        n_trials=scalars["n_trials"],
+        timeout=scalars["timeout"],
+        description=str(scalars["description"] or ""),
+        text=text,
+    )
+
+
+def _check_rules(
+    space: dict[str, Param], objectives: list[Objective], sampler: dict, pruner: dict, source: str
+) -> None:
+    """Rules between sections: what Optuna's pruners and the grid sampler can do."""
     if pruner["type"] != "none":
         if len(objectives) > 1:
             raise ConfigError(
@@ -415,45 +438,13 @@ def parse_spec(
                 f"{source}: 'pruner' reports validation accuracy (higher is better) and needs "
                 "a maximized objective"
             )
-    if sampler["type"] in ("grid", "bruteforce"):
+    if sampler["type"] in GRID_SAMPLERS:
         for p in space.values():
             if p.type == "float" and p.step is None:
                 raise ConfigError(
                     f"{source}: 'space.{p.name}': the grid sampler needs a 'step' for float "
                     "params (otherwise the grid is infinite)"
                 )
-    repeats = raw.get("repeats", 1)
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ConfigError(f"{source}: 'repeats' must be an integer >= 1, got {repeats!r}")
-    n_trials = raw.get("n_trials")
-    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
-        raise ConfigError(f"{source}: 'n_trials' must be an integer >= 1, got {n_trials!r}")
-    timeout = raw.get("timeout")
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
-        raise ConfigError(f"{source}: 'timeout' must be a positive number of seconds, got {timeout!r}")
-    study = raw.get("study") or (spec_path.stem if spec_path is not None else "sweep")
-    if not isinstance(study, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study):
-        raise ConfigError(
-            f"{source}: 'study' must be a name of letters, digits, '.', '_' or '-', got {study!r}"
-        )
-    description = raw.get("description") or ""
-    spec = SweepSpec(
-        source=source,
-        study=study,
-        base=base,
-        space=space,
-        objectives=objectives,
-        sampler=sampler,
-        pruner=pruner,
-        repeats=repeats,
-        n_trials=n_trials,
-        timeout=float(timeout) if timeout is not None else None,
-        description=str(description),
-        text=text,
-    )
-    if sampler["type"] not in ("grid", "bruteforce") and n_trials is None:
-        raise ConfigError(f"{source}: 'n_trials' is required for sampler '{sampler['type']}'")
-    return spec
 
 
 def load_spec(path: str | Path) -> SweepSpec:
