@@ -8,13 +8,15 @@ channel groups and the permutation self-check (cached per architecture afterward
 median time and the peak memory of ``repeats`` later fusions. "extra/model": warm extra memory in units of one
 member's size (the fused model itself is one).
 
-The cases follow the reference measurements (REFERENCE.md §2): two untrained MLPs 3072→W→W→10 (no bias) for
-W in 512…16384, ensemble sizes 2, 4, 8 at W=4096, and timm resnet18 / vgg11 at 32×32.
+The cases follow the measurements published with the NT reference implementation: two untrained MLPs
+3072→W→W→10 (no bias) for W in 512…16384, ensemble sizes 2, 4, 8 at W=4096, and timm resnet18 / vgg11 at
+32×32.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import statistics
 import sys
 import time
@@ -173,6 +175,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="MLP widths only (no ensemble sizes, no timm models)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="only the cases whose '<case> N=<n>' matches, e.g. 'mlp W=4096 N=2' or 'resnet18 N=*' (repeatable)",
+    )
     parser.add_argument("-o", "--output", default=None, help="also write the rows as CSV here")
 
 
@@ -200,8 +209,13 @@ def main(args) -> int:
         f"{args.repeats} repeats per case",
         flush=True,
     )
+    cases = default_cases(methods, widths, args.quick)
+    if args.case:
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(f"{c.label} N={c.n}", g) for g in args.case)]
+        if not cases:
+            raise FusebenchError(f"perf: no case matches {args.case} (cases look like 'mlp W=4096 N=2')")
     rows = []
-    for case in default_cases(methods, widths, args.quick):
+    for case in cases:
         try:
             rows.append(run_case(case, args.device, args.repeats))
         except (MemoryError, RuntimeError) as exc:  # out of memory is a result, not a crash
