@@ -11,7 +11,7 @@ Public helpers (also used by ``bench.perf``):
   (the figure can be too low, never hidden by a stale peak), and without Linux's clear_refs it is not
   measured (NaN). ``memory="child"`` fuses in a fresh child process after a warm-up, the honest figure
   ``fusebench perf`` reports (costs the child's start-up, seconds). ``tracemalloc`` does not see torch
-  tensors (REFERENCE.md §6).
+  tensors, so it is not used.
 * ``peak_rss_beyond_baseline(fn, *args, **kwargs)`` -> ``(result, peak_mb, seconds)``: runs a picklable
   ``fn`` in a fresh child process and reports its peak RSS minus its RSS once the arguments are loaded.
 * ``gpu_peak_beyond_baseline(fn, *args, device=..., **kwargs)`` -> ``(result, peak_mb, seconds)``.

@@ -1,4 +1,4 @@
-"""Reproducible timing of the harness itself (the figures of issue 4's closing note).
+"""Reproducible timing of the harness itself: where the wall time of an experiment and of an epoch goes.
 
     python -m bench.profile                 # both parts, JSON on stdout
     python -m bench.profile --part experiment --threads 1

@@ -190,10 +190,6 @@ class FinetuneResult:
     def final_acc(self) -> float:
         return self.test_acc[-1]
 
-    @property
-    def best_val_test_acc(self) -> float:
-        return self.test_acc[self.best_epoch]
-
 
 def finetune(
     model: nn.Module,

@@ -166,15 +166,3 @@ def check_ranges(table: Table, cfg: dict, source: str) -> None:
             for part in dotted.split("."):
                 node = node[part]
             f.check_range(node, source, dotted)
-
-
-def check_fields(raw: dict, fields: dict[str, Field], source: str, where: str = "") -> dict[str, Any]:
-    """A flat mapping against ``fields``: unknown keys refused, every value checked, defaults filled in."""
-    check_keys(raw, fields, source, where, listed=True)
-    out = {}
-    for key, f in fields.items():
-        dotted = f"{where}.{key}" if where else key
-        value = f.check(raw[key], source, dotted) if key in raw else f.default
-        f.check_range(value, source, dotted)
-        out[key] = value
-    return out

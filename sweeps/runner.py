@@ -229,7 +229,7 @@ def run_sweep(
             else:
                 _run_processes(job, workers, out)
             after = count_trials(study)
-            if after["counted"] == counts["counted"] and not recover_needed(study, info.kind):
+            if after["counted"] == counts["counted"] and not recover_needed(study):
                 if not waiting_on_others(study, info.kind, after, target):
                     break  # no progress and nothing to recover (e.g. every worker failed to start)
                 # live workers elsewhere hold the last trials: wait for them to finish, or go stale
@@ -271,17 +271,17 @@ def _requeue_interrupted(study: optuna.Study) -> None:
             requeue(study, t)
 
 
-def recover_needed(study: optuna.Study, kind: str) -> bool:
+def recover_needed(study: optuna.Study) -> bool:
     """Whether a RUNNING trial was left behind by a worker of this machine that is gone (any storage)."""
     import socket
 
-    from sweeps.study import WORKER_ATTR, _process_alive
+    from sweeps.study import WORKER_ATTR, process_alive
 
     host = socket.gethostname()
     return any(
         WORKER_ATTR in t.user_attrs
         and t.user_attrs[WORKER_ATTR].get("host") == host
-        and not _process_alive(t.user_attrs[WORKER_ATTR])
+        and not process_alive(t.user_attrs[WORKER_ATTR])
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     )
 

@@ -1,6 +1,6 @@
 """Where a study lives, how it is created or resumed, and how trials orphaned by a crash are recovered.
 
-Storage choice (REFERENCE.md §5): SQLite locks up under parallel writers, so one machine uses Optuna's
+Storage choice: SQLite locks up under parallel writers ("database is locked"), so one machine uses Optuna's
 journal file (many processes, no server) and many machines use PostgreSQL through RDBStorage, whose
 heartbeats fail stale trials and re-queue them. The journal has no heartbeat, so each trial records
 which process runs it (host, pid, process start time) and :func:`recover_stale_trials` fails and
@@ -143,7 +143,8 @@ def worker_identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": pid, "pid_start": _pid_start(pid)}
 
 
-def _process_alive(owner: dict[str, Any]) -> bool:
+def process_alive(owner: dict[str, Any]) -> bool:
+    """Whether the process recorded in ``owner`` (a trial's worker attr) still runs on this host."""
     pid = int(owner.get("pid", -1))
     if pid <= 0:
         return False
@@ -184,21 +185,30 @@ def recover_stale_trials(study: optuna.Study, *, host: str | None = None) -> lis
             if now - started < NO_OWNER_GRACE_S:
                 continue
             reason = f"worker unknown, trial RUNNING for {now - started:.0f} s without an owner"
-        elif owner.get("host") != host or _process_alive(owner):
+        elif owner.get("host") != host or process_alive(owner):
             continue
         else:
             reason = f"worker process {owner.get('pid')} on {owner.get('host')} died during the trial"
-        storage = study._storage
-        try:
-            storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, reason)
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process recovered (or the trial finished) first
-        failed = storage.get_trial(trial._trial_id)
-        requeue(study, failed)
-        recovered.append(failed)
+        failed = _fail(study, trial, reason)
+        if failed is not None:
+            requeue(study, failed)
+            recovered.append(failed)
     return recovered
+
+
+def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenTrial | None:
+    """End another (dead) process's RUNNING trial FAIL with ``reason`` as its error attr; None when another
+    process got there first. Optuna has no public call for this: ``study.tell(number, state=FAIL)`` cannot
+    attach the reason and runs this process's sampler hook (BruteForceSampler may stop the study), so the
+    storage is written directly, exactly as Optuna's own ``fail_stale_trials`` does."""
+    storage, trial_id = study._storage, trial._trial_id
+    try:
+        storage.set_trial_user_attr(trial_id, ERROR_ATTR, reason)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None  # another process recovered (or the trial finished) first
+    return storage.get_trial(trial_id)
 
 
 def requeue(study: optuna.Study, failed: FrozenTrial) -> bool:
