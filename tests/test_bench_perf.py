@@ -1,4 +1,4 @@
-"""``fusebench perf``: a real (tiny) measured case, and bad input refused before anything runs."""
+"""``fusebench perf``: real measured cases, and bad input refused before anything runs."""
 
 from __future__ import annotations
 
@@ -28,3 +28,25 @@ def test_perf_case_measures_time_and_memory_beyond_the_inputs():
     assert row["model_mb"] == pytest.approx((3072 * 256 + 256 * 256 + 2560) * 4 / 2**20)
     # NT's extra memory holds at least the fused model's new tensors, and no N-wide concatenation
     assert 0.5 * row["model_mb"] < row["peak_extra_mb"] < 4 * row["model_mb"]
+
+
+def _mlp_mb(width: int, n: int = 1) -> float:
+    """float32 size of ``n`` MLPs 3072 -> width -> width -> 10 (no bias) concatenated: N*W wide, the hidden
+    layer N*W x N*W (block-diagonal, but dense)."""
+    wide = n * width
+    return (3072 * wide + wide * wide + wide * 10) * 4 / 2**20
+
+
+@pytest.mark.slow
+def test_nt_never_builds_the_concatenated_model():
+    """An oracle for the memory claim: with N = 4 members of width 2048, the concatenated model NT is defined
+    by would take 352 MB (8.8 members: the hidden layer grows with N²), while NT's peak beyond its inputs must
+    stay under 3 members (120 MB): the fused model (one member) plus scores and gathering buffers. An NT that
+    built the concatenation, even briefly, would exceed the bound by more than twice."""
+    width, n = 2048, 4
+    row = run_case(Case(f"mlp W={width}", "mlp", width, n, "nt"), "cpu", repeats=2)
+    member, concatenated = _mlp_mb(width), _mlp_mb(width, n)
+    assert row["model_mb"] == pytest.approx(member)
+    bound = 3 * member
+    assert concatenated > 2 * bound  # the oracle can tell the two apart
+    assert 0.5 * member < row["peak_extra_mb"] < bound, row

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 import yaml
@@ -11,10 +13,11 @@ from fusebench.cli import main as cli_main
 from sweeps.study import open_storage
 
 pytestmark = pytest.mark.slow
+SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "vit_digits.yaml"  # not the working directory
 
 
 def test_vit_sweep_on_digits(tmp_path, mlflow_uri, capsys, one_thread):
-    spec = yaml.safe_load(open("sweeps/vit_digits.yaml"))
+    spec = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
     spec["base"]["experiment"] = "fusebench-tests"
     spec["base"]["members"].update({"epochs": 1, "cache_dir": str(tmp_path / "cache")})
     spec["base"]["finetune"]["epochs"] = 1
