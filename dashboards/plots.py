@@ -41,6 +41,24 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def _band(fig, x: list, mean: list, std: list, color: str, alpha: float, row: int, col: int, **kw) -> None:
+    """The mean ± std band of a curve (drawn under it, not in the legend)."""
+    upper = [m + s for m, s in zip(mean, std)]
+    lower = [m - s for m, s in zip(mean, std)]
+    band = go.Scatter(
+        x=x + x[::-1],
+        y=upper + lower[::-1],
+        mode="lines",
+        fill="toself",
+        fillcolor=_rgba(color, alpha),
+        line={"width": 0},
+        hoverinfo="skip",
+        showlegend=False,
+        **kw,
+    )
+    fig.add_trace(band, row=row, col=col)
+
+
 def variant_labels(runs: pd.DataFrame) -> pd.Series:
     """ "nt" or "nt (s=0.5)" when a method was run at several sparsities."""
     setting = ["dataset", "arch", "n_members", "method"]
@@ -106,23 +124,7 @@ def finetune_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | Non
             x = stats["step"].tolist()
             mean = (100 * stats["mean"]).tolist()
             std = (100 * stats["std"].fillna(0)).tolist()
-            upper = [m + s for m, s in zip(mean, std)]
-            lower = [m - s for m, s in zip(mean, std)]
-            fig.add_trace(
-                go.Scatter(
-                    x=x + x[::-1],
-                    y=upper + lower[::-1],
-                    mode="lines",
-                    fill="toself",
-                    fillcolor=_rgba(color, 0.18),
-                    line={"width": 0},
-                    hoverinfo="skip",
-                    legendgroup=variant,
-                    showlegend=False,
-                ),
-                row=row,
-                col=col,
-            )
+            _band(fig, x, mean, std, color, 0.18, row, col, legendgroup=variant)
             fig.add_trace(
                 go.Scatter(
                     x=x,
@@ -358,20 +360,8 @@ def lmc_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> go.Figure | None:
             barrier = 100 * group.drop_duplicates("run_id")[schema.LMC_BARRIER_ACC].mean()
             color = method_color(method, methods)
             name = f"{method} ({repair}) barrier {barrier:.1f} pp"
-            fig.add_trace(
-                go.Scatter(
-                    x=list(stats["alpha"]) + list(stats["alpha"][::-1]),
-                    y=list(100 * (stats["mean"] + stats["std"]))
-                    + list(100 * (stats["mean"] - stats["std"]))[::-1],
-                    fill="toself",
-                    fillcolor=_rgba(color, 0.15),
-                    line={"width": 0},
-                    hoverinfo="skip",
-                    showlegend=False,
-                ),
-                row=r,
-                col=c,
-            )
+            band = (list(100 * stats["mean"]), list(100 * stats["std"]))
+            _band(fig, list(stats["alpha"]), *band, color, 0.15, r, c)
             fig.add_trace(
                 go.Scatter(
                     x=stats["alpha"],

@@ -407,20 +407,10 @@ def parse_spec(
         )
     if sampler["type"] not in GRID_SAMPLERS and scalars["n_trials"] is None:
         raise ConfigError(f"{source}: 'n_trials' is required for sampler '{sampler['type']}'")
-    return SweepSpec(
-        source=source,
-        study=study,
-        base=base,
-        space=space,
-        objectives=objectives,
-        sampler=sampler,
-        pruner=pruner,
-        repeats=scalars["repeats"],
-        n_trials=scalars["n_trials"],
-        timeout=scalars["timeout"],
-        description=str(scalars["description"] or ""),
-        text=text,
-    )
+    sections = dict(base=base, space=space, objectives=objectives, sampler=sampler, pruner=pruner)
+    counts = {k: scalars[k] for k in ("repeats", "n_trials", "timeout")}
+    description = str(scalars["description"] or "")
+    return SweepSpec(source=source, study=study, **sections, **counts, description=description, text=text)
 
 
 def _check_rules(

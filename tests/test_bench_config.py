@@ -106,8 +106,16 @@ def test_cli_unknown_key_and_unreadable_config_exit_2(tmp_path, capsys):
         ("fusion.lmc=maybe", "'fusion.lmc' must be bool"),
         ("fusion.measure_memory=sometimes", "'fusion.measure_memory' must be one of"),
         ("finetune.distill_baseline=1", "'finetune.distill_baseline' must be bool"),
+        # the recipe keys (bench.recipes.Recipe)
+        ("members.schedule=linear", "'members.schedule' must be one of"),
+        ("finetune.augment=mixup", "'finetune.augment' must be one of"),
+        ("precision=fp8", "'precision' must be one of"),
+        ("members.label_smoothing=1.5", "'members.label_smoothing' must be in"),
+        ("members.schedule=multistep", "'members.milestones' are required"),
+        ("members.milestones=[5,3]", "'members.milestones' must be increasing"),
+        ("members.warmup_epochs=50", "'members.warmup_epochs' must be"),
     ],
 )
-def test_new_protocol_keys_are_validated(override, pattern):
+def test_new_protocol_and_recipe_keys_are_validated(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])

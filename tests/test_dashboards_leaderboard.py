@@ -56,30 +56,11 @@ def store(tmp_path_factory):
         )
         for s in (0, 1)
     ]
+    nt = dict(method="nt", n=2, epochs=2, sparsity="0.5", rng=rng)
     bad = synth.log_run(
-        client,
-        partial,
-        method="nt",
-        n=2,
-        epochs=2,
-        seed=1,
-        sparsity="0.5",
-        base=base[(2, 1)],
-        rng=rng,
-        drop_metrics=("fused_acc_before_ft",),
+        client, partial, seed=1, base=base[(2, 1)], drop_metrics=("fused_acc_before_ft",), **nt
     )
-    synth.log_run(
-        client,
-        partial,
-        method="nt",
-        n=2,
-        epochs=2,
-        seed=0,
-        sparsity="0.5",
-        base=base[(2, 0)],
-        rng=rng,
-        status="FAILED",
-    )
+    synth.log_run(client, partial, seed=0, base=base[(2, 0)], status="FAILED", **nt)
     return {"uri": uri, "records": records, "parent": parent, "tmp": tmp, "good": good, "bad": bad}
 
 
