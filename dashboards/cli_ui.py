@@ -86,7 +86,10 @@ def main(args: argparse.Namespace) -> int:
     command = ui_command(uri, args.host, args.port, args.workers, args.allowed_hosts)
     print(f"MLflow UI for {uri}: http://{shown_host}:{args.port}", flush=True)
     # MLflow 3 opens experiments on its GenAI pages unless the "Model training" view is chosen
-    print(f"runs tables: http://{shown_host}:{args.port}/#/experiments?workflowType=machine_learning", flush=True)
+    print(
+        f"runs tables: http://{shown_host}:{args.port}/#/experiments?workflowType=machine_learning",
+        flush=True,
+    )
     if args.dry_run:
         print(" ".join(command))
         return 0

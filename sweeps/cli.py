@@ -16,18 +16,34 @@ from bench.errors import FusebenchError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="sweep spec YAML (see sweeps/quickstart.yaml)")
-    parser.add_argument("--n-trials", type=int, default=None,
-                        help="target number of finished trials in the study (default: the spec's n_trials)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds after which no new trial starts (default: the spec's timeout)")
+    parser.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        help="target number of finished trials in the study (default: the spec's n_trials)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds after which no new trial starts (default: the spec's timeout)",
+    )
     parser.add_argument("--study", default=None, help="study name (default: the spec's 'study' or file name)")
-    parser.add_argument("--storage", default=None,
-                        help="postgresql://user:pw@host/db for several machines, or a .journal file path "
-                             "(default: <runs-dir>/<study>.journal)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="postgresql://user:pw@host/db for several machines, or a .journal file path "
+        "(default: <runs-dir>/<study>.journal)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: base config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
-    parser.add_argument("--runs-dir", default="runs", help="folder for journal files and locks (default: runs)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: base config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--runs-dir", default="runs", help="folder for journal files and locks (default: runs)"
+    )
 
 
 def _print_leaderboard(result, study, out, leaderboard: Callable | None) -> None:
@@ -67,20 +83,35 @@ def main(args: argparse.Namespace, leaderboard: Callable | None = None) -> int:
     from sweeps.runner import run_sweep
     from sweeps.study import open_storage
 
-    result = run_sweep(spec, study_name=args.study, storage=args.storage, n_trials=args.n_trials,
-                       timeout=args.timeout, workers=args.workers, tracking_uri=args.tracking_uri,
-                       runs_dir=args.runs_dir)
+    result = run_sweep(
+        spec,
+        study_name=args.study,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        workers=args.workers,
+        tracking_uri=args.tracking_uri,
+        runs_dir=args.runs_dir,
+    )
     out = sys.stdout
     c = result.counts
-    print(f"\nstudy '{result.study_name}': {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
-          f"(target {result.target}) in {result.wall_time_s:.1f} s", file=out)
-    study = optuna.load_study(study_name=result.study_name,
-                              storage=open_storage(args.storage, result.study_name, args.runs_dir).storage)
+    print(
+        f"\nstudy '{result.study_name}': {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
+        f"(target {result.target}) in {result.wall_time_s:.1f} s",
+        file=out,
+    )
+    study = optuna.load_study(
+        study_name=result.study_name,
+        storage=open_storage(args.storage, result.study_name, args.runs_dir).storage,
+    )
     _print_leaderboard(result, study, out, leaderboard)
     uri = result.tracking_uri
-    print(f"\nMLflow: parent run {result.parent_run_id} in experiment '{spec.base['experiment']}'.\n"
-          f"Open the UI:  fusebench ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)\n"
-          f"Resume / extend: fusebench sweep {args.spec} --study {result.study_name}"
-          + (f" --storage {result.storage_url}" if args.storage else "")
-          + " [--n-trials N]", file=out)
+    print(
+        f"\nMLflow: parent run {result.parent_run_id} in experiment '{spec.base['experiment']}'.\n"
+        f"Open the UI:  fusebench ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)\n"
+        f"Resume / extend: fusebench sweep {args.spec} --study {result.study_name}"
+        + (f" --storage {result.storage_url}" if args.storage else "")
+        + " [--n-trials N]",
+        file=out,
+    )
     return 0

@@ -43,8 +43,16 @@ def _free_accelerator_memory() -> None:
 class Objective:
     """Callable objective bound to one study; built in each worker process."""
 
-    def __init__(self, spec: SweepSpec, *, study_name: str, parent_run_id: str, experiment_fn: Callable,
-                 tracking, on_start: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        spec: SweepSpec,
+        *,
+        study_name: str,
+        parent_run_id: str,
+        experiment_fn: Callable,
+        tracking,
+        on_start: Callable[[], None] | None = None,
+    ):
         self.spec = spec
         self.study_name = study_name
         self.parent_run_id = parent_run_id
@@ -88,8 +96,12 @@ class Objective:
                 # Pruning compares trials epoch by epoch: only the first seed reports, so every
                 # trial's curve means the same thing.
                 prune = self.spec.pruner["type"] != "none" and repeat == 0
-                result = self.experiment_fn(seed_cfg, parent_run_id=self.parent_run_id, extra_tags=tags,
-                                            epoch_callback=self._epoch_callback(trial) if prune else None)
+                result = self.experiment_fn(
+                    seed_cfg,
+                    parent_run_id=self.parent_run_id,
+                    extra_tags=tags,
+                    epoch_callback=self._epoch_callback(trial) if prune else None,
+                )
                 run_ids.append(result.run_id)
                 trial.set_user_attr(RUN_IDS_ATTR, list(run_ids))
                 per_seed.append(self._objective_metrics(result.metrics))
@@ -126,7 +138,9 @@ class Objective:
         out = {}
         for obj in self.spec.objectives:
             if obj.metric not in metrics:
-                raise KeyError(f"the experiment logged no metric '{obj.metric}' (objective of {self.spec.source})")
+                raise KeyError(
+                    f"the experiment logged no metric '{obj.metric}' (objective of {self.spec.source})"
+                )
             out[obj.metric] = float(metrics[obj.metric])
         return out
 
@@ -136,8 +150,10 @@ class Objective:
         for obj in self.spec.objectives:
             xs = [row[obj.metric] for row in per_seed]
             if any(math.isnan(x) for x in xs):
-                raise ValueError(f"objective metric '{obj.metric}' is NaN for seed(s) "
-                                 f"{[i for i, x in enumerate(xs) if math.isnan(x)]}")
+                raise ValueError(
+                    f"objective metric '{obj.metric}' is NaN for seed(s) "
+                    f"{[i for i, x in enumerate(xs) if math.isnan(x)]}"
+                )
             mean = statistics.fmean(xs)
             trial.set_user_attr(f"{obj.metric}.values", xs)
             trial.set_user_attr(f"{obj.metric}.std", statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -152,8 +168,10 @@ class Objective:
         try:
             mark_trial_runs(client, [client.get_run(rid) for rid in run_ids], state, error)
         except Exception as exc:  # noqa: BLE001 - tracking trouble must not turn a result into a failure
-            print(f"fusebench sweep: warning: could not tag the MLflow runs of trial {trial.number}: {exc}",
-                  file=sys.stderr)
+            print(
+                f"fusebench sweep: warning: could not tag the MLflow runs of trial {trial.number}: {exc}",
+                file=sys.stderr,
+            )
 
 
 def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -240,7 +240,9 @@ def run_sweep(
         try:
             _requeue_interrupted(study)
         except Exception as exc:  # noqa: BLE001 - the interruption and its summary come first
-            _print(sys.stderr, f"fusebench sweep: warning: could not queue the interrupted trial again: {exc}")
+            _print(
+                sys.stderr, f"fusebench sweep: warning: could not queue the interrupted trial again: {exc}"
+            )
         done = count_trials(study)
         _print(
             out,
@@ -267,7 +269,11 @@ def _requeue_interrupted(study: optuna.Study) -> None:
     retried = retried_numbers(trials)
     for t in trials:
         owner = t.user_attrs.get(WORKER_ATTR) or {}
-        if t.state == optuna.trial.TrialState.FAIL and owner.get("pid") == os.getpid() and t.number not in retried:
+        if (
+            t.state == optuna.trial.TrialState.FAIL
+            and owner.get("pid") == os.getpid()
+            and t.number not in retried
+        ):
             requeue(study, t)
 
 

@@ -27,7 +27,7 @@ from bench.errors import FusebenchError
 WORKER_ATTR = schema.TRIAL_WORKER_ATTR
 ERROR_ATTR = schema.TRIAL_ERROR_ATTR
 PARENT_RUN_ATTR = schema.STUDY_PARENT_RUN_ATTR
-MAX_RETRY = 2                          # re-queues of one configuration after its worker died
+MAX_RETRY = 2  # re-queues of one configuration after its worker died
 # A RUNNING trial with no worker record this old was orphaned between creation and its first line.
 NO_OWNER_GRACE_S = 300.0
 HEARTBEAT_INTERVAL_S = int(os.environ.get("FUSEBENCH_HEARTBEAT_S", "60"))
@@ -40,8 +40,8 @@ class StorageInfo:
     """An opened storage plus what to show the user (and log) about it."""
 
     storage: optuna.storages.BaseStorage
-    url: str           # printable location: journal file path or URL without password
-    kind: str          # "journal" | "rdb"
+    url: str  # printable location: journal file path or URL without password
+    kind: str  # "journal" | "rdb"
     runs_dir: Path
 
 
@@ -66,8 +66,9 @@ def _postgres_driver() -> str:
     return "psycopg2"
 
 
-def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs", *,
-                 workers: int = 1) -> StorageInfo:
+def open_storage(
+    url: str | None, study_name: str, runs_dir: str | Path = "runs", *, workers: int = 1
+) -> StorageInfo:
     """``None`` -> journal file ``<runs_dir>/<study>.journal``; ``*.journal`` path -> that journal;
     ``postgresql://`` / ``mysql://`` -> RDB with heartbeats; ``sqlite://`` only for a single worker."""
     runs = Path(runs_dir)
@@ -78,11 +79,15 @@ def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs"
         return StorageInfo(optuna.storages.journal.JournalStorage(backend), str(path), "journal", runs)
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme not in ("postgresql", "postgres", "mysql", "sqlite"):
-        raise FusebenchError(f"--storage {_redact(url)}: unsupported scheme '{scheme}'; use postgresql://..., "
-                             "mysql://..., or a journal file path")
+        raise FusebenchError(
+            f"--storage {_redact(url)}: unsupported scheme '{scheme}'; use postgresql://..., "
+            "mysql://..., or a journal file path"
+        )
     if scheme == "sqlite" and workers > 1:
-        raise FusebenchError("--storage sqlite:// cannot be shared by parallel workers (database is locked); "
-                             "leave --storage out to use a journal file, or use postgresql://")
+        raise FusebenchError(
+            "--storage sqlite:// cannot be shared by parallel workers (database is locked); "
+            "leave --storage out to use a journal file, or use postgresql://"
+        )
     shown = _redact(url)
     if url.startswith(("postgres://", "postgresql://")):
         url = "postgresql+" + _postgres_driver() + "://" + url.split("://", 1)[1]
@@ -97,26 +102,42 @@ def open_storage(url: str | None, study_name: str, runs_dir: str | Path = "runs"
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
         except ImportError as exc:
-            raise FusebenchError(f"--storage {_redact(url)}: database driver missing ({exc}); "
-                                 "pip install 'fusebench[postgres]'") from None
+            raise FusebenchError(
+                f"--storage {_redact(url)}: database driver missing ({exc}); "
+                "pip install 'fusebench[postgres]'"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FusebenchError(f"--storage {_redact(url)}: cannot open the study database: {first}") from None
+            raise FusebenchError(
+                f"--storage {_redact(url)}: cannot open the study database: {first}"
+            ) from None
     return StorageInfo(storage, shown, "rdb", runs)
 
 
-def create_or_load(info: StorageInfo, study_name: str, directions: list[str],
-                   sampler: optuna.samplers.BaseSampler | None = None,
-                   pruner: optuna.pruners.BasePruner | None = None,
-                   metric_names: list[str] | None = None) -> optuna.Study:
+def create_or_load(
+    info: StorageInfo,
+    study_name: str,
+    directions: list[str],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    metric_names: list[str] | None = None,
+) -> optuna.Study:
     """Create the study, or resume it (``load_if_exists``) after checking it optimizes the same thing.
     ``metric_names`` name the objectives (optuna-dashboard shows them instead of "Objective 0")."""
-    study = optuna.create_study(storage=info.storage, study_name=study_name, directions=directions,
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(
+        storage=info.storage,
+        study_name=study_name,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
     have = [d.name.lower() for d in study.directions]
     if have != list(directions):
-        raise FusebenchError(f"study '{study_name}' in {info.url} optimizes {have}, the spec asks for "
-                             f"{list(directions)}; use another --study name")
+        raise FusebenchError(
+            f"study '{study_name}' in {info.url} optimizes {have}, the spec asks for "
+            f"{list(directions)}; use another --study name"
+        )
     if metric_names and study.metric_names != list(metric_names):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -223,9 +244,15 @@ def requeue(study: optuna.Study, failed: FrozenTrial) -> bool:
         return False
     system_attrs = {**failed.system_attrs, "failed_trial": history[0], "retry_history": history}
     user_attrs = {k: v for k, v in failed.user_attrs.items() if not k.startswith(schema.PREFIX)}
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-        user_attrs=user_attrs, system_attrs=system_attrs))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
     return True
 
 

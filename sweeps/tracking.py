@@ -101,14 +101,19 @@ def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, stu
         trial = finished.get(number)
         if trial is None:
             continue
-        mark_trial_runs(client, [run], trial.state.name if trial.state.name != "COMPLETE" else "FAIL",
-                        trial.user_attrs.get(ERROR_ATTR, "worker process ended during the trial"))
+        mark_trial_runs(
+            client,
+            [run],
+            trial.state.name if trial.state.name != "COMPLETE" else "FAIL",
+            trial.user_attrs.get(ERROR_ATTR, "worker process ended during the trial"),
+        )
         fixed += 1
     return fixed
 
 
-def finish_parent_run(client: MlflowClient, run_id: str, study, counts: dict[str, int],
-                      status: str = "FINISHED") -> None:
+def finish_parent_run(
+    client: MlflowClient, run_id: str, study, counts: dict[str, int], status: str = "FINISHED"
+) -> None:
     """Summary metrics on the parent run, then end it (it must never stay RUNNING after the sweep)."""
     now = int(time.time() * 1000)
     metrics: dict[str, Any] = {

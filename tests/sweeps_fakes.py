@@ -31,16 +31,21 @@ def fake_score(cfg: dict) -> float:
     n = cfg["members"]["n"]
     bonus = {"nt": 0.05, "avg": 0.0, "ot": 0.03}.get(cfg["fusion"]["method"], 0.0)
     sparsity = float(cfg["fusion"]["options"].get("sparsity", 0.0))
-    return round(0.5 + 0.04 * n + bonus - 0.02 * sparsity + 0.01 * cfg["finetune"]["epochs"]
-                 + 0.001 * cfg["seed"], 6)
+    return round(
+        0.5 + 0.04 * n + bonus - 0.02 * sparsity + 0.01 * cfg["finetune"]["epochs"] + 0.001 * cfg["seed"], 6
+    )
 
 
 def fake_experiment(config: dict, *, parent_run_id=None, extra_tags=None, epoch_callback=None):
     client = MlflowClient(tracking_uri=config["tracking_uri"])
     exp = client.get_experiment_by_name(config["experiment"])
     exp_id = exp.experiment_id if exp else client.create_experiment(config["experiment"])
-    tags = {"fusebench.role": "experiment", "fusebench.method": config["fusion"]["method"],
-            "fusebench.seed": str(config["seed"]), **(extra_tags or {})}
+    tags = {
+        "fusebench.role": "experiment",
+        "fusebench.method": config["fusion"]["method"],
+        "fusebench.seed": str(config["seed"]),
+        **(extra_tags or {}),
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, tags=tags).info.run_id
@@ -71,8 +76,11 @@ def fake_experiment(config: dict, *, parent_run_id=None, extra_tags=None, epoch_
             client.log_metric(run_id, "fused_val_acc", val, step=epoch)
             if epoch_callback is not None:
                 epoch_callback(epoch, val)
-        metrics = {"fused_acc_best_val": score, "fusion_time_s": 0.01 * config["members"]["n"],
-                   "total_time_s": time.perf_counter() - t0}
+        metrics = {
+            "fused_acc_best_val": score,
+            "fusion_time_s": 0.01 * config["members"]["n"],
+            "total_time_s": time.perf_counter() - t0,
+        }
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     except StopExperiment as exc:

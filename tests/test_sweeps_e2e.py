@@ -16,10 +16,14 @@ pytestmark = pytest.mark.slow
 def test_fusebench_sweep_runs_real_experiments(tmp_path, mlflow_uri, capsys, one_thread):
     spec = {
         "study": "e2e",
-        "base": {"experiment": "fusebench-tests", "data": {"name": "digits"},
-                 "model": {"arch": "mlp", "width": 16, "depth": 1},
-                 "members": {"n": 2, "epochs": 2, "cache_dir": str(tmp_path / "cache")},
-                 "fusion": {"measure_memory": False}, "finetune": {"epochs": 1, "baseline": False}},
+        "base": {
+            "experiment": "fusebench-tests",
+            "data": {"name": "digits"},
+            "model": {"arch": "mlp", "width": 16, "depth": 1},
+            "members": {"n": 2, "epochs": 2, "cache_dir": str(tmp_path / "cache")},
+            "fusion": {"measure_memory": False},
+            "finetune": {"epochs": 1, "baseline": False},
+        },
         "space": {"fusion.method": {"type": "categorical", "choices": ["nt", "avg"]}},
         "objectives": [{"metric": "fused_acc_best_val", "direction": "maximize"}],
         "sampler": "grid",
@@ -45,7 +49,9 @@ def test_fusebench_sweep_runs_real_experiments(tmp_path, mlflow_uri, capsys, one
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        assert tags["fusebench.role"] == "experiment" and tags["fusebench.method"] == t.params["fusion.method"]
+        assert (
+            tags["fusebench.role"] == "experiment" and tags["fusebench.method"] == t.params["fusion.method"]
+        )
         assert tags["fusebench.trial"] == str(t.number) and tags["fusebench.trial_state"] == "COMPLETE"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert params["fusion.method"] == t.params["fusion.method"] and params["members.epochs"] == "2"

@@ -23,8 +23,13 @@ GOOD = {
     "space": {
         "members.n": {"type": "int", "low": 2, "high": 3},
         "fusion.method": {"type": "categorical", "choices": ["nt", "avg"]},
-        "fusion.options.sparsity": {"type": "float", "low": 0.25, "high": 0.75, "step": 0.25,
-                                    "when": {"fusion.method": "nt"}},
+        "fusion.options.sparsity": {
+            "type": "float",
+            "low": 0.25,
+            "high": 0.75,
+            "step": 0.25,
+            "when": {"fusion.method": "nt"},
+        },
     },
     "objectives": [{"metric": "fused_acc_best_val", "direction": "maximize"}],
     "sampler": "grid",
@@ -50,8 +55,12 @@ _DELETE = object()
 
 def test_shipped_specs_exist_and_validate():
     names = {p.name for p in SHIPPED}
-    assert {"quickstart.yaml", "paper_cifar10_vgg11.yaml", "paper_cifar10_resnet18.yaml",
-            "paper_mlp_width_depth.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "paper_cifar10_vgg11.yaml",
+        "paper_cifar10_resnet18.yaml",
+        "paper_mlp_width_depth.yaml",
+    } <= names
     for path in SHIPPED:
         spec = load_spec(path)
         assert spec.target_trials() >= 1, path
@@ -88,7 +97,8 @@ def test_grid_enumeration_respects_conditions():
     combos = enumerate_grid(spec.space)
     expected = [{"members.n": n, "fusion.method": "avg"} for n in (2, 3)] + [
         {"members.n": n, "fusion.method": "nt", "fusion.options.sparsity": s}
-        for n, s in itertools.product((2, 3), (0.25, 0.5, 0.75))]
+        for n, s in itertools.product((2, 3), (0.25, 0.5, 0.75))
+    ]
     key = lambda d: sorted(d.items())  # noqa: E731
     assert sorted(map(key, combos)) == sorted(map(key, expected))
     assert spec.target_trials() == 8
@@ -106,8 +116,9 @@ def test_sampling_sets_conditional_param_only_when_active():
         assert ("fusion.options.sparsity" in params) == (params["fusion.method"] == "nt")
         cfg = apply_params(spec.base, params)
         assert cfg["members"]["n"] == params["members.n"]
-        assert cfg["fusion"]["options"] == ({"sparsity": params["fusion.options.sparsity"]}
-                                            if params["fusion.method"] == "nt" else {})
+        assert cfg["fusion"]["options"] == (
+            {"sparsity": params["fusion.options.sparsity"]} if params["fusion.method"] == "nt" else {}
+        )
         assert cfg["finetune"]["epochs"] == 2  # the base is kept
         study.tell(trial, float(params["members.n"]))
     assert seen_methods == {"nt", "avg"}
@@ -123,23 +134,64 @@ def test_base_may_be_a_config_file(tmp_path):
 BAD = [
     (_with(sapce={}), "unknown key 'sapce' (did you mean 'space'"),
     (_with(space={}), "'space' must be a non-empty mapping"),
-    (_with(**{"space__fusion.method": {"type": "categorical", "choices": []}}), "'space.fusion.method.choices' must be a non-empty list"),
-    (_with(**{"space__members.n": {"type": "int", "low": 4, "high": 2}}), "'space.members.n': low (4) > high (2)"),
-    (_with(**{"space__members.n": {"type": "int", "low": 2, "hihg": 3}}), "unknown key 'space.members.n.hihg' (did you mean 'high'"),
+    (
+        _with(**{"space__fusion.method": {"type": "categorical", "choices": []}}),
+        "'space.fusion.method.choices' must be a non-empty list",
+    ),
+    (
+        _with(**{"space__members.n": {"type": "int", "low": 4, "high": 2}}),
+        "'space.members.n': low (4) > high (2)",
+    ),
+    (
+        _with(**{"space__members.n": {"type": "int", "low": 2, "hihg": 3}}),
+        "unknown key 'space.members.n.hihg' (did you mean 'high'",
+    ),
     (_with(**{"space__fintune.epochs": {"type": "int", "low": 1, "high": 3}}), "space.fintune.epochs"),
-    (_with(**{"space__fusion.method": {"type": "categorical", "choices": ["nt", "ntt"]}}), "unknown fusion method 'ntt'"),
-    (_with(**{"space__model.arch": {"type": "categorical", "choices": ["mlp", "resnet_nope"]}}), "resnet_nope"),
-    (_with(**{"space__fusion.options.sparsity": {"type": "float", "low": 0.1, "high": 0.9}}),
-     "the grid sampler needs a 'step' for float params"),
-    (_with(**{"space__fusion.options.sparsity": {"type": "float", "low": 0.5, "high": 1.0, "step": 0.5}}),
-     "sparsity must be in [0, 1)"),
-    (_with(**{"space__fusion.options.sparsity": {"type": "float", "low": 0.25, "high": 0.5, "step": 0.25,
-                                                 "when": {"fusion.metod": "nt"}}}), "refers to 'fusion.metod'"),
-    (_with(objectives=[{"metric": "fused_accuracy", "direction": "maximize"}]), "unknown metric 'fused_accuracy'"),
+    (
+        _with(**{"space__fusion.method": {"type": "categorical", "choices": ["nt", "ntt"]}}),
+        "unknown fusion method 'ntt'",
+    ),
+    (
+        _with(**{"space__model.arch": {"type": "categorical", "choices": ["mlp", "resnet_nope"]}}),
+        "resnet_nope",
+    ),
+    (
+        _with(**{"space__fusion.options.sparsity": {"type": "float", "low": 0.1, "high": 0.9}}),
+        "the grid sampler needs a 'step' for float params",
+    ),
+    (
+        _with(**{"space__fusion.options.sparsity": {"type": "float", "low": 0.5, "high": 1.0, "step": 0.5}}),
+        "sparsity must be in [0, 1)",
+    ),
+    (
+        _with(
+            **{
+                "space__fusion.options.sparsity": {
+                    "type": "float",
+                    "low": 0.25,
+                    "high": 0.5,
+                    "step": 0.25,
+                    "when": {"fusion.metod": "nt"},
+                }
+            }
+        ),
+        "refers to 'fusion.metod'",
+    ),
+    (
+        _with(objectives=[{"metric": "fused_accuracy", "direction": "maximize"}]),
+        "unknown metric 'fused_accuracy'",
+    ),
     (_with(objectives=[{"metric": "fused_acc_best_val", "direction": "up"}]), "must be maximize or minimize"),
-    (_with(objectives=[{"metric": "fused_acc_best_val", "direction": "maximize"},
-                       {"metric": "fusion_time_s", "direction": "minimize"}], pruner="median"),
-     "pruning works only with one objective"),
+    (
+        _with(
+            objectives=[
+                {"metric": "fused_acc_best_val", "direction": "maximize"},
+                {"metric": "fusion_time_s", "direction": "minimize"},
+            ],
+            pruner="median",
+        ),
+        "pruning works only with one objective",
+    ),
     (_with(sampler="cmaes"), "unknown sampler 'cmaes'"),
     (_with(sampler={"type": "tpe", "sed": 1}, n_trials=3), "unknown key 'sampler.sed' (did you mean 'seed'"),
     (_with(sampler="tpe"), "'n_trials' is required for sampler 'tpe'"),
@@ -161,11 +213,21 @@ def test_bad_spec_is_refused_with_a_message_naming_file_and_key(tmp_path, raw, m
 
 def test_bad_spec_exits_2_before_any_trial(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_with(objectives=[{"metric": "fused_acc_best_val", "direction": "maximize"},
-                                                     {"metric": "fusion_time_s", "direction": "minimize"}],
-                                         pruner="median")))
+    path.write_text(
+        yaml.safe_dump(
+            _with(
+                objectives=[
+                    {"metric": "fused_acc_best_val", "direction": "maximize"},
+                    {"metric": "fusion_time_s", "direction": "minimize"},
+                ],
+                pruner="median",
+            )
+        )
+    )
     runs = tmp_path / "runs"
-    code = cli_main(["sweep", str(path), "--runs-dir", str(runs), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    code = cli_main(
+        ["sweep", str(path), "--runs-dir", str(runs), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -173,15 +235,27 @@ def test_bad_spec_exits_2_before_any_trial(tmp_path, capsys):
     assert not runs.exists() and not (tmp_path / "m.db").exists()  # nothing was created
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--workers", "0"], "--workers must be >= 1"),
-    (["--study", "a b"], "--study 'a b'"),
-    (["--storage", "redis://localhost/0"], "unsupported scheme 'redis'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--study", "a b"], "--study 'a b'"),
+        (["--storage", "redis://localhost/0"], "unsupported scheme 'redis'"),
+    ],
+)
 def test_bad_command_line_exits_2(tmp_path, capsys, argv, message):
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(GOOD))
-    code = cli_main(["sweep", str(path), "--runs-dir", str(tmp_path / "runs"),
-                     "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *argv])
+    code = cli_main(
+        [
+            "sweep",
+            str(path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+            *argv,
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
