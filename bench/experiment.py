@@ -70,8 +70,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _sparsity_tag(cfg: dict) -> str:
+    """The sparsity a method with a ``sparsity`` option (per the fusion registry: the NT family) uses."""
+    import fusion
+
     method, opts, n = cfg["fusion"]["method"], cfg["fusion"]["options"], _n_members(cfg)
-    if not method.startswith("nt"):
+    if "sparsity" not in fusion.method_options(method):
         return ""
     return format(float(opts.get("sparsity", 1.0 - 1.0 / n)), ".4g")  # 0.6667, not 0.6666666666666667
 
