@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from bench.config import DEFAULTS
 from bench.errors import FusebenchError
 from dashboards.data import RunSet, load_runs
 
-DEFAULT_EXPERIMENT = "fusebench"  # design.md §2: the config's default experiment name
+DEFAULT_EXPERIMENT = DEFAULTS["experiment"]  # where `fusebench run` logs by default
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
