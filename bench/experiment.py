@@ -207,7 +207,7 @@ class Experiment:
         self.models = self.member_set.models
         self.timings["train"] = self.member_set.train_seconds
         if self.member_set.images_per_s:
-            self._log({"train_images_per_s": self.member_set.images_per_s})
+            self._log({schema.TRAIN_IMAGES_PER_S: self.member_set.images_per_s})
 
     def baselines(self) -> None:
         import fusion
@@ -217,13 +217,15 @@ class Experiment:
         m: dict[str, float] = {}
         val_accs = []
         for i, model in enumerate(self.models):
-            m[f"member_{i}_acc"] = evaluate(model, self.data.test)[0]
+            m[schema.member_acc(i)] = evaluate(model, self.data.test)[0]
             val_accs.append(evaluate(model, self.data.val)[0])
         self.best = int(np.argmax(val_accs))  # best member chosen by validation, reported on test
-        m["members_mean_acc"] = float(np.mean([m[f"member_{i}_acc"] for i in range(len(self.models))]))
-        m["best_member_acc"] = m[f"member_{self.best}_acc"]
+        m[schema.MEMBERS_MEAN_ACC] = float(
+            np.mean([m[schema.member_acc(i)] for i in range(len(self.models))])
+        )
+        m[schema.BEST_MEMBER_ACC] = m[schema.member_acc(self.best)]
         self.ensemble = fusion.ensemble(self.models)
-        m["ensemble_acc"] = evaluate(self.ensemble, self.data.test)[0]
+        m[schema.ENSEMBLE_ACC] = evaluate(self.ensemble, self.data.test)[0]
         self.timings["eval"] = time.perf_counter() - t
         self._log(m)
 
@@ -266,15 +268,17 @@ class Experiment:
         self.timings["fusion"] = fm.seconds
         self.timings["fusion_process"] = time.perf_counter() - t - fm.seconds  # child start / transfer
         t = time.perf_counter()
-        cost: dict[str, float] = {"fusion_time_s": fm.seconds}
+        cost: dict[str, float] = {schema.FUSION_TIME_S: fm.seconds}
         if fm.peak_mem_mb == fm.peak_mem_mb:  # NaN when not measured
-            cost["fusion_peak_mem_mb"] = fm.peak_mem_mb
-        cost["fused_macs"], cost["fused_params"] = macs_and_params(self.fused, self.example[:1])
-        cost["member_macs"], cost["member_params"] = macs_and_params(self.models[0], self.example[:1])
+            cost[schema.FUSION_PEAK_MEM_MB] = fm.peak_mem_mb
+        cost[schema.FUSED_MACS], cost[schema.FUSED_PARAMS] = macs_and_params(self.fused, self.example[:1])
+        cost[schema.MEMBER_MACS], cost[schema.MEMBER_PARAMS] = macs_and_params(
+            self.models[0], self.example[:1]
+        )
         lat_batch = next(self.data.test.batches(self.cfg["data"]["batch_size"]))[0]
-        cost["fused_latency_ms"] = latency_ms(self.fused, lat_batch)
-        cost["ensemble_latency_ms"] = latency_ms(self.ensemble, lat_batch)
-        cost["fused_acc_raw"] = evaluate(self.fused, self.data.test)[0]
+        cost[schema.FUSED_LATENCY_MS] = latency_ms(self.fused, lat_batch)
+        cost[schema.ENSEMBLE_LATENCY_MS] = latency_ms(self.ensemble, lat_batch)
+        cost[schema.FUSED_ACC_RAW] = evaluate(self.fused, self.data.test)[0]
         self.timings["cost_measure"] = time.perf_counter() - t
         self._log(cost)
 
@@ -299,7 +303,7 @@ class Experiment:
         t = time.perf_counter()
         self.fused = self._repaired(self.fused, self.models)
         self.timings["repair"] = time.perf_counter() - t
-        self._log({"repair_time_s": self.timings["repair"]})
+        self._log({schema.REPAIR_TIME_S: self.timings["repair"]})
 
     def linear_mode_connectivity(self) -> None:
         """N = 2 and ``fusion.lmc``: accuracy and loss along the linear path between member A and member B
@@ -325,8 +329,8 @@ class Experiment:
             transform=lambda model: self._repaired(model, [a, b]),
         )
         for alpha, acc, loss in zip(path.alphas, path.acc, path.loss):
-            self._log({"lmc_acc": acc, "lmc_loss": loss}, step=round(100 * alpha))
-        self._log({"lmc_barrier_acc": path.barrier_acc, "lmc_barrier_loss": path.barrier_loss})
+            self._log({schema.LMC_ACC: acc, schema.LMC_LOSS: loss}, step=round(100 * alpha))
+        self._log({schema.LMC_BARRIER_ACC: path.barrier_acc, schema.LMC_BARRIER_LOSS: path.barrier_loss})
 
     def _recipe(self):
         """The fine-tune recipe (the members' batch size) and how it executes, shared by every fine-tune."""
@@ -347,11 +351,11 @@ class Experiment:
         tracker = self.tracker
 
         def on_epoch(epoch: int, res) -> None:
-            values = {"fused_acc": res.test_acc[epoch], "fused_val_acc": res.val_acc[epoch]}
+            values = {schema.FUSED_ACC: res.test_acc[epoch], schema.FUSED_VAL_ACC: res.val_acc[epoch]}
             if epoch > 0:
-                values["ft_train_loss"] = res.train_loss[epoch - 1]
+                values[schema.FT_TRAIN_LOSS] = res.train_loss[epoch - 1]
             else:
-                tracker.metrics({"fused_acc_before_ft": res.test_acc[0]})
+                tracker.metrics({schema.FUSED_ACC_BEFORE_FT: res.test_acc[0]})
             tracker.metrics(values, step=epoch)
             tracker.maybe_flush()
 
@@ -370,12 +374,12 @@ class Experiment:
         self.timings["finetune"] = ft.seconds
         _, best_test = select_by_validation(ft.val_acc, ft.test_acc)
         m = self.metrics
-        m["fused_acc_before_ft"] = ft.test_acc[0]
-        m["fused_acc_final"] = ft.final_acc
-        m["fused_acc_best_val"] = best_test
-        m["gain_over_ensemble"] = best_test - m["ensemble_acc"]
+        m[schema.FUSED_ACC_BEFORE_FT] = ft.test_acc[0]
+        m[schema.FUSED_ACC_FINAL] = ft.final_acc
+        m[schema.FUSED_ACC_BEST_VAL] = best_test
+        m[schema.GAIN_OVER_ENSEMBLE] = best_test - m[schema.ENSEMBLE_ACC]
         if ft.images_per_s:
-            self._log({"finetune_images_per_s": ft.images_per_s})
+            self._log({schema.FINETUNE_IMAGES_PER_S: ft.images_per_s})
 
     def finetuned_baselines(self) -> None:
         """The fair baselines: the best member fine-tuned with the same budget and selected the same way
@@ -384,43 +388,48 @@ class Experiment:
         from bench.train import finetune
 
         f, m = self.cfg["finetune"], self.metrics
-        runs = []
-        if f["baseline"]:
-            runs.append(("best_member_ft", None, "finetune best member"))
+        runs = []  # (metric, its value after the last epoch, timing, teacher, progress label)
+        if f["baseline"]:  # fine-tuned exactly as the fused model is (plain or distilled)
+            ft = (schema.BEST_MEMBER_FT_ACC, schema.BEST_MEMBER_FT_ACC_FINAL, "best_member_ft", self.teacher)
+            runs.append((*ft, "finetune best member"))
         if f["distill_baseline"]:
-            runs.append(("best_member_distill", self.ensemble, "distill best member"))
-        for name, teacher, desc in runs:
+            distill = (
+                schema.BEST_MEMBER_DISTILL_ACC,
+                schema.BEST_MEMBER_DISTILL_ACC_FINAL,
+                "best_member_distill",
+            )
+            runs.append((*distill, self.ensemble, "distill best member"))
+        for acc, final, timing, teacher, desc in runs:
             if f["epochs"] == 0:
-                m[f"{name}_acc"] = m[f"{name}_acc_final"] = m["best_member_acc"]
+                m[acc] = m[final] = m[schema.BEST_MEMBER_ACC]
                 continue
             model = copy.deepcopy(self.models[self.best])
-            if name == "best_member_ft":
-                teacher = self.teacher  # fine-tuned exactly as the fused model is (plain or distilled)
             res = finetune(
                 model, self.data, teacher=teacher, temperature=f["temperature"], desc=desc, **self._recipe()
             )
-            m[f"{name}_acc"] = select_by_validation(res.val_acc, res.test_acc)[1]
-            m[f"{name}_acc_final"] = res.final_acc
-            self.timings[name] = res.seconds
-        m["gain_over_best_member_untuned"] = m["fused_acc_best_val"] - m["best_member_acc"]
-        reference = m.get("best_member_ft_acc", m["best_member_acc"])
-        m["gain_over_best_member"] = m["fused_acc_best_val"] - reference
+            m[acc] = select_by_validation(res.val_acc, res.test_acc)[1]
+            m[final] = res.final_acc
+            self.timings[timing] = res.seconds
+        m[schema.GAIN_OVER_BEST_MEMBER_UNTUNED] = m[schema.FUSED_ACC_BEST_VAL] - m[schema.BEST_MEMBER_ACC]
+        reference = m.get(schema.BEST_MEMBER_FT_ACC, m[schema.BEST_MEMBER_ACC])
+        m[schema.GAIN_OVER_BEST_MEMBER] = m[schema.FUSED_ACC_BEST_VAL] - reference
 
     def record(self) -> ExperimentResult:
         m = self.metrics
-        m["train_time_s"] = self.timings["train"]
-        m["finetune_time_s"] = self.timings["finetune"]
-        m["total_time_s"] = time.perf_counter() - self.t_total
-        final_keys = [
-            "fused_acc_final", "fused_acc_best_val", "gain_over_best_member", "gain_over_best_member_untuned",
-            "gain_over_ensemble", "best_member_ft_acc", "best_member_ft_acc_final", "best_member_distill_acc",
-            "best_member_distill_acc_final", "train_time_s", "finetune_time_s", "total_time_s",
+        m[schema.TRAIN_TIME_S] = self.timings["train"]
+        m[schema.FINETUNE_TIME_S] = self.timings["finetune"]
+        m[schema.TOTAL_TIME_S] = time.perf_counter() - self.t_total
+        final_keys = [  # the scalars of the run, written once at the end
+            schema.FUSED_ACC_FINAL, schema.FUSED_ACC_BEST_VAL, schema.GAIN_OVER_BEST_MEMBER,
+            schema.GAIN_OVER_BEST_MEMBER_UNTUNED, schema.GAIN_OVER_ENSEMBLE, schema.BEST_MEMBER_FT_ACC,
+            schema.BEST_MEMBER_FT_ACC_FINAL, schema.BEST_MEMBER_DISTILL_ACC, schema.BEST_MEMBER_DISTILL_ACC_FINAL,
+            schema.TRAIN_TIME_S, schema.FINETUNE_TIME_S, schema.TOTAL_TIME_S,
         ]  # fmt: skip
         self.tracker.metrics({k: m[k] for k in final_keys if k in m})
         if self.cfg["fusion"]["log_model"]:
             self.tracker.log_model(self.fused, self.example)
-        m["fused_acc"] = self.ft.final_acc
-        m["fused_val_acc"] = self.ft.val_acc[-1]
+        m[schema.FUSED_ACC] = self.ft.final_acc
+        m[schema.FUSED_VAL_ACC] = self.ft.val_acc[-1]
         return ExperimentResult(
             run_id=self.tracker.run_id,
             metrics=m,

@@ -29,10 +29,10 @@ def main(args: argparse.Namespace) -> int:
     m = result.metrics
     print(
         f"run {result.run_id}: {cfg['fusion']['method']} on {cfg['data']['name']}/{result.tags[schema.ARCH]} "
-        f"N={result.tags[schema.N_MEMBERS]}: best member {m['best_member_acc']:.4f}, "
-        f"ensemble {m['ensemble_acc']:.4f}, fused {m['fused_acc_before_ft']:.4f} -> "
-        f"{m['fused_acc_best_val']:.4f} after {cfg['finetune']['epochs']} epochs "
-        f"(fusion {m['fusion_time_s']:.3f}s, members trained {result.members_trained}, "
+        f"N={result.tags[schema.N_MEMBERS]}: best member {m[schema.BEST_MEMBER_ACC]:.4f}, "
+        f"ensemble {m[schema.ENSEMBLE_ACC]:.4f}, fused {m[schema.FUSED_ACC_BEFORE_FT]:.4f} -> "
+        f"{m[schema.FUSED_ACC_BEST_VAL]:.4f} after {cfg['finetune']['epochs']} epochs "
+        f"(fusion {m[schema.FUSION_TIME_S]:.3f}s, members trained {result.members_trained}, "
         f"loaded {result.members_loaded})",
         file=sys.stderr,
     )

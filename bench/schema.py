@@ -77,65 +77,87 @@ STUDY_PARENT_RUN_ATTR = "fusebench.parent_run_id"  # the study's MLflow parent r
 
 # ------------------------------------------------------------------------------------------- metrics
 # Accuracies are fractions in [0, 1], on the test split unless named val.
+MEMBERS_MEAN_ACC = "members_mean_acc"
 BEST_MEMBER_ACC = "best_member_acc"
 ENSEMBLE_ACC = "ensemble_acc"
 BEST_MEMBER_FT_ACC = "best_member_ft_acc"
+BEST_MEMBER_FT_ACC_FINAL = "best_member_ft_acc_final"
 BEST_MEMBER_DISTILL_ACC = "best_member_distill_acc"
+BEST_MEMBER_DISTILL_ACC_FINAL = "best_member_distill_acc_final"
 FUSED_ACC = "fused_acc"
 FUSED_VAL_ACC = "fused_val_acc"
+FT_TRAIN_LOSS = "ft_train_loss"
 FUSED_ACC_RAW = "fused_acc_raw"
 FUSED_ACC_BEFORE_FT = "fused_acc_before_ft"
+REPAIR_TIME_S = "repair_time_s"
+LMC_ACC = "lmc_acc"
+LMC_LOSS = "lmc_loss"
+LMC_BARRIER_ACC = "lmc_barrier_acc"
+LMC_BARRIER_LOSS = "lmc_barrier_loss"
+TRAIN_IMAGES_PER_S = "train_images_per_s"
+FINETUNE_IMAGES_PER_S = "finetune_images_per_s"
 FUSED_ACC_FINAL = "fused_acc_final"
 FUSED_ACC_BEST_VAL = "fused_acc_best_val"
 GAIN_OVER_BEST_MEMBER = "gain_over_best_member"
+GAIN_OVER_BEST_MEMBER_UNTUNED = "gain_over_best_member_untuned"
 GAIN_OVER_ENSEMBLE = "gain_over_ensemble"
 FUSION_TIME_S = "fusion_time_s"
 FUSION_PEAK_MEM_MB = "fusion_peak_mem_mb"
 FUSED_PARAMS = "fused_params"
 MEMBER_PARAMS = "member_params"
-LMC_ACC = "lmc_acc"
-LMC_BARRIER_ACC = "lmc_barrier_acc"
+FUSED_MACS = "fused_macs"
+MEMBER_MACS = "member_macs"
+FUSED_LATENCY_MS = "fused_latency_ms"
+ENSEMBLE_LATENCY_MS = "ensemble_latency_ms"
+TRAIN_TIME_S = "train_time_s"
+FINETUNE_TIME_S = "finetune_time_s"
+TOTAL_TIME_S = "total_time_s"
 
 #: Metric name -> meaning (docs/design.md §3). ``(step = epoch)``: one value per fine-tune epoch.
 METRICS: dict[str, str] = {
-    "members_mean_acc": "mean test accuracy of the members",
+    MEMBERS_MEAN_ACC: "mean test accuracy of the members",
     BEST_MEMBER_ACC: "test accuracy of the best member (chosen by validation)",
     ENSEMBLE_ACC: "output-averaging ensemble",
     BEST_MEMBER_FT_ACC: "best member fine-tuned with the same budget, test accuracy at its best validation epoch",
-    "best_member_ft_acc_final": "same, after the last epoch",
+    BEST_MEMBER_FT_ACC_FINAL: "same, after the last epoch",
     BEST_MEMBER_DISTILL_ACC: "best member distilled from the ensemble, same budget and selection",
-    "best_member_distill_acc_final": "same, after the last epoch",
+    BEST_MEMBER_DISTILL_ACC_FINAL: "same, after the last epoch",
     FUSED_ACC: "(step = epoch) fused test accuracy after each fine-tune epoch; step 0 is right after fusion",
     FUSED_VAL_ACC: "(step = epoch) same on validation",
-    "ft_train_loss": "(step = epoch) mean training loss of each epoch (from step 1)",
+    FT_TRAIN_LOSS: "(step = epoch) mean training loss of each epoch (from step 1)",
     FUSED_ACC_RAW: "test accuracy right after fusion, before any repair",
     FUSED_ACC_BEFORE_FT: "test accuracy after the repair: where fine-tuning starts",
-    "repair_time_s": "wall time of the repair",
+    REPAIR_TIME_S: "wall time of the repair",
     LMC_ACC: "(step = round(100 alpha)) accuracy along the path between the aligned members (N = 2)",
-    "lmc_loss": "(step = round(100 alpha)) loss along the same path",
+    LMC_LOSS: "(step = round(100 alpha)) loss along the same path",
     LMC_BARRIER_ACC: "worst accuracy shortfall below the line between the endpoints",
-    "lmc_barrier_loss": "worst loss excess above the line between the endpoints",
-    "train_images_per_s": "member training throughput",
-    "finetune_images_per_s": "fine-tune throughput",
+    LMC_BARRIER_LOSS: "worst loss excess above the line between the endpoints",
+    TRAIN_IMAGES_PER_S: "member training throughput",
+    FINETUNE_IMAGES_PER_S: "fine-tune throughput",
     FUSED_ACC_FINAL: "after the last fine-tune epoch",
     FUSED_ACC_BEST_VAL: "test accuracy at the epoch with the best validation accuracy",
     GAIN_OVER_BEST_MEMBER: "fused_acc_best_val minus best_member_ft_acc (when it ran) else best_member_acc",
-    "gain_over_best_member_untuned": "fused_acc_best_val minus best_member_acc",
+    GAIN_OVER_BEST_MEMBER_UNTUNED: "fused_acc_best_val minus best_member_acc",
     GAIN_OVER_ENSEMBLE: "fused_acc_best_val minus ensemble_acc",
     FUSION_TIME_S: "wall time of fusion.fuse (synchronized on GPU)",
     FUSION_PEAK_MEM_MB: "peak memory during fusion beyond the inputs",
     FUSED_PARAMS: "parameters of the fused model",
     MEMBER_PARAMS: "parameters of one member",
-    "fused_macs": "multiply-accumulates of the fused model",
-    "member_macs": "multiply-accumulates of one member",
-    "fused_latency_ms": "median batch inference latency of the fused model",
-    "ensemble_latency_ms": "median batch inference latency of the ensemble",
-    "train_time_s": "wall time of member training",
-    "finetune_time_s": "wall time of the fine-tune",
-    "total_time_s": "wall time of the experiment",
+    FUSED_MACS: "multiply-accumulates of the fused model",
+    MEMBER_MACS: "multiply-accumulates of one member",
+    FUSED_LATENCY_MS: "median batch inference latency of the fused model",
+    ENSEMBLE_LATENCY_MS: "median batch inference latency of the ensemble",
+    TRAIN_TIME_S: "wall time of member training",
+    FINETUNE_TIME_S: "wall time of the fine-tune",
+    TOTAL_TIME_S: "wall time of the experiment",
 }
 #: ``member_<i>_acc``: test accuracy of member i.
 MEMBER_ACC = re.compile(r"member_\d+_acc")
+
+
+def member_acc(i: int) -> str:
+    return f"member_{i}_acc"
+
 
 #: Without these an experiment run cannot be ranked (dashboards skip it with a warning).
 REQUIRED_METRICS = (FUSED_ACC_BEFORE_FT, FUSED_ACC_BEST_VAL)
