@@ -193,7 +193,7 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 def accuracy_vs_time(table: pd.DataFrame) -> go.Figure | None:
     """Each configuration's fine-tuned accuracy against its median fusion time; Pareto front per data set."""
-    x, y = "fusion_time_s_median", f"{ACC_AFTER}_mean"
+    x, y = f"{schema.FUSION_TIME_S}_median", f"{ACC_AFTER}_mean"
     points = table[(table["kind"] == "method")].dropna(subset=[x, y])
     if points.empty or "dataset" not in points:
         return None
