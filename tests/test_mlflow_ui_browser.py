@@ -54,8 +54,10 @@ def test_mlflow_ui_shows_named_study_runs(tmp_path, one_thread):
         },
         source="<ui test>",
     )  # fmt: skip
-    result = run_sweep(spec, tracking_uri=uri, runs_dir=tmp_path / "runs", out=None)
     client = MlflowClient(uri)
+    # artifacts under tmp_path: an experiment made with MLflow's default artifact root writes to ./mlruns
+    client.create_experiment("fusebench-ui", artifact_location=(tmp_path / "artifacts").as_uri())
+    result = run_sweep(spec, tracking_uri=uri, runs_dir=tmp_path / "runs", out=None)
     exp = client.get_experiment_by_name("fusebench-ui")
     children = client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
