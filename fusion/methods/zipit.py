@@ -29,6 +29,7 @@ model always has the members' architecture.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..build import build_model, check_runs
@@ -64,51 +65,65 @@ def similarity(feats: torch.Tensor) -> torch.Tensor:
 
 def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alpha: float, beta: float):
     """Greedy ZipIt! merging of ``n`` units (``member_of[i]``: unit i's member) into ``n // n_members``
-    clusters. Returns each unit's cluster, numbered in the order of the clusters' first unit."""
+    clusters. Returns each unit's cluster, numbered in the order of the clusters' first unit.
+
+    Each row keeps its best partner (value and column); a merge recomputes only the rows whose best partner
+    it touched (and, when a member's same-member budget runs out or a cluster stops being one member's,
+    that member's clusters), so a merge costs O(n) instead of a scan of the n x n matrix. The loop runs in
+    NumPy: thousands of merges of tiny steps, where each torch call's overhead (and its thread pool) would
+    dominate."""
     n = sim.shape[0]
     target = n // n_members
-    dev = sim.device
-    raw = sim.float().clone()  # min-linkage similarity between clusters (indexed by their first unit)
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
-    holds = torch.nn.functional.one_hot(member_of.to(dev), n_members).float()  # members in each cluster
-    pure = member_of.to(dev).clone()  # the member a cluster is made of, or -1 once mixed
-    label = torch.arange(n, device=dev)
+    raw = sim.detach().float().cpu().numpy().copy()  # min-linkage similarity between clusters (by first unit)
+    np.fill_diagonal(raw, -np.inf)  # a dead cluster's row and column become -inf too
+    member_of = member_of.cpu().numpy().astype(np.int64)
+    alive = np.ones(n, dtype=bool)
+    holds = np.left_shift(1, member_of)  # bit m set: the cluster holds a unit of member m
+    pure = member_of.copy()  # the member a cluster is made of, or -1 once mixed
+    label = np.arange(n)
     budget = [int(beta * (n - target) / n_members + 1e-9)] * n_members
-    exhausted = torch.tensor([b <= 0 for b in budget], device=dev)
-    neg_inf = torch.tensor(float("-inf"), device=dev)
+    exhausted = np.array([b <= 0 for b in budget])
 
-    def effective(rows: torch.Tensor) -> torch.Tensor:
-        s = raw[rows].clone()
-        shared = (holds[rows] @ holds.T) > 0
+    def effective(rows: np.ndarray) -> np.ndarray:
+        s = raw[rows]  # a copy (fancy indexing)
+        shared = (holds[rows][:, None] & holds[None, :]) != 0
         if alpha == 0.0:
-            s = torch.where(shared, neg_inf, s)
+            s[shared] = -np.inf
         else:
-            s = torch.where(shared & (s > 0), s * alpha, s)
+            np.multiply(s, alpha, out=s, where=shared & (s > 0))
         p = pure[rows]
-        same = (p[:, None] == pure[None, :]) & (p[:, None] >= 0) & exhausted[p.clamp(min=0)][:, None]
-        s = s.masked_fill(same | ~alive[None, :], float("-inf"))
-        s[torch.arange(rows.numel(), device=dev), rows] = float("-inf")
+        closed = (p >= 0) & exhausted[np.maximum(p, 0)]  # rows of members whose budget is spent
+        if closed.any():
+            s[closed[:, None] & (p[:, None] == pure[None, :])] = -np.inf
         return s
 
-    every = torch.arange(n, device=dev)
-    best, arg = effective(every).max(1)
+    best = np.empty(n, dtype=np.float32)
+    arg = np.empty(n, dtype=np.int64)
+
+    def refresh(rows: np.ndarray) -> None:
+        for chunk in np.array_split(rows, max(1, rows.size * n // (1 << 24))):  # bounded temporaries
+            s = effective(chunk)
+            arg[chunk] = s.argmax(1)
+            best[chunk] = s[np.arange(chunk.size), arg[chunk]]
+
+    refresh(np.arange(n))
     for _ in range(n - target):
         i = int(best.argmax())
         j = int(arg[i])
-        if best[i] == float("-inf"):
+        if best[i] == -np.inf:
             raise FusionError(
                 f"zipit cannot merge further with alpha={alpha}: every remaining merge repeats a member; "
                 "use alpha > 0"
             )
         i, j = min(i, j), max(i, j)
-        same_member = int(pure[i]) >= 0 and int(pure[i]) == int(pure[j])
-        merged = torch.minimum(raw[i], raw[j])
+        was = {int(pure[i]), int(pure[j])} - {-1}
+        same_member = pure[i] >= 0 and pure[i] == pure[j]
+        merged = np.minimum(raw[i], raw[j])
         raw[i], raw[:, i] = merged, merged
+        raw[j], raw[:, j] = -np.inf, -np.inf
         alive[j] = False
         label[label == j] = i
-        holds[i] = torch.maximum(holds[i], holds[j])
-        if not same_member:
-            pure[i] = -1
+        holds[i] |= holds[j]
         stale = (arg == i) | (arg == j)
         stale[i] = True
         if same_member:
@@ -117,14 +132,20 @@ def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alp
             if budget[m] == 0:
                 exhausted[m] = True
                 stale |= pure == m
+        else:
+            pure[i] = -1
+            for m in was:  # a cluster that was one exhausted member's is now open to that member's clusters
+                if exhausted[m]:
+                    stale |= pure == m
         stale &= alive
-        best[j] = float("-inf")
-        rows = stale.nonzero().squeeze(1)
-        best[rows], arg[rows] = effective(rows).max(1)
-    reps = alive.nonzero().squeeze(1)
-    rank = torch.empty(n, dtype=torch.long, device=dev)
-    rank[reps] = torch.arange(reps.numel(), device=dev)
-    return rank[label]
+        best[j] = -np.inf
+        rows = np.flatnonzero(stale)
+        if rows.size:
+            refresh(rows)
+    reps = np.flatnonzero(alive)
+    rank = np.empty(n, dtype=np.int64)
+    rank[reps] = np.arange(reps.size)
+    return torch.from_numpy(rank[label])
 
 
 def zip_sources(graph: ChannelGraph, feats, alpha: float, beta: float):
@@ -140,7 +161,7 @@ def zip_sources(graph: ChannelGraph, feats, alpha: float, beta: float):
             cluster = units.clone()
         else:
             sim = similarity(torch.cat(per))
-            cluster = zip_clusters(sim, members, n_members, float(alpha), float(beta)).cpu()
+            cluster = zip_clusters(sim, members, n_members, float(alpha), float(beta))
         size = torch.bincount(cluster, minlength=u).float()
         sources.append((cluster, members, units, 1.0 / size[cluster]))
     return sources
