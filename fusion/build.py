@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .layers import resize_module
-from .trace import call, check_kernels, map_inputs
+from .trace import attribute_memo, call, check_kernels, map_inputs
 
 
 def _fix_attention(model: nn.Module) -> None:
@@ -33,7 +33,7 @@ ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
 
 def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A deep copy of ``template``'s structure whose parameters and buffers are ``state`` (no extra copies)."""
-    memo = {}
+    memo = attribute_memo(template, lambda t: t)
     for name, p in template.named_parameters():
         memo[id(p)] = nn.Parameter(state[name], requires_grad=p.requires_grad)
     for name, b in template.named_buffers():

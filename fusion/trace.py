@@ -38,9 +38,44 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def attribute_memo(model: nn.Module, tensor_fn) -> dict:
+    """A ``copy.deepcopy`` memo for the tensors a model holds outside its parameters and buffers.
+
+    Caches (a dict of tensors, e.g. timm's ``attention_bias_cache`` of LeViT / EfficientFormer) become empty
+    dicts: a copy must not return a cached value computed from another model's weights, and a cached tensor
+    with autograd history cannot be deep-copied at all. Other plain tensor attributes become
+    ``tensor_fn(t.detach())``.
+    """
+    memo: dict = {}
+    for module in model.modules():
+        for value in _plain_attributes(module):
+            if _is_tensor_cache(value):
+                memo[id(value)] = {}
+            elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                memo.setdefault(id(value), tensor_fn(value.detach()))
+    return memo
+
+
+def _plain_attributes(module: nn.Module):
+    """The values of ``module``'s own attributes, not its parameters, buffers or submodules."""
+    return [v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")]
+
+
+def _is_tensor_cache(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def clear_tensor_caches(model: nn.Module) -> None:
+    """Empty every dict-of-tensors cache of ``model`` (see :func:`attribute_memo`)."""
+    for module in model.modules():
+        for value in _plain_attributes(module):
+            if _is_tensor_cache(value):
+                value.clear()
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` whose tensors live on the meta device (costs no memory)."""
-    memo = {}
+    memo = attribute_memo(model, torch.clone)  # a plain tensor attribute computes like a constant: kept
     for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = (
@@ -105,7 +140,17 @@ def find_output_layers(model: nn.Module) -> list[str]:
         except Exception:  # noqa: BLE001 - a model may define get_classifier differently
             clf = None
         mods = clf if isinstance(clf, (tuple, list)) else [clf]
-        found = [names[m] for m in mods if isinstance(m, nn.Module) and m in names and list(m.parameters())]
+        found = []
+        for m in mods:
+            if not isinstance(m, nn.Module) or m not in names or not list(m.parameters()):
+                continue
+            if not isinstance(m, ROOT_TYPES):
+                # a classifier made of layers (MetaFormer's Mlp head: fc1, norm, fc2): its last layer makes the
+                # outputs, the others are hidden layers like any other
+                inner = [sub for sub in m.modules() if isinstance(sub, ROOT_TYPES)]
+                if inner:
+                    m = inner[-1]
+            found.append(names[m])
         if found:
             return found
     last = None
@@ -195,17 +240,26 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     param_names = {p: n for n, p in skeleton.named_parameters()}
     ignored = [modules[n] for n in output_layers]
     try:
-        tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES))
+        tp_groups = list(_all_groups(dg, ignored, ROOT_TYPES))
+    except FusionError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a tracer failure is a refusal, not a crash
         raise FusionError(
             f"cannot trace the channel groups of {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
 
     raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
-    for group in tp_groups:
-        items = group.items
-        n_root = len(items[0].idxs)
+    attention = {f"{n}.qkv" for n, mod in skeleton.named_modules() if _is_attention(mod)}
+    for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
+        if mixed and root_name not in attention:  # attention: q and k meet per head, handled by _attention_heads
+            named = [module_names[n.module] for n in mixed if n.module in module_names]
+            where = named[0] if named else type(mixed[0].module).__name__
+            raise FusionError(
+                f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
+                "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
+                "ECA): permuting channels changes the function; fusion refused"
+            )
         slots, links = [], []
         for item in items:
             target = item.dep.target
@@ -231,6 +285,102 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
     return graph
+
+
+class _Item:
+    """One item of a channel group: a dependency (its target node and handler) and the channels it touches,
+    each with the root channel it comes from."""
+
+    __slots__ = ("dep", "idxs", "root_idxs")
+
+    def __init__(self, dep, idxs, root_idxs):
+        self.dep, self.idxs, self.root_idxs = dep, idxs, root_idxs
+
+
+def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
+    """torch-pruning's ``get_pruning_group`` as a closure over single channels.
+
+    torch-pruning re-walks a dependency whenever it arrives with a different *list* of indices (and compares
+    lists of thousands of indices to find out), which is quadratic and worse on wide residual streams with
+    many paths (ECA, reshapes): minutes per group. Here every (node, handler, channel, root channel) is
+    visited once; index mappings are element-wise, so mapping only the new channels gives the same closure.
+    Unlike torch-pruning, a channel reached from two root channels keeps both (the coverage check then
+    names it instead of silently keeping the first)."""
+    from torch_pruning import _helpers
+    from torch_pruning.dependency.dependency import Dependency
+    from torch_pruning.pruner import function as tpf
+
+    if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+        fn = tpf.prune_depthwise_conv_out_channels
+    root = dg.module2node[module]
+    root_dep = Dependency(fn, fn, source=root, target=root)
+    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n_channels)]
+    # per (target node, handler): the dependency, the root channel of each index reached, indices in order
+    mixed: list = []
+    seen: dict = {(id(root), fn): (root_dep, {i.idx: i.root_idx for i in start}, list(start))}
+    stack = [(root_dep, start)]
+    while stack:
+        dep, idxs = stack.pop()
+        node, handler = dep.target, dep.handler
+        for new_dep in node.dependencies:
+            if not new_dep.is_triggered_by(handler):
+                continue
+            new = idxs
+            for mapping in new_dep.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+            if not new:
+                continue
+            key = (id(new_dep.target), new_dep.handler)
+            entry = seen.get(key)
+            if entry is None:
+                entry = seen[key] = (new_dep, {}, [])
+            fresh = []
+            for i in new:
+                r = entry[1].get(i.idx)
+                if r is None:
+                    entry[1][i.idx] = i.root_idx
+                    fresh.append(i)
+                elif r != i.root_idx:
+                    # two root channels meet in one channel: they are not independent (a reshape that moves the
+                    # channel axis, e.g. ECA's 1-D convolution across channels). Not propagated further (that is
+                    # what made torch-pruning's walk explode); refused by the caller with the node's name
+                    mixed.append(new_dep.target)
+            if not fresh:
+                continue
+            entry[2].extend(fresh)
+            stack.append((new_dep, fresh))
+    ignored_params = getattr(dg, "ignored_params", [])
+    items = []
+    for dep, _, idxs in seen.values():
+        if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in ignored_params):
+            continue
+        items.append(_Item(dep, [i.idx for i in idxs], [i.root_idx for i in idxs]))
+    return items, mixed
+
+
+def _all_groups(dg, ignored_layers, root_types):
+    """torch-pruning's ``get_all_groups`` on :func:`_pruning_group` (same roots, same order)."""
+    from torch_pruning.dependency import index_mapping
+
+    index_mapping.update_index_mapping(dg)
+    ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
+    visited: set = set()
+    for m in list(dg.module2node.keys()):
+        if id(m) in ignored or not isinstance(m, tuple(root_types)) or id(m) in visited:
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+        prunable = True
+        for item in items:
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(id(item.dep.target.module))
+                if id(item.dep.target.module) in ignored:
+                    prunable = False
+        if prunable:
+            yield pruner.get_out_channels(m), items, mixed
 
 
 def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
@@ -424,6 +574,7 @@ def _check_coverage(graph: ChannelGraph) -> None:
 # ---------------------------------------------------------------------------- verification
 @torch.no_grad()
 def _outputs(skeleton: nn.Module, state: dict, inputs):
+    clear_tensor_caches(skeleton)  # a cache filled under other weights would be stale
     with check_kernels():
         return torch.func.functional_call(skeleton, state, inputs, strict=False)
 

@@ -227,3 +227,91 @@ def test_nt_default_trains(case):
         if losses[-1] < losses[1] < losses[0]:
             break
     assert losses[-1] < losses[1] < losses[0], tried
+
+
+# ---------------------------------------------------------------------------- refusal classes of the zoo walk
+def _permutation_keeps_function(model: nn.Module, x: torch.Tensor, graph) -> None:
+    """Oracle 1 on one model: the random permutation of every group computes the same function."""
+    state = full_state(model)
+    new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(3)))
+    assert any(not torch.equal(new[k], state[k]) for k in graph.tensor_dims)
+    assert rel_err(_out(build_model(model, new), x), _out(model, x)) < 1e-5
+
+
+def _tiny_caformer(seed: int) -> nn.Module:
+    """timm's MetaFormer (CAFormer: SepConv and attention stages, an Mlp classifier head) at toy width."""
+    from timm.models.metaformer import Attention as MFAttention
+    from timm.models.metaformer import LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    torch.manual_seed(seed)
+    model = MetaFormer(
+        depths=(1, 1, 1, 1),
+        dims=(16, 32, 32, 32),
+        token_mixers=[SepConv, SepConv, MFAttention, MFAttention],
+        norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2,
+        num_classes=5,
+    )
+    from conftest import _randomize_fusion_member
+
+    _randomize_fusion_member(model, torch.Generator().manual_seed(100 + seed))
+    return model.eval()
+
+
+def test_metaformer_mlp_head_its_last_layer_is_the_output_layer():
+    """caformer/convformer: the classifier ``head.fc`` is an Mlp (fc1, norm, fc2); only fc2 makes outputs, fc1's
+    channels are hidden channels (refused before as "output layer 'head.fc' produces traced channels")."""
+    members = [_tiny_caformer(s) for s in range(2)]
+    x = torch.randn(2, 3, 32, 32)
+    graph = fusion.channel_groups(members[0], x)
+    assert graph.output_layers == ["head.fc.fc2"]
+    assert any("head.fc.fc1" in g.layers for g in graph.groups)
+    _permutation_keeps_function(members[0], x, graph)
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = _tiny_caformer(9)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.isfinite(_out(fresh, x)).all()
+
+
+def test_a_convolution_across_channels_is_refused_by_name_and_fast():
+    """ECA (ecaresnet*, eca_nfnet*) reshapes channels into a sequence and convolves along it: no channel
+    permutation is a symmetry. Refused by name; torch-pruning's own group walk took 160 s on ecaresnet26t
+    (the same channels re-walked from every root), the per-channel closure takes a fraction of a second."""
+    import time
+
+    import timm
+
+    model = timm.create_model("ecaresnet26t", num_classes=5).eval()
+    start = time.perf_counter()
+    with pytest.raises(fusion.FusionError, match=r"mixed with each other at 'layer\d\.\d\.se\.conv'.*ECA"):
+        fusion.channel_groups(model, torch.randn(1, 3, 32, 32))
+    assert time.perf_counter() - start < 15
+
+
+class _CachedBias(nn.Module):
+    """A layer that caches a tensor computed from its parameter (timm LeViT / EfficientFormer attention
+    biases): after a forward with autograd the cache holds a non-leaf tensor, which deepcopy refuses."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(n))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias * 2
+        return x + self.cache["b"]
+
+
+def test_a_model_with_a_tensor_cache_fuses_and_the_fused_model_does_not_reuse_it():
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 6), _CachedBias(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+        m(torch.randn(2, 4))  # with autograd: the cache holds a non-leaf tensor (deepcopy would raise)
+        members.append(m)
+    x = torch.randn(3, 4)
+    fused = fusion.fuse(members, "avg", example_inputs=x)
+    assert fused[1].cache == {} or not torch.equal(fused[1].cache["b"], members[0][1].cache["b"])
+    expected = nn.Sequential(nn.Linear(4, 6), _CachedBias(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    expected.load_state_dict(fused.state_dict())
+    assert rel_err(_out(fused, x), _out(expected, x)) < 1e-6
