@@ -287,6 +287,14 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     return graph
 
 
+_MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)
+
+
+class _Explosion(Exception):
+    def __init__(self, node):
+        self.node = node
+
+
 class _Item:
     """One item of a channel group: a dependency (its target node and handler) and the channels it touches,
     each with the root channel it comes from."""
@@ -317,6 +325,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
     start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n_channels)]
     # per (target node, handler): the dependency, the root channel of each index reached, indices in order
     mixed: list = []
+    budget = _MAX_INDICES
     seen: dict = {(id(root), fn): (root_dep, {i.idx: i.root_idx for i in start}, list(start))}
     stack = [(root_dep, start)]
     while stack:
@@ -350,6 +359,10 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
                 continue
             entry[2].extend(fresh)
             stack.append((new_dep, fresh))
+            budget -= len(fresh)
+            if budget < 0:
+                worst = max(seen.values(), key=lambda e: len(e[2]))[0].target
+                raise _Explosion(worst)
     ignored_params = getattr(dg, "ignored_params", [])
     items = []
     for dep, _, idxs in seen.values():
@@ -372,7 +385,16 @@ def _all_groups(dg, ignored_layers, root_types):
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
-        items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+        try:
+            items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+        except _Explosion as exc:
+            names = {mod: n for n, mod in dg.model.named_modules()}
+            where = names.get(exc.node.module) or type(exc.node.module).__name__
+            raise FusionError(
+                f"the channel group rooted at {names.get(m, '?')!r} reaches over {_MAX_INDICES:,} channel indices "
+                f"(most at {where!r}): torch-pruning maps channels through a reshape of spatial positions "
+                "(e.g. attention over flattened positions) as if they were channels; fusion refused"
+            ) from None
         prunable = True
         for item in items:
             if dg.is_out_channel_pruning_fn(item.dep.handler):

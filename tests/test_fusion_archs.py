@@ -315,3 +315,16 @@ def test_a_model_with_a_tensor_cache_fuses_and_the_fused_model_does_not_reuse_it
     expected = nn.Sequential(nn.Linear(4, 6), _CachedBias(6), nn.ReLU(), nn.Linear(6, 3)).eval()
     expected.load_state_dict(fused.state_dict())
     assert rel_err(_out(fused, x), _out(expected, x)) < 1e-6
+
+
+def test_a_group_that_explodes_through_reshapes_is_refused_by_name(monkeypatch):
+    """botnet26t_256 / coatnet: torch-pruning maps the channels of an attention's qkv through reshapes of
+    spatial positions as if they were channels, and the group reaches millions of indices (minutes, then
+    the time limit). A budget on the indices one group may reach turns that into a named refusal; here
+    the budget is lowered so that an ordinary model trips it."""
+    import fusion.trace as trace
+
+    monkeypatch.setattr(trace, "_MAX_INDICES", 10)
+    model = make_fusion_member("mlp", 0)
+    with pytest.raises(fusion.FusionError, match=r"reaches over 10 channel indices"):
+        trace._trace(model, fusion_example_input("mlp"), None)
