@@ -325,7 +325,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
     start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n_channels)]
     # per (target node, handler): the dependency, the root channel of each index reached, indices in order
     mixed: list = []
-    budget = _MAX_INDICES
+    budget, work = _MAX_INDICES, 10 * _MAX_INDICES
     seen: dict = {(id(root), fn): (root_dep, {i.idx: i.root_idx for i in start}, list(start))}
     stack = [(root_dep, start)]
     while stack:
@@ -337,9 +337,14 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
             new = idxs
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
+                    if not getattr(mapping, "reverse", True) and len(new) * getattr(mapping, "_stride", 1) > work:
+                        raise _Explosion(new_dep.target)  # a flatten would expand past the budget at once
                     new = mapping(new)
             if not new:
                 continue
+            work -= len(new)
+            if work < 0:  # indices mapped, also those already seen: a walk can re-map huge lists forever
+                raise _Explosion(new_dep.target)
             key = (id(new_dep.target), new_dep.handler)
             entry = seen.get(key)
             if entry is None:
