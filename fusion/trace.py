@@ -62,7 +62,9 @@ def _plain_attributes(module: nn.Module):
 
 
 def _is_tensor_cache(value) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
 
 
 def clear_tensor_caches(model: nn.Module) -> None:
@@ -252,7 +254,8 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     attention = {f"{n}.qkv" for n, mod in skeleton.named_modules() if _is_attention(mod)}
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
-        if mixed and root_name not in attention:  # attention: q and k meet per head, handled by _attention_heads
+        # attention: q and k meet per head, handled by _attention_heads
+        if mixed and root_name not in attention:
             named = [module_names[n.module] for n in mixed if n.module in module_names]
             where = named[0] if named else type(mixed[0].module).__name__
             raise FusionError(
@@ -318,7 +321,11 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.pruner import function as tpf
 
-    if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+    if (
+        isinstance(module, tp.ops.TORCH_CONV)
+        and module.groups == module.out_channels
+        and module.out_channels > 1
+    ):
         fn = tpf.prune_depthwise_conv_out_channels
     root = dg.module2node[module]
     root_dep = Dependency(fn, fn, source=root, target=root)
@@ -337,7 +344,10 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
             new = idxs
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
-                    if not getattr(mapping, "reverse", True) and len(new) * getattr(mapping, "_stride", 1) > work:
+                    if (
+                        not getattr(mapping, "reverse", True)
+                        and len(new) * getattr(mapping, "_stride", 1) > work
+                    ):
                         raise _Explosion(new_dep.target)  # a flatten would expand past the budget at once
                     new = mapping(new)
             if not new:
@@ -371,7 +381,9 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
     ignored_params = getattr(dg, "ignored_params", [])
     items = []
     for dep, _, idxs in seen.values():
-        if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in ignored_params):
+        if isinstance(dep.target.module, nn.Parameter) and any(
+            dep.target.module is p for p in ignored_params
+        ):
             continue
         items.append(_Item(dep, [i.idx for i in idxs], [i.root_idx for i in idxs]))
     return items, mixed
