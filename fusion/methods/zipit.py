@@ -65,7 +65,8 @@ def similarity(feats: torch.Tensor) -> torch.Tensor:
 
 def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alpha: float, beta: float):
     """Greedy ZipIt! merging of ``n`` units (``member_of[i]``: unit i's member) into ``n // n_members``
-    clusters. Returns each unit's cluster, numbered in the order of the clusters' first unit.
+    clusters. Returns each unit's cluster, numbered in the order of the clusters' first unit. ``sim`` is
+    consumed (overwritten).
 
     Each row keeps its best partner (value and column); a merge recomputes only the rows whose best partner
     it touched (and, when a member's same-member budget runs out or a cluster stops being one member's,
@@ -74,7 +75,9 @@ def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alp
     dominate."""
     n = sim.shape[0]
     target = n // n_members
-    raw = sim.detach().float().cpu().numpy().copy()  # min-linkage similarity between clusters (by first unit)
+    # min-linkage similarity between clusters (by first unit), in ``sim``'s memory when it is a float32 CPU
+    # tensor: at N members of U units it is (N U)^2 floats (256 MB for 16 resnet18 at 512 channels)
+    raw = sim.detach().to("cpu", torch.float32).contiguous().numpy()
     np.fill_diagonal(raw, -np.inf)  # a dead cluster's row and column become -inf too
     member_of = member_of.cpu().numpy().astype(np.int64)
     alive = np.ones(n, dtype=bool)
@@ -160,8 +163,7 @@ def zip_sources(graph: ChannelGraph, feats, alpha: float, beta: float):
         if any(f is None for f in per):  # no producing conv / linear to observe: averaging
             cluster = units.clone()
         else:
-            sim = similarity(torch.cat(per))
-            cluster = zip_clusters(sim, members, n_members, float(alpha), float(beta))
+            cluster = zip_clusters(similarity(torch.cat(per)), members, n_members, float(alpha), float(beta))
         size = torch.bincount(cluster, minlength=u).float()
         sources.append((cluster, members, units, 1.0 / size[cluster]))
     return sources
