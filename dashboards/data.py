@@ -17,15 +17,9 @@ import pandas as pd
 from bench import schema, tracking
 from bench.errors import FusebenchError
 
-ROLE_TAG = schema.ROLE
-STUDY_TAG = schema.STUDY
-STORAGE_TAG = schema.STORAGE
-
 #: The configuration key of a leaderboard row, in display order.
 KEY_COLUMNS = ["dataset", "arch", "n_members", "method", "sparsity", "repair", "finetune_epochs"]
 
-#: Without these a run cannot be ranked: it is skipped with a warning.
-REQUIRED_METRICS = schema.REQUIRED_METRICS
 
 _INT_KEYS = ("n_members", "finetune_epochs", "seed")
 _MAX_WARNINGS = 8
@@ -80,7 +74,7 @@ def _row(run) -> tuple[dict, list[str]]:
         "run_name": run.info.run_name,
         "experiment_id": run.info.experiment_id,
         "start_time": run.info.start_time,
-        "study": tags.get(STUDY_TAG, ""),
+        "study": tags.get(schema.STUDY, ""),
         "trial": tags.get(schema.TRIAL, ""),
         "trial_state": tags.get(schema.TRIAL_STATE, ""),
         "parent_run_id": tags.get(schema.MLFLOW_PARENT_RUN, ""),
@@ -106,7 +100,7 @@ def _row(run) -> tuple[dict, list[str]]:
                 problems.append(f"tag {tag}={value!r} (not an integer)")
                 value = None
         row[key] = value
-    missing = [m for m in REQUIRED_METRICS if m not in metrics]
+    missing = [m for m in schema.REQUIRED_METRICS if m not in metrics]
     problems.extend(f"metric {m}" for m in missing)
     row.update(metrics)
     row.update({f"params.{k}": v for k, v in params.items()})
@@ -141,7 +135,7 @@ def _frame(runs: list, warn: Callable[[str], None]) -> tuple[pd.DataFrame, list[
 
 
 def _role(role: str, **tags: str) -> str:
-    return tracking.tag_filter(**{ROLE_TAG: role}, **tags)
+    return tracking.tag_filter(**{schema.ROLE: role}, **tags)
 
 
 def load_runs(
@@ -172,17 +166,17 @@ def load_runs(
         runs = list(tracking.search_runs(client, [exp.experiment_id], _role(schema.ROLE_EXPERIMENT)))
         if not runs:
             raise FusebenchError(
-                f"experiment {experiment!r} in {uri} has no fusebench runs (no run with tag {ROLE_TAG}=experiment)"
+                f"experiment {experiment!r} in {uri} has no fusebench runs (no run with tag {schema.ROLE}=experiment)"
             )
     else:
         source = f"study {study!r}"
         all_ids = _all_experiment_ids(client)
-        named = {STUDY_TAG: study}
+        named = {schema.STUDY: study}
         parents = list(tracking.search_runs(client, all_ids, _role(schema.ROLE_STUDY, **named)))
         runs = list(tracking.search_runs(client, all_ids, _role(schema.ROLE_EXPERIMENT, **named)))
         if not parents and not runs:
             studies = tracking.search_runs(client, all_ids, _role(schema.ROLE_STUDY))
-            known = sorted({r.data.tags.get(STUDY_TAG, "") for r in studies})
+            known = sorted({r.data.tags.get(schema.STUDY, "") for r in studies})
             shown = ", ".join(repr(n) for n in known[:10]) + (" ..." if len(known) > 10 else "")
             raise FusebenchError(
                 f"unknown study {study!r} in tracking store {uri} (studies: {shown or 'none'})"
@@ -194,10 +188,10 @@ def load_runs(
         why = "all of them miss required metrics or tags" if skipped else "none of them finished"
         raise FusebenchError(
             f"{source} has {len(runs)} runs but none is usable: {why} "
-            f"(needed: {', '.join(REQUIRED_METRICS)} and the fusebench.* key tags)"
+            f"(needed: {', '.join(schema.REQUIRED_METRICS)} and the fusebench.* key tags)"
         )
     parents.sort(key=lambda r: r.info.start_time or 0, reverse=True)
-    storage = next((p.data.tags[STORAGE_TAG] for p in parents if p.data.tags.get(STORAGE_TAG)), None)
+    storage = next((p.data.tags[schema.STORAGE] for p in parents if p.data.tags.get(schema.STORAGE)), None)
     return RunSet(
         runs=frame,
         tracking_uri=uri,

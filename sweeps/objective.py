@@ -21,9 +21,7 @@ import optuna
 from bench import schema
 from sweeps.search import sample_params
 from sweeps.spec import SweepSpec, apply_params
-from sweeps.study import ERROR_ATTR, WORKER_ATTR, worker_identity
-
-RUN_IDS_ATTR = schema.TRIAL_RUN_IDS_ATTR
+from sweeps.study import worker_identity
 
 
 def _stop_experiment_class() -> type[BaseException]:
@@ -71,7 +69,7 @@ class Objective:
         return report
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        trial.set_user_attr(schema.TRIAL_WORKER_ATTR, worker_identity())
         try:
             params = sample_params(trial, self.spec)
         finally:
@@ -103,7 +101,7 @@ class Objective:
                     epoch_callback=self._epoch_callback(trial) if prune else None,
                 )
                 run_ids.append(result.run_id)
-                trial.set_user_attr(RUN_IDS_ATTR, list(run_ids))
+                trial.set_user_attr(schema.TRIAL_RUN_IDS_ATTR, list(run_ids))
                 per_seed.append(self._objective_metrics(result.metrics))
             values = self._aggregate(trial, per_seed)
             state = "COMPLETE"
@@ -114,7 +112,7 @@ class Objective:
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr(ERROR_ATTR, error[:2000])
+            trial.set_user_attr(schema.TRIAL_ERROR_ATTR, error[:2000])
             self._failed_run(trial, run_ids, exc)
             if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc):
                 _free_accelerator_memory()
@@ -132,7 +130,7 @@ class Objective:
         run_id = getattr(exc, "fusebench_run_id", None)
         if run_id and run_id not in run_ids:
             run_ids.append(run_id)
-            trial.set_user_attr(RUN_IDS_ATTR, list(run_ids))
+            trial.set_user_attr(schema.TRIAL_RUN_IDS_ATTR, list(run_ids))
 
     def _objective_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -181,6 +179,6 @@ def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         for i, v in enumerate(trial.values):
             row[f"value{i}" if len(trial.values) > 1 else "value"] = v
     row.update(trial.params)
-    if trial.user_attrs.get(ERROR_ATTR):
-        row["error"] = str(trial.user_attrs[ERROR_ATTR])[:60]
+    if trial.user_attrs.get(schema.TRIAL_ERROR_ATTR):
+        row["error"] = str(trial.user_attrs[schema.TRIAL_ERROR_ATTR])[:60]
     return row

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import optuna
 
+from bench import schema
 from bench.errors import FusebenchError
 from sweeps.spec import SweepSpec
 from sweeps.study import (
@@ -263,12 +264,12 @@ def run_sweep(
 def _requeue_interrupted(study: optuna.Study) -> None:
     """Trials this process was running when Ctrl-C came ended FAIL (Optuna's doing); the interruption was
     the user's, not the configuration's: queue them again, so the same command runs them on resume."""
-    from sweeps.study import WORKER_ATTR, requeue, retried_numbers
+    from sweeps.study import requeue, retried_numbers
 
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     for t in trials:
-        owner = t.user_attrs.get(WORKER_ATTR) or {}
+        owner = t.user_attrs.get(schema.TRIAL_WORKER_ATTR) or {}
         if (
             t.state == optuna.trial.TrialState.FAIL
             and owner.get("pid") == os.getpid()
@@ -281,13 +282,13 @@ def recover_needed(study: optuna.Study) -> bool:
     """Whether a RUNNING trial was left behind by a worker of this machine that is gone (any storage)."""
     import socket
 
-    from sweeps.study import WORKER_ATTR, process_alive
+    from sweeps.study import process_alive
 
     host = socket.gethostname()
     return any(
-        WORKER_ATTR in t.user_attrs
-        and t.user_attrs[WORKER_ATTR].get("host") == host
-        and not process_alive(t.user_attrs[WORKER_ATTR])
+        schema.TRIAL_WORKER_ATTR in t.user_attrs
+        and t.user_attrs[schema.TRIAL_WORKER_ATTR].get("host") == host
+        and not process_alive(t.user_attrs[schema.TRIAL_WORKER_ATTR])
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     )
 

@@ -24,9 +24,6 @@ from optuna.trial import FrozenTrial, TrialState
 from bench import schema
 from bench.errors import FusebenchError
 
-WORKER_ATTR = schema.TRIAL_WORKER_ATTR
-ERROR_ATTR = schema.TRIAL_ERROR_ATTR
-PARENT_RUN_ATTR = schema.STUDY_PARENT_RUN_ATTR
 MAX_RETRY = 2  # re-queues of one configuration after its worker died
 # A RUNNING trial with no worker record this old was orphaned between creation and its first line.
 NO_OWNER_GRACE_S = 300.0
@@ -200,7 +197,7 @@ def recover_stale_trials(study: optuna.Study, *, host: str | None = None) -> lis
     recovered = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(WORKER_ATTR)
+        owner = trial.user_attrs.get(schema.TRIAL_WORKER_ATTR)
         if owner is None:
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
             if now - started < NO_OWNER_GRACE_S:
@@ -224,7 +221,7 @@ def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenTrial |
     storage is written directly, exactly as Optuna's own ``fail_stale_trials`` does."""
     storage, trial_id = study._storage, trial._trial_id
     try:
-        storage.set_trial_user_attr(trial_id, ERROR_ATTR, reason)
+        storage.set_trial_user_attr(trial_id, schema.TRIAL_ERROR_ATTR, reason)
         if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return None
     except optuna.exceptions.UpdateFinishedTrialError:

@@ -26,9 +26,8 @@ def ensure_parent_run(client: MlflowClient, exp_id: str, study, spec: SweepSpec,
     Several machines starting the same study at the same moment may each create one; each reads the
     id back after writing it, and the ones whose write lost delete their run.
     """
-    from sweeps.study import PARENT_RUN_ATTR
 
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    run_id = study.user_attrs.get(schema.STUDY_PARENT_RUN_ATTR)
     if run_id:
         try:
             run = client.get_run(run_id)
@@ -45,11 +44,11 @@ def ensure_parent_run(client: MlflowClient, exp_id: str, study, spec: SweepSpec,
     }
     run = client.create_run(exp_id, tags=tags, run_name=f"study-{study.study_name}")
     mine = run.info.run_id
-    study.set_user_attr(PARENT_RUN_ATTR, mine)
+    study.set_user_attr(schema.STUDY_PARENT_RUN_ATTR, mine)
     # Another machine starting the same study at the same moment may have written its own run id
     # after ours: the last write wins, so read it back and keep exactly one parent run.
     time.sleep(0.2)
-    chosen = study.user_attrs.get(PARENT_RUN_ATTR, mine)  # read from the storage, not cached
+    chosen = study.user_attrs.get(schema.STUDY_PARENT_RUN_ATTR, mine)  # read from the storage, not cached
     if chosen != mine:
         client.delete_run(mine)
         client.update_run(chosen, status="RUNNING")
@@ -86,7 +85,6 @@ def mark_trial_runs(client: MlflowClient, runs: list, state: str, error: str | N
 
 def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, study) -> int:
     """Trial runs still RUNNING whose Optuna trial is finished (a killed worker): end them FAILED."""
-    from sweeps.study import ERROR_ATTR
 
     finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     fixed = 0
@@ -105,7 +103,7 @@ def close_orphan_runs(client: MlflowClient, exp_id: str, parent_run_id: str, stu
             client,
             [run],
             trial.state.name if trial.state.name != "COMPLETE" else "FAIL",
-            trial.user_attrs.get(ERROR_ATTR, "worker process ended during the trial"),
+            trial.user_attrs.get(schema.TRIAL_ERROR_ATTR, "worker process ended during the trial"),
         )
         fixed += 1
     return fixed

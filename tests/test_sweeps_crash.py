@@ -19,7 +19,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sweeps.study import ERROR_ATTR, PARENT_RUN_ATTR, WORKER_ATTR, open_storage
+from bench import schema
+from sweeps.study import open_storage
 
 TESTS = Path(__file__).resolve().parent
 
@@ -77,8 +78,8 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri, kind, request):
     study = optuna.load_study(study_name="crash", storage=storage)
     before = study.get_trials()
     assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
-    assert before[2].user_attrs[WORKER_ATTR]["pid"] == proc.pid
-    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    assert before[2].user_attrs[schema.TRIAL_WORKER_ATTR]["pid"] == proc.pid
+    parent_id = study.user_attrs[schema.STUDY_PARENT_RUN_ATTR]
     client = MlflowClient(mlflow_uri)
     assert client.get_run(parent_id).info.status == "RUNNING"  # what a crash leaves behind
 
@@ -95,12 +96,12 @@ def test_sigkill_mid_trial_then_resume(tmp_path, mlflow_uri, kind, request):
         assert after[old.number].params == old.params
     crashed = after[2]
     assert crashed.state.name == "FAIL"
-    assert f"worker process {proc.pid}" in crashed.user_attrs[ERROR_ATTR]
+    assert f"worker process {proc.pid}" in crashed.user_attrs[schema.TRIAL_ERROR_ATTR]
     retries = [t for t in after if t.system_attrs.get("failed_trial") == 2]
     assert len(retries) == 1 and retries[0].params == crashed.params and retries[0].state.name == "COMPLETE"
     # target reached: 4 counted trials (the failed one is replaced by its retry), nothing more
     assert len(after) == 5
-    assert study.user_attrs[PARENT_RUN_ATTR] == parent_id
+    assert study.user_attrs[schema.STUDY_PARENT_RUN_ATTR] == parent_id
     assert client.get_run(parent_id).info.status == "FINISHED"
     exp = client.get_experiment_by_name("fusebench-tests")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -139,7 +140,7 @@ def test_ctrl_c_ends_the_trial_and_the_same_command_resumes(tmp_path, mlflow_uri
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]  # queued again
     client = MlflowClient(mlflow_uri)
-    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    parent_id = study.user_attrs[schema.STUDY_PARENT_RUN_ATTR]
     assert client.get_run(parent_id).info.status == "KILLED"
     exp = client.get_experiment_by_name("fusebench-tests")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")

@@ -7,8 +7,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from bench import schema
 from fusebench.cli import main as cli_main
-from sweeps.study import PARENT_RUN_ATTR, open_storage
+from sweeps.study import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_fusebench_sweep_runs_real_experiments(tmp_path, mlflow_uri, capsys, one
     trials = study.get_trials()
     assert sorted(t.params["fusion.method"] for t in trials) == ["avg", "nt"]
     client = MlflowClient(mlflow_uri)
-    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
+    parent = client.get_run(study.user_attrs[schema.STUDY_PARENT_RUN_ATTR])
     assert parent.info.status == "FINISHED" and parent.data.tags["fusebench.role"] == "study"
     for t in trials:
         assert t.state.name == "COMPLETE"

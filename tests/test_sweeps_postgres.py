@@ -22,9 +22,10 @@ import yaml
 from mlflow import MlflowClient
 from sweeps_fakes import fake_experiment, fake_score
 
+from bench import schema
 from sweeps.runner import run_sweep
 from sweeps.spec import apply_params, parse_spec
-from sweeps.study import WORKER_ATTR, open_storage
+from sweeps.study import open_storage
 
 pytestmark = pytest.mark.postgres
 
@@ -91,7 +92,7 @@ def test_two_workers_share_a_postgres_study(tmp_path, mlflow_uri, postgres_url, 
     numbers = [t.number for t in trials]
     assert sorted(numbers) == list(range(6)) and len(set(numbers)) == 6
     assert all(t.state.name == "COMPLETE" for t in trials)
-    assert len({t.user_attrs[WORKER_ATTR]["pid"] for t in trials}) == 2  # both processes ran trials
+    assert len({t.user_attrs[schema.TRIAL_WORKER_ATTR]["pid"] for t in trials}) == 2  # both processes ran trials
     client = MlflowClient(mlflow_uri)
     for t in trials:
         (run_id,) = t.user_attrs["fusebench.run_ids"]

@@ -11,9 +11,10 @@ import yaml
 from mlflow import MlflowClient
 from sweeps_fakes import fake_experiment, fake_score
 
+from bench import schema
 from sweeps.runner import run_sweep
 from sweeps.spec import apply_params, parse_spec
-from sweeps.study import ERROR_ATTR, PARENT_RUN_ATTR, create_or_load, open_storage
+from sweeps.study import create_or_load, open_storage
 
 EXPERIMENT = "fusebench-tests"
 
@@ -57,7 +58,7 @@ def test_failing_trials_end_fail_with_reason_and_the_sweep_goes_on(tmp_path, mlf
         else:
             expected = "FloatingPointError: fine-tune loss is NaN" if kind == "nan" else "OutOfMemoryError: CUDA out of memory"
             assert t.state == optuna.trial.TrialState.FAIL
-            assert t.user_attrs[ERROR_ATTR].startswith(expected)
+            assert t.user_attrs[schema.TRIAL_ERROR_ATTR].startswith(expected)
             assert run.info.status == "FAILED" and run.data.tags["fusebench.trial_state"] == "FAIL"
             assert run.data.tags["fusebench.error"].startswith(expected)
         assert run.data.tags["fusebench.study"] == "failing"
@@ -110,7 +111,7 @@ def test_resume_keeps_trials_reuses_parent_run_and_reaches_new_target(tmp_path, 
     assert first.parent_run_id == again.parent_run_id == more.parent_run_id
     study = optuna.load_study(study_name="resume", storage=open_storage(None, "resume", tmp_path / "runs").storage)
     assert [t.number for t in study.get_trials()] == [0, 1, 2, 3]
-    assert study.user_attrs[PARENT_RUN_ATTR] == first.parent_run_id
+    assert study.user_attrs[schema.STUDY_PARENT_RUN_ATTR] == first.parent_run_id
     client = MlflowClient(mlflow_uri)
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
     assert len(_runs_of(client, first.parent_run_id)) == 4
@@ -132,8 +133,8 @@ def test_stale_recovery_tells_dead_live_reused_and_foreign_workers_apart(tmp_pat
     import os
     import socket
 
-    from sweeps.study import WORKER_ATTR, count_trials, recover_stale_trials, worker_identity
     from sweeps.study import _redact as redact
+    from sweeps.study import count_trials, recover_stale_trials, worker_identity
 
     info = open_storage(None, "stale", tmp_path / "runs")
     study = create_or_load(info, "stale", ["maximize"])
@@ -148,7 +149,7 @@ def test_stale_recovery_tells_dead_live_reused_and_foreign_workers_apart(tmp_pat
     for name, owner in owners.items():
         trial = study.ask()
         trial.suggest_int("members.n", 2, 9)
-        trial.set_user_attr(WORKER_ATTR, owner)
+        trial.set_user_attr(schema.TRIAL_WORKER_ATTR, owner)
         trials[name] = trial.number
     recovered = {t.number for t in recover_stale_trials(study)}
     assert recovered == {trials["reused_pid"], trials["dead"]}
@@ -159,7 +160,7 @@ def test_stale_recovery_tells_dead_live_reused_and_foreign_workers_apart(tmp_pat
     assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(recovered)
     for r in retries:
         assert r.params == by_number[r.system_attrs["failed_trial"]].params
-        assert WORKER_ATTR not in r.user_attrs  # a retry must not look stale again
+        assert schema.TRIAL_WORKER_ATTR not in r.user_attrs  # a retry must not look stale again
     counts = count_trials(study)
     assert counts["FAIL"] == 2 and counts["counted"] == 0  # replaced by their retries
     assert os.getpid() == me["pid"]
