@@ -308,15 +308,16 @@ class _Item:
         self.dep, self.idxs, self.root_idxs = dep, idxs, root_idxs
 
 
-def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> list[_Item]:
+def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_Item], list]:
     """torch-pruning's ``get_pruning_group`` as a closure over single channels.
 
     torch-pruning re-walks a dependency whenever it arrives with a different *list* of indices (and compares
     lists of thousands of indices to find out), which is quadratic and worse on wide residual streams with
     many paths (ECA, reshapes): minutes per group. Here every (node, handler, channel, root channel) is
     visited once; index mappings are element-wise, so mapping only the new channels gives the same closure.
-    Unlike torch-pruning, a channel reached from two root channels keeps both (the coverage check then
-    names it instead of silently keeping the first)."""
+    Returns ``(items, mixed)``: unlike torch-pruning, which silently keeps the first root of a channel reached
+    from two root channels, such a meeting is recorded in ``mixed`` (the nodes where it happens), and the
+    caller refuses the group by name."""
     from torch_pruning import _helpers
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.pruner import function as tpf
@@ -400,10 +401,11 @@ def _all_groups(dg, ignored_layers, root_types):
         if id(m) in ignored or not isinstance(m, tuple(root_types)) or id(m) in visited:
             continue
         pruner = dg.get_pruner_of_module(m)
-        if pruner is None or pruner.get_out_channels(m) is None:
+        n_out = None if pruner is None else pruner.get_out_channels(m)
+        if n_out is None:
             continue
         try:
-            items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+            items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, n_out)
         except _Explosion as exc:
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
@@ -419,7 +421,7 @@ def _all_groups(dg, ignored_layers, root_types):
                 if id(item.dep.target.module) in ignored:
                     prunable = False
         if prunable:
-            yield pruner.get_out_channels(m), items, mixed
+            yield n_out, items, mixed
 
 
 def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
