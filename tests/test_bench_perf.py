@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from bench.perf import Case, run_case
+from bench.perf import Case, method_data, run_case
 from fusebench import cli
 
 
@@ -14,6 +15,7 @@ from fusebench import cli
         (["--methods", "avg,blend"], "unknown method"),
         (["--widths", "64,wide"], "--widths must be integers"),
         (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--case", "resnet50 N=2"], "no case matches"),
     ],
 )
 def test_perf_bad_input_exits_2(argv, message, capsys):
@@ -50,3 +52,34 @@ def test_nt_never_builds_the_concatenated_model():
     bound = 3 * member
     assert concatenated > 2 * bound  # the oracle can tell the two apart
     assert 0.5 * member < row["peak_extra_mb"] < bound, row
+
+
+def test_perf_case_glob_runs_only_the_matching_cases(capsys):
+    assert (
+        cli.main(
+            [
+                "perf",
+                "--quick",
+                "--methods",
+                "avg",
+                "--widths",
+                "64,128",
+                "--case",
+                "mlp W=128 N=*",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "mlp W=128 avg N=2:" in out and "mlp W=64" not in out
+
+
+def test_methods_that_observe_activations_get_a_fixed_batch_the_others_none():
+    x = torch.randn(2, 3, 32, 32)
+    assert method_data("nt", x) is None and method_data("weight_matching", x) is None
+    for method in ("zipit", "activation_matching"):
+        data = method_data(method, x)
+        assert data.shape == (256, 3, 32, 32)
+        assert torch.equal(data, method_data(method, x))  # the same batch in every process
