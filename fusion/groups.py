@@ -108,32 +108,38 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ importance
     def unit_importance(
-        self, gi: int, state: dict[str, torch.Tensor], n_members: int, p: float = 2.0
-    ) -> torch.Tensor:
-        """Magnitude importance of every unit of group ``gi`` as the concatenated model would score it.
+        self, state: dict[str, torch.Tensor], n_members: int, p: float = 2.0
+    ) -> list[torch.Tensor]:
+        """Per group, the magnitude importance of every unit as the concatenated model would score it.
 
         Mirrors torch-pruning's ``GroupMagnitudeImportance(p)``: for each conv / linear / norm weight of the
         group, the p-th power of the p-norm of the channel's slice, averaged over those weights; a unit sums its
         channels. The zero blocks of the concatenation add nothing, and the classifier's 1/N scaling is applied,
-        so a member's scores equal its scores inside the concatenated model.
+        so a member's scores equal its scores inside the concatenated model. Every weight is read once, for all
+        the groups on its dimensions (a hidden layer's rows and columns belong to two groups).
         """
-        g = self.groups[gi]
-        total = None
-        n_items = 0
-        for s in g.slots:
-            if not s.is_weight or s.kind not in ("conv", "linear", "bn", "ln"):
-                continue
-            per_pos = power_sums(state[s.tensor], s.dim, p)
-            if s.role == IN and self.is_consumer_only(s.tensor):
-                per_pos = per_pos * (1.0 / n_members) ** p
-            pos = s.positions.to(per_pos.device)
-            vals = per_pos.index_select(0, pos.clamp(min=0).reshape(-1)).reshape(pos.shape) * (pos >= 0)
-            unit = vals.sum(dim=(1, 2))
-            total = unit if total is None else total + unit
-            n_items += 1
-        if total is None:
-            return torch.zeros(g.n_units)
-        return total / n_items
+        scored = [
+            [s for s in g.slots if s.is_weight and s.kind in ("conv", "linear", "bn", "ln")]
+            for g in self.groups
+        ]
+        dims: dict[str, set[int]] = {}
+        for slots in scored:
+            for s in slots:
+                dims.setdefault(s.tensor, set()).add(s.dim)
+        sums = {name: power_sums(state[name], sorted(ds), p) for name, ds in dims.items()}
+        out = []
+        for g, slots in zip(self.groups, scored):
+            total = None
+            for s in slots:
+                per_pos = sums[s.tensor][s.dim]
+                if s.role == IN and self.is_consumer_only(s.tensor):
+                    per_pos = per_pos * (1.0 / n_members) ** p
+                pos = s.positions.to(per_pos.device)
+                vals = per_pos.index_select(0, pos.clamp(min=0).reshape(-1)).reshape(pos.shape) * (pos >= 0)
+                unit = vals.sum(dim=(1, 2))
+                total = unit if total is None else total + unit
+            out.append(torch.zeros(g.n_units) if total is None else total / len(slots))
+        return out
 
     # ------------------------------------------------------------------ assembly
     def _dim_index(self, refs, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,57 +174,118 @@ class ChannelGraph:
             for d, (pos, _) in index.items():
                 shape[d] = pos.numel()
             scale = 1.0 / n if self.is_consumer_only(name) else 1.0
-            # every entry is written when one member fills it all or only one dimension is slotted (each slice
-            # along it comes whole from one member); otherwise the blocks between members stay zero
-            out = ref.new_empty(shape) if n == 1 or len(index) == 1 else ref.new_zeros(shape)
-            # each member writes only its own block; entries between members stay zero. In the general case the
-            # last slotted dimension is written with index_copy_: its positions belong to one member each, and
-            # the entries of such a slice that are not that member's are zero
-            last = max(index)
-            for m, state in enumerate(states):
-                t = state[name]
-                picks = {}
+            # per member: {dim: (destination positions, source positions)}, or None when it has no entry here
+            picks = []
+            for m in range(n):
+                device = states[m][name].device
+                member = {}
                 for d, (pos, mem) in index.items():
                     dst = (mem == m).nonzero().squeeze(1)
                     if dst.numel() == 0:
+                        member = None
                         break
-                    picks[d] = (dst.to(t.device), pos[dst].to(t.device))
-                else:
-                    slotted = sorted(picks)
-                    if len(slotted) == 1:
-                        dst, src = picks[last]
-                        sub = _take(t, last, src)
-                        if scale != 1.0:
-                            sub = sub * scale  # not in place: sub may be a view of the member
-                        out.index_copy_(last, dst, sub)
-                    elif len(slotted) == 2 and slotted[1] == slotted[0] + 1:
-                        # one gather and one scatter of the member's block (rows x columns), no zero padding
-                        lead = (slice(None),) * slotted[0]
-                        (dst0, src0), (dst1, src1) = picks[slotted[0]], picks[slotted[1]]
-                        block = _take(_take(t, slotted[0], src0), slotted[1], src1)
-                        if scale != 1.0:
-                            block = block * scale  # not in place: block may be a view of the member
-                        rows, cols = _as_range(dst0), _as_range(dst1)
-                        if rows is not None and cols is not None:  # NT keeps concatenation order: blocks
-                            out[lead + (rows, cols)].copy_(block)
-                        else:
-                            out[lead + (dst0[:, None], dst1[None, :])] = block
-                    else:
-                        sub = t.index_select(last, picks[last][1])
-                        for d, (dst, src) in picks.items():
-                            if d == last:
-                                continue
-                            sub = sub.index_select(d, src)
-                            full_shape = list(sub.shape)
-                            full_shape[d] = shape[d]
-                            full = sub.new_zeros(full_shape)
-                            full.index_copy_(d, dst, sub)
-                            sub = full
-                        if scale != 1.0:
-                            sub = sub * scale
-                        out.index_copy_(last, picks[last][0], sub)
-            new[name] = out
+                    member[d] = (dst.to(device), pos[dst].to(device))
+                picks.append(member)
+            new[name] = _assemble_tensor(ref, shape, [s[name] for s in states], picks, scale)
         return new
+
+
+def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
+    """One tensor of the new model from the members' ``tensors``: member m writes its entries ``picks[m]``
+    (per slotted dimension: destination and source positions); entries between two members stay zero."""
+    slotted = sorted(index for member in picks if member is not None for index in member)
+    slotted = sorted(set(slotted))
+    live = [(t, member) for t, member in zip(tensors, picks) if member is not None]
+    if len(slotted) == 1 or len(tensors) == 1:
+        # every entry is written: each slice along the one slotted dimension comes whole from one member,
+        # or a single member fills everything
+        out = ref.new_empty(shape)
+    elif (
+        slotted == [0, 1]
+        and all(_as_range(m[0][0]) and _as_range(m[1][0]) for _, m in live)
+        and sum(m[0][0].numel() for _, m in live) == shape[0]  # every row belongs to a member with columns
+    ):
+        # the members' rows x columns blocks (NT keeps concatenation order); only the rest is zeroed
+        out = ref.new_empty(shape)
+        for _, member in live:
+            rows, cols = _as_range(member[0][0]), _as_range(member[1][0])
+            out[rows, : cols.start].zero_()
+            out[rows, cols.stop :].zero_()
+    else:
+        out = ref.new_zeros(shape)
+    last = slotted[-1]
+    for t, member in live:
+        if len(member) == 1:
+            ((d, (dst, src)),) = member.items()
+            run = _as_range(dst)
+            if run is not None and d == 0 and scale == 1.0 and _as_range(src) is None:
+                torch.index_select(t, 0, src, out=out.narrow(0, run.start, run.stop - run.start))
+                continue
+            sub = _take(t, d, src)
+            if scale != 1.0:
+                sub = sub * scale  # not in place: sub may be a view of the member
+            if run is not None:
+                out.narrow(d, run.start, run.stop - run.start).copy_(sub)
+            else:
+                out.index_copy_(d, dst, sub)
+        elif sorted(member) == [0, 1] and _as_range(member[0][0]) and _as_range(member[1][0]):
+            # rows x columns into a block of the output, gathered straight into place
+            (dst0, src0), (dst1, src1) = member[0], member[1]
+            _gather_block(out[_as_range(dst0), _as_range(dst1)], t, src0, src1, scale)
+        elif len(member) == 2 and sorted(member)[1] == sorted(member)[0] + 1:
+            # one gather and one scatter of the member's block (rows x columns), no zero padding
+            d0, d1 = sorted(member)
+            lead = (slice(None),) * d0
+            (dst0, src0), (dst1, src1) = member[d0], member[d1]
+            block = _take(_take(t, d0, src0), d1, src1)
+            if scale != 1.0:
+                block = block * scale  # not in place: block may be a view of the member
+            out[lead + (dst0[:, None], dst1[None, :])] = block
+        else:
+            # the last slotted dimension is written with index_copy_: its positions belong to one member each,
+            # and the entries of such a slice that are not that member's are zero
+            sub = t.index_select(last, member[last][1])
+            for d, (dst, src) in member.items():
+                if d == last:
+                    continue
+                sub = sub.index_select(d, src)
+                full_shape = list(sub.shape)
+                full_shape[d] = shape[d]
+                full = sub.new_zeros(full_shape)
+                full.index_copy_(d, dst, sub)
+                sub = full
+            if scale != 1.0:
+                sub = sub * scale
+            out.index_copy_(last, member[last][0], sub)
+    return out
+
+
+def _gather_block(
+    dst: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float
+) -> None:
+    """``dst[:] = t[rows][:, cols] * scale`` without a temporary of the block's size: a few rows at a time, each
+    piece small enough to stay in the cache and to run serially (see :func:`power_sums`). A large temporary is
+    fresh memory whose page faults cost as much as the copy itself."""
+    step = max(1, _SERIAL_ELEMENTS // max(1, dst[0].numel()))
+    run = _as_range(rows)
+    cols_run = _as_range(cols)
+    for start in range(0, rows.numel(), step):
+        n = min(step, rows.numel() - start)
+        part = (
+            t.narrow(0, run.start + start, n)
+            if run is not None
+            else t.index_select(0, rows[start : start + n])
+        )
+        part = (
+            part.narrow(1, cols_run.start, cols_run.stop - cols_run.start)
+            if cols_run
+            else part.index_select(1, cols)
+        )
+        target = dst.narrow(0, start, n)
+        if scale != 1.0:
+            torch.mul(part, scale, out=target) if target.is_contiguous() else target.copy_(part * scale)
+        else:
+            target.copy_(part)
 
 
 def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -241,25 +308,42 @@ def _as_range(index: torch.Tensor) -> slice | None:
     return None
 
 
-def power_sums(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
-    """``sum |t|^p`` over every dimension but ``dim``: one value per position along ``dim`` (float32).
+_SERIAL_ELEMENTS = (
+    1 << 15
+) - 1  # below torch's GRAIN_SIZE (32768): elementwise ops and reductions stay serial
 
-    Along the leading dimension rows are contiguous and a norm is fast; along another one (a consumer's
-    input columns) a strided norm is many times slower than summing row chunks, which also bounds the
-    temporary to one chunk.
+
+def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Tensor]:
+    """``sum |t|^p`` over every dimension but ``d``, for each ``d`` in ``dims``: one value per position along
+    ``d`` (float32), all from one read of ``t``.
+
+    Rows are contiguous: the leading dimension alone is one norm per row. Otherwise ``t`` is read in chunks of
+    rows small enough that the chunk's powers stay in the CPU cache while every dimension's sums are taken
+    from them (a norm along a strided dimension is many times slower, and a whole-tensor power a second pass
+    through memory). The chunks are below torch's intra-op grain size, so each operation runs serially: as
+    parallel regions, hundreds of small operations cost a thread barrier each, and on busy cores the
+    barriers made this 100x slower (measured: 5 s instead of 40 ms for one 4096 x 4096 weight).
     """
     t = t.float()
     if t.dim() == 1:
-        return t.abs().pow(p)
-    if dim == 0:
-        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1).pow(p)
-    other = [d for d in range(t.dim()) if d != dim]
-    rows = max(1, (1 << 22) // max(1, t[0].numel()))
-    total = None
-    for chunk in t.split(rows, dim=0):
-        part = (chunk.square() if p == 2 else chunk.abs().pow(p)).sum(dim=other)
-        total = part if total is None else total.add_(part)
-    return total
+        return {0: t.abs().pow(p)}
+    if list(dims) == [0]:
+        return {0: torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1).pow(p)}
+    rows_sum = t.new_empty(t.shape[0]) if 0 in dims else None
+    cols = {d: None for d in dims if d != 0}
+    step = max(1, _SERIAL_ELEMENTS // max(1, t[0].numel()))
+    for start in range(0, t.shape[0], step):
+        chunk = t[start : start + step]
+        powered = chunk.square() if p == 2 else chunk.abs().pow(p)
+        if rows_sum is not None:
+            torch.sum(powered.reshape(powered.shape[0], -1), dim=1, out=rows_sum[start : start + step])
+        for d in cols:
+            part = powered.sum(dim=[o for o in range(t.dim()) if o != d])
+            cols[d] = part if cols[d] is None else cols[d].add_(part)
+    out = dict(cols)
+    if rows_sum is not None:
+        out[0] = rows_sum
+    return out
 
 
 def mean_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -124,8 +124,27 @@ def test_hand_mlp_importances_are_the_definition():
         "B": [(2 + 4 / 4) / 2, (9 + 4 / 4) / 2, (4 + 36 / 4) / 2],
     }
     for key, state in zip("AB", states):
-        assert g.unit_importance(by_root["0"], state, 2).tolist() == pytest.approx(hand_h1[key])
-        assert g.unit_importance(by_root["2"], state, 2).tolist() == pytest.approx(hand_h2[key])
+        scores = g.unit_importance(state, 2)
+        assert scores[by_root["0"]].tolist() == pytest.approx(hand_h1[key])
+        assert scores[by_root["2"]].tolist() == pytest.approx(hand_h2[key])
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize(
+    "shape, dims",
+    [((300, 200), [0, 1]), ((64, 40, 3, 3), [0, 1]), ((10, 50000), [1]), ((7,), [0]), ((30, 5, 8), [1, 2])],
+)
+def test_power_sums_read_once_equal_the_definition(shape, dims, p):
+    """One read of a weight gives every slotted dimension's ``sum |w|^p`` (chunked; rows wider than a chunk)."""
+    from fusion.groups import power_sums
+
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    got = power_sums(t, dims, p)
+    assert sorted(got) == sorted(dims)
+    for d in dims:
+        other = [o for o in range(t.dim()) if o != d]
+        want = t.abs().pow(p).sum(dim=other) if other else t.abs().pow(p)
+        torch.testing.assert_close(got[d], want, rtol=1e-4, atol=1e-3)
 
 
 def test_hand_mlp_joint_two_members():
@@ -138,6 +157,26 @@ def test_hand_mlp_joint_two_members():
     # zeros between members: kept layer-2 neuron B1 reads nothing from kept layer-1 neurons A1, A2
     assert torch.equal(fused[2].weight[1, :2], torch.zeros(2))
     assert torch.equal(fused[4].bias, (HAND["A"]["b3"] + HAND["B"]["b3"]) / 2)
+
+
+def test_assemble_writes_every_entry_even_when_a_member_loses_a_whole_group(monkeypatch):
+    """Layer 1 keeps only A's neurons, layer 2 keeps one of A's and two of B's: B's rows of w2 connect to no
+    kept column and must be the zeros of the block-diagonal concatenation. Uninitialised memory is poisoned
+    with NaN, so an entry the assembly forgets to write cannot pass as a zero by chance."""
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: real_new_empty(self, *a, **k).fill_(float("nan"))
+    )
+    models = [hand_mlp("A"), hand_mlp("B")]
+    g = fusion.channel_groups(models[0], X4)
+    states = [fusion.trace.full_state(m) for m in models]
+    by_root = {grp.name: gi for gi, grp in enumerate(g.groups)}
+    selection = [None, None]
+    selection[by_root["0"]] = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]))
+    selection[by_root["2"]] = (torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]))
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    model.load_state_dict(g.assemble(states, selection))
+    assert_weights(model, keep(concatenate([HAND["A"], HAND["B"]]), [0, 1, 2], [0, 4, 5]))
 
 
 def test_hand_mlp_joint_three_members():

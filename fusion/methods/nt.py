@@ -44,9 +44,10 @@ def select_units(graph: ChannelGraph, states, sparsity: float | None, p: float):
     """Per group: the (member, unit) pairs NT keeps, in concatenation order."""
     n = len(states)
     selection = []
+    per_member = [[imp.float().cpu() for imp in graph.unit_importance(s, n, p)] for s in states]
     for gi, group in enumerate(graph.groups):
         units = group.n_units
-        scores = torch.stack([graph.unit_importance(gi, s, n, p).float().cpu() for s in states]).reshape(-1)
+        scores = torch.stack([imps[gi] for imps in per_member]).reshape(-1)
         keep = units if sparsity is None else max(1, int(round(n * units * (1.0 - float(sparsity)))))
         # stable descending sort: ties go to the earlier member, as in a pruner that drops the lowest scores
         order = torch.sort(scores, descending=True, stable=True).indices[:keep]
