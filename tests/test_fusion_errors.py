@@ -297,3 +297,36 @@ def test_cuda_members_are_fused_on_the_gpu():
     fused = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), fusion.ensemble(members)(x), rtol=1e-4, atol=1e-5)
+
+
+class _Counted(nn.Module):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return x
+
+
+def test_check_runs_refuses_a_model_that_does_not_run_every_time_and_runs_each_structure_once():
+    """``check_runs`` refuses a fused model that fails (on every call: a failure is never remembered), and
+    runs a structure it has seen run only once: whether a model runs depends on its structure, shapes and
+    integer buffers, not on its float weights."""
+    from fusion.build import check_runs
+
+    broken = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 2))
+    for _ in range(2):
+        with pytest.raises(fusion.FusionError, match="the fused model does not run"):
+            check_runs(broken, torch.randn(2, 4))
+
+    def model(hidden, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, hidden), _Counted(), nn.Linear(hidden, 2))
+
+    x = torch.randn(2, 4)
+    _Counted.calls = 0
+    check_runs(model(3, 0), x)
+    check_runs(model(3, 1), x)  # other weights, same structure: not run again
+    assert _Counted.calls == 1
+    check_runs(model(6, 0), x)  # another width
+    check_runs(model(3, 0), torch.randn(5, 4))  # another input shape
+    assert _Counted.calls == 3
