@@ -17,6 +17,7 @@ output average of the members. With a single member, ``assemble`` permutes (or p
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -264,28 +265,27 @@ def _gather_block(
     dst: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float
 ) -> None:
     """``dst[:] = t[rows][:, cols] * scale`` without a temporary of the block's size: a few rows at a time, each
-    piece small enough to stay in the cache and to run serially (see :func:`power_sums`). A large temporary is
-    fresh memory whose page faults cost as much as the copy itself."""
+    piece small enough to stay in the cache, serially (see :func:`serial`). A large temporary is fresh memory
+    whose page faults cost as much as the copy itself."""
     step = max(1, _SERIAL_ELEMENTS // max(1, dst[0].numel()))
-    run = _as_range(rows)
-    cols_run = _as_range(cols)
-    for start in range(0, rows.numel(), step):
-        n = min(step, rows.numel() - start)
-        part = (
-            t.narrow(0, run.start + start, n)
-            if run is not None
-            else t.index_select(0, rows[start : start + n])
-        )
-        part = (
-            part.narrow(1, cols_run.start, cols_run.stop - cols_run.start)
-            if cols_run
-            else part.index_select(1, cols)
-        )
-        target = dst.narrow(0, start, n)
-        if scale != 1.0:
-            torch.mul(part, scale, out=target) if target.is_contiguous() else target.copy_(part * scale)
-        else:
-            target.copy_(part)
+    run, cols_run = _as_range(rows), _as_range(cols)
+    with serial():
+        for start in range(0, rows.numel(), step):
+            n = min(step, rows.numel() - start)
+            part = (
+                t.narrow(0, run.start + start, n)
+                if run is not None
+                else t.index_select(0, rows[start : start + n])
+            )
+            if cols_run is not None:
+                part = part.narrow(1, cols_run.start, cols_run.stop - cols_run.start)
+            else:
+                part = part.index_select(1, cols)
+            target = dst.narrow(0, start, n)
+            if scale != 1.0:
+                target.copy_(part * scale)
+            else:
+                target.copy_(part)
 
 
 def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -309,8 +309,25 @@ def _as_range(index: torch.Tensor) -> slice | None:
 
 
 _SERIAL_ELEMENTS = (
-    1 << 15
-) - 1  # below torch's GRAIN_SIZE (32768): elementwise ops and reductions stay serial
+    1 << 16
+)  # a chunk of a tensor read piece by piece: 256 KB of float32, resident in the cache
+
+
+@contextlib.contextmanager
+def serial():
+    """Run torch operations on this thread only. Loops over cache-sized chunks issue hundreds of small
+    operations; as parallel regions each costs a thread barrier, and on busy cores a barrier waits for a
+    descheduled thread (measured: one 4096 x 4096 weight took 5 s instead of 40 ms). OpenMP's thread count
+    is a setting of the calling thread, so other threads are not affected; the previous count is restored."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Tensor]:
@@ -320,9 +337,7 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
     Rows are contiguous: the leading dimension alone is one norm per row. Otherwise ``t`` is read in chunks of
     rows small enough that the chunk's powers stay in the CPU cache while every dimension's sums are taken
     from them (a norm along a strided dimension is many times slower, and a whole-tensor power a second pass
-    through memory). The chunks are below torch's intra-op grain size, so each operation runs serially: as
-    parallel regions, hundreds of small operations cost a thread barrier each, and on busy cores the
-    barriers made this 100x slower (measured: 5 s instead of 40 ms for one 4096 x 4096 weight).
+    through memory). The chunks run serially (see :func:`serial`).
     """
     t = t.float()
     if t.dim() == 1:
@@ -332,6 +347,15 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
     rows_sum = t.new_empty(t.shape[0]) if 0 in dims else None
     cols = {d: None for d in dims if d != 0}
     step = max(1, _SERIAL_ELEMENTS // max(1, t[0].numel()))
+    with serial():
+        _chunked_power_sums(t, step, p, rows_sum, cols)
+    out = dict(cols)
+    if rows_sum is not None:
+        out[0] = rows_sum
+    return out
+
+
+def _chunked_power_sums(t, step, p, rows_sum, cols) -> None:
     for start in range(0, t.shape[0], step):
         chunk = t[start : start + step]
         powered = chunk.square() if p == 2 else chunk.abs().pow(p)
@@ -340,10 +364,6 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
         for d in cols:
             part = powered.sum(dim=[o for o in range(t.dim()) if o != d])
             cols[d] = part if cols[d] is None else cols[d].add_(part)
-    out = dict(cols)
-    if rows_sum is not None:
-        out[0] = rows_sum
-    return out
 
 
 def mean_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:
