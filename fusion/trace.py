@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from . import trace_cache
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, item_slots
@@ -197,10 +198,14 @@ def channel_groups(
     key = _fingerprint(model, example_inputs, output_layers)
     graph = _CACHE.get(key)
     if graph is None or (verify and not getattr(graph, "_verified", False)):
-        graph = _trace(model, example_inputs, output_layers)
-        if verify:
-            verify_permutation_invariance(model, graph, example_inputs)
-            graph._verified = True
+        stored = trace_cache.key(model, key)
+        graph = trace_cache.load(stored)  # verified in an earlier process
+        if graph is None:
+            graph = _trace(model, example_inputs, output_layers)
+            if verify:
+                verify_permutation_invariance(model, graph, example_inputs)
+                graph._verified = True
+                trace_cache.store(stored, graph)
         _CACHE[key] = graph
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -9,7 +9,12 @@ import pytest
 
 def pytest_configure(config):
     """Under pytest-xdist every worker is one process per core: one torch thread each, or they
-    oversubscribe the cores (the children they start inherit the setting through the environment)."""
+    oversubscribe the cores (the children they start inherit the setting through the environment).
+
+    Verified traces are not kept on disk during the tests (``FUSION_TRACE_CACHE=off``, inherited by the
+    commands the tests start): a test that expects the tracer to refuse or to trace must not meet a trace
+    another test or an earlier session stored. The trace cache's own tests turn it on in a temporary folder."""
+    os.environ["FUSION_TRACE_CACHE"] = "off"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
