@@ -4,7 +4,9 @@ Every case runs in fresh child processes (``bench.measure.peak_rss_beyond_baseli
 members and take their baseline RSS once they are loaded; the reported memory is the peak RSS beyond that
 baseline, i.e. what fusion needs on top of its inputs (CPU), or the CUDA allocator's peak beyond what was
 allocated before (GPU). "first": the first fusion of an architecture in a process, which includes tracing the
-channel groups and the permutation self-check (cached per architecture afterwards); "median"/"extra": the
+channel groups and the permutation self-check (cached per architecture afterwards), with an empty trace cache
+on disk; "cached": the first fusion in a fresh process whose disk cache holds the architecture's verified
+trace (``fusion.trace_cache``: what every sweep trial after the first one pays); "median"/"extra": the
 median time and the peak memory of ``repeats`` later fusions. "extra/model": warm extra memory in units of one
 member's size (the fused model itself is one).
 
@@ -16,9 +18,12 @@ The cases follow the measurements published with the NT reference implementation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -89,41 +94,77 @@ def _fuse_repeatedly(members, method, example, repeats, data=None):
 
 
 def run_case(case: Case, device: str, repeats: int) -> dict:
-    """Two fresh processes per case: a *cold* one (the first fusion of the architecture, which traces the
-    channel groups and runs the permutation self-check) and a *warm* one (traced once, unmeasured, then
-    ``repeats`` fusions; time is their median, memory their peak)."""
-    from bench.measure import gpu_peak_beyond_baseline, peak_rss_beyond_baseline
-
+    """Three fresh processes per case: a *cold* one (the first fusion of the architecture, which traces the
+    channel groups and runs the permutation self-check; the disk's trace cache is empty), a *warm* one (traced
+    once, unmeasured, then ``repeats`` fusions; time is their median, memory their peak) and a *cached* one (a
+    first fusion that finds the verified trace the cold one stored)."""
     members, x = build_members(case.arch, case.width, case.n, device)
     data = method_data(case.method, x)
-    if device.startswith("cuda"):
-        cold, cold_mb, _ = gpu_peak_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, 1, data, device=device
-        )
-        _fuse_repeatedly(members, case.method, x, 1, data)
-        warm, warm_mb, _ = gpu_peak_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, repeats, data, device=device
-        )
-    else:
-        preload = ("fusion", "torch_pruning", "ot")
-        cold, cold_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, 1, data, preload=preload
-        )
-        warm, warm_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, case.method, x, repeats, data, preload=preload, warmup=True
-        )
+    with tempfile.TemporaryDirectory(prefix="fusebench-perf-traces-") as traces:
+        with _trace_cache(traces):
+            first = _measure(members, case.method, x, data, device, repeats)
+            cached, _, _, _ = _measure(members, case.method, x, data, device, 1, cold_only=True)
+    cold, cold_mb, warm, warm_mb = first
     model_mb = sum(p.numel() * p.element_size() for p in members[0].parameters()) / 2**20
     return {
         "case": case.label,
         "method": case.method,
         "N": case.n,
         "first_s": cold[0],
+        "cached_s": cached[0],
         "median_s": statistics.median(warm),
         "first_extra_mb": cold_mb,
         "peak_extra_mb": warm_mb,
         "model_mb": model_mb,
         "extra_per_model": warm_mb / model_mb if model_mb else float("nan"),
     }
+
+
+@contextlib.contextmanager
+def _trace_cache(folder: str):
+    """The measured processes (children: they inherit the environment) keep verified traces in ``folder``."""
+    from fusion.trace_cache import ENV
+
+    before = os.environ.get(ENV)
+    os.environ[ENV] = folder
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def _measure(members, method, x, data, device, repeats, cold_only=False):
+    """(first-call times, its extra MB, warm times, their extra MB), each from a fresh process."""
+    from bench.measure import gpu_peak_beyond_baseline, peak_rss_beyond_baseline
+
+    if device.startswith("cuda"):  # in this process: its in-memory trace cache is emptied to start cold
+        from fusion import trace
+
+        trace._CACHE.clear()
+        cold, cold_mb, _ = gpu_peak_beyond_baseline(
+            _fuse_repeatedly, members, method, x, 1, data, device=device
+        )
+        if cold_only:
+            return cold, cold_mb, None, None
+        _fuse_repeatedly(members, method, x, 1, data)
+        warm, warm_mb, _ = gpu_peak_beyond_baseline(
+            _fuse_repeatedly, members, method, x, repeats, data, device=device
+        )
+        trace._CACHE.clear()
+    else:
+        preload = ("fusion", "torch_pruning", "ot")
+        cold, cold_mb, _ = peak_rss_beyond_baseline(
+            _fuse_repeatedly, members, method, x, 1, data, preload=preload
+        )
+        if cold_only:
+            return cold, cold_mb, None, None
+        warm, warm_mb, _ = peak_rss_beyond_baseline(
+            _fuse_repeatedly, members, method, x, repeats, data, preload=preload, warmup=True
+        )
+    return cold, cold_mb, warm, warm_mb
 
 
 def default_cases(methods: list[str], widths, quick: bool) -> list[Case]:
@@ -150,13 +191,14 @@ def default_cases(methods: list[str], widths, quick: bool) -> list[Case]:
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'case':<14}{'method':<20}{'N':>3}{'first s':>10}{'median s':>10}{'first MB':>10}{'extra MB':>10}"
+        f"{'case':<14}{'method':<20}{'N':>3}{'first s':>10}{'cached s':>10}{'median s':>10}{'first MB':>10}"
+        f"{'extra MB':>10}"
         f"{'model MB':>10}{'extra/model':>12}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['case']:<14}{r['method']:<20}{r['N']:>3}{r['first_s']:>10.3f}{r['median_s']:>10.3f}"
+            f"{r['case']:<14}{r['method']:<20}{r['N']:>3}{r['first_s']:>10.3f}{r['cached_s']:>10.3f}{r['median_s']:>10.3f}"
             f"{r['first_extra_mb']:>10.1f}{r['peak_extra_mb']:>10.1f}{r['model_mb']:>10.1f}{r['extra_per_model']:>12.2f}"
         )
     return "\n".join(lines)
@@ -224,6 +266,7 @@ def main(args) -> int:
         r = rows[-1]
         print(
             f"{r['case']} {r['method']} N={r['N']}: first {r['first_s']:.3f}s / {r['first_extra_mb']:.0f} MB, "
+            f"first with the trace cached {r['cached_s']:.3f}s, "
             f"median {r['median_s']:.3f}s / {r['peak_extra_mb']:.0f} MB ({r['extra_per_model']:.2f} x one model)",
             flush=True,
         )

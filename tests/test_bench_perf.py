@@ -25,7 +25,7 @@ def test_perf_bad_input_exits_2(argv, message, capsys):
 
 def test_perf_case_measures_time_and_memory_beyond_the_inputs():
     row = run_case(Case("mlp W=256", "mlp", 256, 2, "nt"), "cpu", repeats=2)
-    assert row["first_s"] > 0 and row["median_s"] > 0
+    assert row["first_s"] > 0 and row["cached_s"] > 0 and row["median_s"] > 0
     # one member: 3072*256 + 256*256 + 256*10 float32 weights
     assert row["model_mb"] == pytest.approx((3072 * 256 + 256 * 256 + 2560) * 4 / 2**20)
     # NT's extra memory holds at least the fused model's new tensors, and no N-wide concatenation
