@@ -204,7 +204,11 @@ def walk(names: list[str], results: Path, workers: int, timeout: float) -> None:
             continue
         code = f"from bench.zoo import _worker; from pathlib import Path; _worker({chunk!r}, Path({str(results)!r}), {timeout})"
         procs.append(
-            subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+            # every model is traced and self-checked afresh: the walk measures the tracer, not its disk cache
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env={**os.environ, "OMP_NUM_THREADS": "1", "FUSION_TRACE_CACHE": "off"},
+            )
         )
     for p in procs:
         p.wait()
