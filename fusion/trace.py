@@ -613,6 +613,14 @@ def _check_coverage(graph: ChannelGraph) -> None:
 
 
 # ---------------------------------------------------------------------------- verification
+# A correctly traced permutation changes the function only by float reassociation: in float64 that is about
+# 1e-13 of the output's scale, so 1e-9 leaves a wide margin and still catches couplings whose effect is small
+# (ECA's 1-D convolution across channels of a freshly initialised model moved the float32 outputs by less
+# than the 1e-4 that float32 needs).
+TOL_FLOAT64 = 1e-9
+TOL_FLOAT32 = 1e-4
+
+
 @torch.no_grad()
 def _outputs(skeleton: nn.Module, state: dict, inputs):
     clear_tensor_caches(skeleton)  # a cache filled under other weights would be stale
@@ -620,43 +628,102 @@ def _outputs(skeleton: nn.Module, state: dict, inputs):
         return torch.func.functional_call(skeleton, state, inputs, strict=False)
 
 
-def _close(a, b) -> bool:
+def _close(a, b, tol: float = TOL_FLOAT32, floor: float = 1.0) -> bool:
+    """``b`` equals ``a`` up to ``tol`` times the largest magnitude of ``a`` (per output tensor), or times
+    ``floor`` when that is larger."""
     if isinstance(a, torch.Tensor):
-        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
-        scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
-        return (
-            a.shape == b.shape and bool((a - b).abs().max() <= tol * scale)
-            if a.numel()
-            else a.shape == b.shape
-        )
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return False
+        if not a.numel():
+            return True
+        if not a.is_floating_point():
+            return bool(torch.equal(a, b))
+        if a.dtype not in (torch.float32, torch.float64):
+            tol = max(tol, 2e-2)
+        diff = float((a.double() - b.double()).abs().max())
+        scale = max(floor, float(a.detach().abs().max()))
+        return diff <= tol * scale if scale > 0 else diff == 0.0
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(_close(x, y, tol, floor) for x, y in zip(a, b))
+        )
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol, floor) for k in a)
     return True
+
+
+def _float64_attributes(skeleton: nn.Module) -> None:
+    """Cast the plain float tensor attributes of a (meta-copied) skeleton to float64, in place: they compute
+    like constants together with the state."""
+    for module in skeleton.modules():
+        for key, value in list(vars(module).items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                setattr(module, key, value.double())
+
+
+def _all_float64(out) -> bool:
+    found = []
+    map_inputs(out, lambda t: found.append(t.dtype) if t.is_floating_point() else None)
+    return all(d == torch.float64 for d in found)
+
+
+def _float64_reference(model: nn.Module, state: dict, inputs):
+    """``(skeleton, state, inputs, reference outputs)`` in float64, or a reason why the model cannot run in it."""
+    if not state or not any(t.is_floating_point() for t in state.values()):
+        return None, "the model has no float tensors"
+    skeleton = meta_copy(model).eval()
+    _float64_attributes(skeleton)
+    state64 = {n: t.double() if t.is_floating_point() else t for n, t in state.items()}
+    inputs64 = map_inputs(inputs, lambda t: t.double() if t.is_floating_point() else t)
+    try:
+        reference = _outputs(skeleton, state64, inputs64)
+    except Exception as exc:  # noqa: BLE001 - e.g. a layer that casts to float32 inside its forward
+        return None, f"it fails in float64 ({type(exc).__name__}: {str(exc)[:120]})"
+    if not _all_float64(reference):
+        return None, "its outputs are not float64 when its state and inputs are (it casts inside its forward)"
+    return (skeleton, state64, inputs64, reference), None
 
 
 def verify_permutation_invariance(
     model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
 ) -> None:
-    """Refuse a trace under which a random permutation of the groups changes the model's function."""
-    skeleton = meta_copy(model).eval()
+    """Refuse a trace under which a random permutation of the groups changes the model's function.
+
+    The check runs in float64 with a relative tolerance of :data:`TOL_FLOAT64` (state, plain tensor
+    attributes and inputs cast), so that a coupling with a small effect is not hidden by float32 rounding. A
+    model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the reason is
+    kept on the graph as ``graph.check_precision``.
+    """
     state = full_state(model)
-    inputs = map_inputs(example_inputs, lambda t: t.to(next(iter(state.values())).device))
-    try:
-        reference = _outputs(skeleton, state, inputs)
-    except Exception as exc:  # noqa: BLE001
-        raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    inputs = map_inputs(example_inputs, lambda t: t.to(device))
+    ready, why = _float64_reference(model, state, inputs)
+    if ready is not None:
+        skeleton, state, inputs, reference = ready
+        tol, floor = TOL_FLOAT64, 0.0  # relative to the output's own scale, however small
+        graph.check_precision = "float64"
+    else:
+        skeleton = meta_copy(model).eval()
+        try:
+            reference = _outputs(skeleton, state, inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+        tol, floor = TOL_FLOAT32, 1.0
+        graph.check_precision = f"model precision, tolerance {tol:g}: {why}"
     gen = torch.Generator().manual_seed(seed)
     permuted = graph.random_permutation(gen)
-    if _close(reference, _outputs(skeleton, graph.assemble([state], permuted), inputs)):
+    if _close(reference, _outputs(skeleton, graph.assemble([state], permuted), inputs), tol, floor):
         return
     # find the culprit: permute one group at a time
     identity = graph.identity_selection()
     for gi, g in enumerate(graph.groups):
         sel = list(identity)
         sel[gi] = permuted[gi]
-        if not _close(reference, _outputs(skeleton, graph.assemble([state], sel), inputs)):
+        if not _close(reference, _outputs(skeleton, graph.assemble([state], sel), inputs), tol, floor):
             raise FusionError(
                 f"channel group rooted at {g.name!r} (layers {', '.join(g.layers)}) is not traced completely: "
                 "permuting it changes the model's output, so some layer coupled to it was missed; fusion refused"

