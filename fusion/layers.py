@@ -65,6 +65,9 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
         dim = pruning_dim if pruning_dim >= 0 else module.dim() + pruning_dim
         return [SlotSpec(name, dim, OUT, "param", True)], None
 
+    if isinstance(module, nn.GroupNorm):
+        return _group_norm_slots(module, name, prefix)
+
     if not isinstance(module, nn.Module) or (
         not list(module.parameters(recurse=False)) and not list(module.buffers(recurse=False))
     ):
@@ -143,6 +146,33 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
     )
 
 
+def _group_norm_slots(module: nn.GroupNorm, name: str, prefix: str):
+    """GroupNorm normalizes each of its ``num_groups`` blocks of consecutive channels by the block's own
+    statistics, then scales and shifts per channel.
+
+    * One group (timm's GroupNorm1, poolformer, GroupNormAct in ViT hybrids): the statistics are over all
+      channels, as in LayerNorm, so any permutation of the channels with their weight and bias is a symmetry.
+    * G > 1 groups: a permutation is a symmetry when it moves whole blocks (and channels within a block); the
+      blocks are linked like the blocks of a grouped convolution, so they move whole and a fused model keeps
+      the block size (``num_groups`` follows the channel count, see :func:`resize_module`). Without affine
+      parameters nothing records the new channel count, so that case is refused.
+    """
+    slots = [
+        SlotSpec(prefix + attr, 0, OUT, "ln", attr == "weight")
+        for attr in ("weight", "bias")
+        if getattr(module, attr, None) is not None
+    ]
+    if module.num_groups == 1:
+        return slots, None
+    if not slots:
+        raise FusionError(
+            f"GroupNorm {name!r} has {module.num_groups} groups and no affine parameters: a fused model could not "
+            "keep its group size; fusion refused"
+        )
+    block = module.num_channels // module.num_groups
+    return slots, GroupedConvLink(name, OUT, module.num_groups, block)
+
+
 def resize_module(module: nn.Module, name: str) -> None:
     """Make a module's shape attributes agree with its (possibly resized) tensors."""
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -168,6 +198,12 @@ def resize_module(module: nn.Module, name: str) -> None:
     elif isinstance(module, nn.LayerNorm):
         if module.weight is not None:
             module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            channels = module.weight.shape[0]
+            if module.num_groups > 1:  # the block size is kept (see _group_norm_slots)
+                module.num_groups = channels // (module.num_channels // module.num_groups)
+            module.num_channels = channels
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):

@@ -100,3 +100,64 @@ def test_self_check_falls_back_to_model_precision_with_a_reason():
     # in float32 a large missed coupling is still refused
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(_gated(1.0, cast=True), graph, x)
+
+
+# ---------------------------------------------------------------------------- GroupNorm
+class GNNet(nn.Module):
+    """conv -> GroupNorm(g1) -> conv -> GroupNorm(g2) -> 1x1 conv + skip -> classifier."""
+
+    def __init__(self, g1: int, g2: int, affine: bool = True):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(g1, 16)
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(g2, 16, affine=affine)
+        self.c3, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.n1(self.c1(x)))
+        x = torch.relu(self.c3(self.n2(self.c2(x))) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _gn_member(seed: int, g1: int, g2: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = GNNet(g1, g2).eval()
+    with torch.no_grad():  # per-channel affine parameters that differ between channels and members
+        for name, p in model.named_parameters():
+            if name.startswith("n"):
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("g1, g2", [(1, 1), (4, 2), (1, 4)])
+def test_group_norm_is_traced_and_fused(g1, g2):
+    x = torch.randn(2, 3, 16, 16)
+    members = [_gn_member(seed, g1, g2) for seed in range(2)]
+    graph = fusion.channel_groups(members[0], x)  # the float64 self-check passes
+    assert graph.check_precision == "float64"
+    # a random permutation of every group keeps the function (checked here directly too)
+    state = graph.assemble(
+        [full_state(members[0])], graph.random_permutation(torch.Generator().manual_seed(1))
+    )
+    permuted = GNNet(g1, g2)
+    permuted.load_state_dict(state, strict=True)
+    assert _rel(_out(permuted, x), _out(members[0], x)) < 1e-5
+    # G > 1: groups move as whole blocks (units of 16 / G channels)
+    n2 = next(g for g in graph.groups if "n2" in g.layers)
+    assert n2.n_units == (16 if g2 == 1 else g2)
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = GNNet(g1, g2)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert fresh.eval()(x).shape == (2, 5) and fused.n2.num_groups == g2
+    if g1 > 1 and g2 > 1:
+        # with every GroupNorm over blocks, the concatenation keeps each member's blocks and their statistics:
+        # NT at sparsity 0 is exactly the ensemble (with one group the statistics mix the members, by design)
+        wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+        assert wide.n1.num_groups == 2 * g1 and wide.n2.num_groups == 2 * g2
+        assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+
+
+def test_group_norm_over_blocks_without_affine_is_refused():
+    x = torch.randn(2, 3, 16, 16)
+    model = GNNet(1, 4, affine=False).eval()
+    with pytest.raises(fusion.FusionError, match=r"GroupNorm 'n2' has 4 groups and no affine"):
+        fusion.channel_groups(model, x)
