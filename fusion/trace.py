@@ -251,18 +251,21 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         ) from exc
 
     raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
-    attention = {f"{n}.qkv" for n, mod in skeleton.named_modules() if _is_attention(mod)}
+    attention = {
+        f"{n}.{attr}"
+        for n, mod in skeleton.named_modules()
+        if (layout := attention_layout(mod)) is not None
+        for attr, _ in layout[2]
+    }
+    paired = []  # groups whose root channels meet element-wise in pairs (gated MLPs): units of coupled channels
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
-        if mixed and root_name not in attention:
-            named = [module_names[n.module] for n in mixed if n.module in module_names]
-            where = named[0] if named else type(mixed[0].module).__name__
-            raise FusionError(
-                f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
-                "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
-                "ECA): permuting channels changes the function; fusion refused"
-            )
+        meetings = (
+            _elementwise_meetings(mixed, module_names, root_name)
+            if mixed and root_name not in attention
+            else None
+        )
         slots, links = [], []
         for item in items:
             target = item.dep.target
@@ -280,14 +283,82 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 if by_root.shape[1] != 1:
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
                 links.append((link, by_root[:, 0]))
-        if slots or links:
+        if meetings is not None:
+            paired.append(_coupled_units(root_name, n_root, slots, links, meetings))
+        elif slots or links:
             raw.append((root_name, n_root, slots, links))
 
-    groups = _attention_heads(skeleton, _merge_units(raw))
+    groups = _attention_heads(skeleton, _merge_units(raw) + paired)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
     return graph
+
+
+def _elementwise_meetings(mixed, module_names: dict, root_name: str) -> list[tuple[int, int]]:
+    """The pairs of root channels of one group that meet, when they all meet in element-wise operations.
+
+    A gated MLP (timm's GluMlp / SwiGLU-style ``fc1`` whose output is chunked into two halves that multiply,
+    MambaOut's gated convolution) multiplies channel i of one part with channel i of another: the two are
+    coupled, and moving them together is a symmetry. Any other meeting (a 1-D convolution across channels as
+    in ECA, a reshape) mixes channels with their neighbours and is refused by name.
+    """
+    pairs = []
+    for node, a, b in mixed:
+        if not isinstance(node.module, tp.ops._ElementWiseOp):
+            where = module_names.get(node.module) or type(node.module).__name__
+            raise FusionError(
+                f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
+                "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
+                "ECA): permuting channels changes the function; fusion refused"
+            )
+        pairs.append((int(a), int(b)))
+    return pairs
+
+
+def _coupled_units(root_name: str, n_root: int, slots, links, pairs) -> ChannelGroup:
+    """One group whose units are the root channels coupled by element-wise meetings (connected components of
+    ``pairs``), each unit's channels in root order along the repeat axis of every slot.
+
+    The repeat axis keeps the model's layout when units are selected: for fc1 -> chunk(2) -> a * b, unit i
+    is rows (i, H + i), and a new model's rows are the kept units' first halves, then their second halves, so
+    its chunk still pairs them. This is only sound when every unit has the same shape in every tensor (each
+    unit is reached at the same repeats): otherwise the parts have fixed sizes (a split into unequal parts)
+    that selecting units would break, and the group is refused by name.
+    """
+    where = f"the channels of the group rooted at {root_name!r} meet in pairs in element-wise operations"
+    if links:
+        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
+    parent = list(range(n_root))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    comps: dict[int, list[int]] = {}
+    for r in range(n_root):
+        comps.setdefault(find(r), []).append(r)
+    units = sorted(comps.values())
+    k = len(units[0])
+    if any(len(u) != k for u in units):
+        raise FusionError(f"{where}, in units of different sizes; fusion refused")
+    roots = torch.tensor(units)  # [n_units, k], each unit's roots ascending
+    out = []
+    for spec, name, by_root in slots:
+        pos = by_root[roots]  # [n_units, k, R]
+        pos = pos.reshape(len(units), 1, -1)
+        valid = pos >= 0
+        if not torch.equal(valid, valid[:1].expand_as(valid)):
+            raise FusionError(
+                f"{where}, but {name!r} is reached by some of the coupled units only (a split into parts of fixed "
+                "sizes): selecting units would change those sizes; fusion refused"
+            )
+        out.append(_slot(spec, name, pos))
+    return ChannelGroup(root_name, len(units), out, unit_kind="coupled channels")
 
 
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)
@@ -317,7 +388,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
     visited once; index mappings are element-wise, so mapping only the new channels gives the same closure.
     Returns ``(items, mixed)``: unlike torch-pruning, which silently keeps the first root of a channel reached
     from two root channels, such a meeting is recorded in ``mixed`` (the nodes where it happens), and the
-    caller refuses the group by name."""
+    caller refuses the group by name unless the meetings are element-wise pairs (``(node, root a, root b)``)."""
     from torch_pruning import _helpers
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.pruner import function as tpf
@@ -370,7 +441,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
                     # two root channels meet in one channel: they are not independent (a reshape that moves the
                     # channel axis, e.g. ECA's 1-D convolution across channels). Not propagated further (that is
                     # what made torch-pruning's walk explode); refused by the caller with the node's name
-                    mixed.append(new_dep.target)
+                    mixed.append((new_dep.target, r, i.root_idx))
             if not fresh:
                 continue
             entry[2].extend(fresh)
@@ -526,28 +597,73 @@ def _merge_units(raw) -> list[ChannelGroup]:
     return groups
 
 
+# the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
+# + j for its r-th one): one fused qkv (ViT, Swin, XCiT), q and kv (PVT, Twins, VOLO's class attention), q, k and
+# v (XCiT's class attention)
+_QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)))
+
+
+def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int], ...]] | None:
+    """``(num_heads, head_dim, producers)`` of a timm-style self-attention, or None.
+
+    Such a module has Linears making q, k and v (``producers``: see ``_QKV_LAYOUTS``), each ``num_heads``
+    heads of ``head_dim`` consecutive rows, a ``proj`` Linear reading the heads' outputs, and ``num_heads``;
+    ``head_dim`` is read when the module keeps it and inferred otherwise (Swin's window attention, XCiT's
+    and EdgeNeXt's cross-covariance attention, DaViT's channel attention, VOLO keep only ``num_heads``).
+    """
+    proj, heads = getattr(module, "proj", None), getattr(module, "num_heads", None)
+    if not (isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+        return None
+    for producers in _QKV_LAYOUTS:
+        layers = [getattr(module, attr, None) for attr, _ in producers]
+        if not all(isinstance(m, nn.Linear) for m in layers):
+            continue
+        dim = proj.in_features
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int):
+            if dim % heads:
+                return None
+            head_dim = dim // heads
+        if dim != heads * head_dim or any(m.out_features != n * dim for m, (_, n) in zip(layers, producers)):
+            return None
+        return heads, head_dim, producers
+    return None
+
+
 def _is_attention(module: nn.Module) -> bool:
-    """timm-style self-attention: a fused ``qkv`` Linear, ``num_heads`` heads of ``head_dim``, a ``proj``."""
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    return (
-        isinstance(qkv, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and isinstance(heads, int)
-        and isinstance(head_dim, int)
-        and qkv.out_features == 3 * heads * head_dim
-        and proj.in_features == heads * head_dim
-    )
+    """timm-style self-attention (see :func:`attention_layout`)."""
+    return attention_layout(module) is not None
+
+
+def _per_head_params(module: nn.Module, name: str, heads: int) -> list[tuple[str, int]]:
+    """The attention module's own parameters indexed by head (Swin's relative position bias table
+    ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``): ``(tensor name, head dimension)``. They
+    move with the heads; a parameter with no dimension of ``heads`` is not per head and is left alone (the
+    self-check verifies that), one with several is refused as ambiguous."""
+    out = []
+    for pname, p in module.named_parameters(recurse=False):
+        dims = [d for d, n in enumerate(p.shape) if n == heads]
+        if len(dims) > 1:
+            raise FusionError(
+                f"attention {name!r}: parameter {pname!r} of shape {tuple(p.shape)} has several dimensions of "
+                f"its {heads} heads; which one is per head is ambiguous; fusion refused"
+            )
+        if dims:
+            out.append((f"{name}.{pname}", dims[0]))
+    return out
 
 
 def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """Replace the group of every attention's q/k/v outputs by one group whose units are whole heads.
 
     torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
-    product: only whole heads (their q, k, v rows and the projection's input columns) may move.
+    product: only whole heads (their q, k, v rows, the projection's input columns and the module's per-head
+    parameters) may move. Whole heads are also a symmetry of attention across channels within a head
+    (XCiT's cross-covariance attention).
     """
     for name, module in skeleton.named_modules():
-        if not _is_attention(module):
+        layout = attention_layout(module)
+        if layout is None:
             continue
         if any(
             p.numel()
@@ -557,30 +673,43 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
             raise FusionError(
                 f"attention {name!r} normalizes q/k per head (qk_norm); fusion does not support it"
             )
-        qkv_w, proj_w = f"{name}.qkv.weight", f"{name}.proj.weight"
+        heads, hd, producers = layout
+        per_head = _per_head_params(module, name, heads)
+        proj_w = f"{name}.proj.weight"
+        rows = {f"{name}.{attr}.{t}" for attr, _ in producers for t in ("weight", "bias")}
+        per_head_names = {t for t, _ in per_head}
         hits = [
             gi
             for gi, g in enumerate(groups)
             for s in g.slots
-            if s.tensor in (qkv_w, proj_w) and s.dim == (0 if s.tensor == qkv_w else 1)
+            if (s.tensor in rows and s.dim == 0)
+            or (s.tensor == proj_w and s.dim == 1)
+            or s.tensor in per_head_names
         ]
-        expected = {qkv_w, f"{name}.qkv.bias", proj_w}
+        expected = rows | {proj_w} | per_head_names
         for gi in set(hits):
             extra = [s.tensor for s in groups[gi].slots if s.tensor not in expected]
             if extra:
                 raise FusionError(
                     f"attention {name!r}: its q/k/v channels are coupled to {extra[0]!r}; not supported"
                 )
-        heads, hd = module.num_heads, module.head_dim
         dim = heads * hd
-        h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(3), indexing="ij")
-        qkv_pos = r * dim + h * hd + j  # [heads, head_dim, 3]: rows of q, k and v of one head
-        slots = [Slot(qkv_w, 0, OUT, "linear", True, f"{name}.qkv", qkv_pos)]
-        if module.qkv.bias is not None:
-            slots.append(Slot(f"{name}.qkv.bias", 0, OUT, "linear", False, f"{name}.qkv", qkv_pos))
-        slots.append(Slot(proj_w, 1, IN, "linear", True, f"{name}.proj", (h * hd + j)[:, :, :1]))
+        slots = []
+        for attr, n in producers:
+            h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(n), indexing="ij")
+            pos = (
+                r * dim + h * hd + j
+            )  # [heads, head_dim, n]: the rows of one head in each of q, k, v made here
+            layer = getattr(module, attr)
+            slots.append(Slot(f"{name}.{attr}.weight", 0, OUT, "linear", True, f"{name}.{attr}", pos))
+            if layer.bias is not None:
+                slots.append(Slot(f"{name}.{attr}.bias", 0, OUT, "linear", False, f"{name}.{attr}", pos))
+        h, j = torch.meshgrid(torch.arange(heads), torch.arange(hd), indexing="ij")
+        slots.append(Slot(proj_w, 1, IN, "linear", True, f"{name}.proj", (h * hd + j)[:, :, None]))
+        for tensor, d in per_head:
+            slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
-        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+        groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
 
 

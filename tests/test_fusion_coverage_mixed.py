@@ -161,3 +161,147 @@ def test_group_norm_over_blocks_without_affine_is_refused():
     model = GNNet(1, 4, affine=False).eval()
     with pytest.raises(fusion.FusionError, match=r"GroupNorm 'n2' has 4 groups and no affine"):
         fusion.channel_groups(model, x)
+
+
+# ---------------------------------------------------------------------------- attention layouts
+def _attention(kind: str, dim: int, heads: int) -> nn.Module:
+    from timm.models import pvt_v2, swin_transformer, xcit
+
+    if kind == "swin":  # fused qkv, no head_dim attribute, a relative position bias table [positions, heads]
+        return swin_transformer.WindowAttention(dim, heads, window_size=4)
+    if kind == "xca":  # attention across the channels of a head, a temperature per head
+        return xcit.XCA(dim, heads, qkv_bias=True)
+    if kind == "pvt":  # q and kv Linears
+        return pvt_v2.Attention(dim, heads)
+    return xcit.ClassAttn(dim, heads, qkv_bias=True)  # q, k and v Linears
+
+
+class AttnNet(nn.Module):
+    """tokens -> embed -> attention (+ skip) -> mean over tokens -> classifier (no norm across channels)."""
+
+    def __init__(self, kind: str, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.kind = kind
+        self.embed, self.attn, self.fc = nn.Linear(8, dim), _attention(kind, dim, heads), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        if self.kind == "pvt":
+            y = self.attn(x, (4, 4))
+        elif self.kind == "cls":
+            y = torch.cat([self.attn(x), x[:, 1:]], dim=1)
+        else:
+            y = self.attn(x)
+        return self.fc((x + y).mean(1))
+
+
+def _attn_member(kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = AttnNet(kind).eval()
+    with torch.no_grad():  # per-head parameters that differ between heads (fresh ones are constant or tiny)
+        for name, p in model.named_parameters():
+            if name.endswith(("relative_position_bias_table", "temperature")):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls"])
+def test_attention_layouts_move_whole_heads(kind):
+    x = torch.randn(2, 16, 8)
+    members = [_attn_member(kind, seed) for seed in range(2)]
+    graph = fusion.channel_groups(members[0], x)  # the float64 self-check passes
+    heads = [g for g in graph.groups if g.unit_kind == "head"]
+    assert len(heads) == 1 and heads[0].n_units == 4
+    per_head = {s.tensor for s in heads[0].slots if s.kind == "param"}
+    assert per_head == {
+        "swin": {"attn.relative_position_bias_table"},
+        "xca": {"attn.temperature"},
+    }.get(kind, set())
+    # NT at sparsity 0 is the ensemble: 8 heads, each as wide as before
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert wide.attn.num_heads == 8
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = AttnNet(kind)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert fused.attn.num_heads == 4 and fresh.eval()(x).shape == (2, 5)
+
+
+def test_attention_heads_are_units_not_channels():
+    """Moving single q/k/v channels across heads changes the function: the self-check must see it."""
+    x = torch.randn(2, 16, 8)
+    model = _attn_member("swin", 0)
+    graph = fusion.channel_groups(model, x)
+    gi = next(i for i, g in enumerate(graph.groups) if g.unit_kind == "head")
+    g = graph.groups[gi]
+    # split heads into channels: each channel its own unit (what torch-pruning's grouping would allow)
+    from fusion.groups import ChannelGraph, ChannelGroup, Slot
+
+    chans = []
+    for s in g.slots:
+        if s.kind == "param":
+            continue
+        pos = s.positions.reshape(-1, 1, s.positions.shape[2])
+        chans.append(Slot(s.tensor, s.dim, s.role, s.kind, s.is_weight, s.layer, pos))
+    broken = ChannelGraph(
+        groups=[*graph.groups[:gi], ChannelGroup(g.name, 16, chans), *graph.groups[gi + 1 :]],
+        output_layers=graph.output_layers,
+        shapes=graph.shapes,
+    )
+    with pytest.raises(fusion.FusionError, match="not traced completely"):
+        verify_permutation_invariance(model, broken, x)
+
+
+# ---------------------------------------------------------------------------- element-wise pairs (gated MLPs)
+class GluNet(nn.Module):
+    """embed -> timm GluMlp (fc1 -> chunk(2) -> a * sigmoid(b) -> fc2) + skip -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import GluMlp
+
+        self.embed, self.mlp, self.fc = nn.Linear(8, 12), GluMlp(12, 32), nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc(x + self.mlp(x))
+
+
+def test_gated_mlp_halves_move_as_pairs():
+    x = torch.randn(2, 6, 8)
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(GluNet().eval())
+    graph = fusion.channel_groups(members[0], x)  # the float64 self-check passes
+    pairs = [g for g in graph.groups if g.unit_kind == "coupled channels"]
+    assert len(pairs) == 1 and pairs[0].n_units == 16
+    fc1 = next(s for s in pairs[0].slots if s.tensor == "mlp.fc1.weight")
+    assert fc1.positions[3].tolist() == [[3, 19]]  # channel 3 of the first half with channel 3 of the second
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = GluNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert fresh.eval()(x).shape == (2, 6, 5)
+
+
+def test_pairs_over_parts_of_fixed_sizes_are_refused():
+    """fc1 (4 rows) -> split into fixed parts g = rows 0-1, i = row 2, c = row 3 -> g * cat(i, c * scale): the
+    pairs (0, 2) and (1, 3) meet, but only the second reaches ``scale``. Selecting pairs would change the parts'
+    sizes, so the group is refused. (torch-pruning 1.6.1 maps such a split -> concat wrongly, which is refused
+    earlier; the pairing is checked here on the slots it would get.)"""
+    from fusion.layers import OUT, SlotSpec
+    from fusion.trace import _coupled_units
+
+    fc1 = SlotSpec("fc1.weight", 0, OUT, "linear", True)
+    scale = SlotSpec("scale", 0, OUT, "param", True)
+    slots = [
+        (fc1, "fc1", torch.tensor([[0], [1], [2], [3]])),
+        (scale, "scale", torch.tensor([[-1], [-1], [-1], [0]])),
+    ]
+    with pytest.raises(fusion.FusionError, match=r"'scale' is reached by some of the coupled units only"):
+        _coupled_units("fc1", 4, slots, [], [(0, 2), (1, 3)])
+    # uniform pairs are units of two channels along the repeat axis
+    group = _coupled_units("fc1", 4, slots[:1], [], [(0, 2), (1, 3)])
+    assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
