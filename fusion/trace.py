@@ -24,7 +24,7 @@ import torch_pruning as tp
 
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
-from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, item_slots
+from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
@@ -212,7 +212,12 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(skeleton, example_inputs=meta_inputs, verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                skeleton,
+                example_inputs=meta_inputs,
+                verbose=False,
+                customized_pruners=customized_pruners(skeleton),
+            )
         except FusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - turn tracer failures into a clear refusal

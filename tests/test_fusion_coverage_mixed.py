@@ -305,3 +305,77 @@ def test_pairs_over_parts_of_fixed_sizes_are_refused():
     # uniform pairs are units of two channels along the repeat axis
     group = _coupled_units("fc1", 4, slots[:1], [], [(0, 2), (1, 3)])
     assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
+
+
+# ---------------------------------------------------------------------------- per-channel buffers and params
+class BlurNet(nn.Module):
+    """conv -> timm BlurPool2d (a fixed [C, 1, 3, 3] filter applied with groups=C, densenetblur / tresnet)
+    -> conv -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BlurPool2d
+
+        self.c1, self.aa = nn.Conv2d(3, 8, 3, padding=1), BlurPool2d(8, filt_size=3, stride=2)
+        self.c2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(self.aa(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+def test_blur_pool_filter_follows_its_channels():
+    x = torch.randn(2, 3, 16, 16)
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(BlurNet().eval())
+    graph = fusion.channel_groups(members[0], x)
+    c1 = next(g for g in graph.groups if "c1" in g.layers)
+    assert "aa.filt" in {s.tensor for s in c1.slots}
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert wide.aa.channels == 16 and wide.aa.filt.shape == (16, 1, 3, 3)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = BlurNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+
+
+class StdConvNet(nn.Module):
+    """timm ScaledStdConv2d (NFNet): a per-output-channel ``gain`` of shape [out, 1, 1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+
+        self.c1, self.c2, self.fc = (
+            ScaledStdConv2d(3, 8, 3, padding=1),
+            ScaledStdConv2d(8, 8, 3, padding=1),
+            nn.Linear(8, 5),
+        )
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_scaled_std_conv_gain_is_per_output_channel():
+    x = torch.randn(2, 3, 16, 16)
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = StdConvNet().eval()
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("gain"):
+                    p.copy_(torch.rand_like(p) + 0.5)
+        members.append(m)
+    graph = fusion.channel_groups(members[0], x)  # a gain left in place would fail the float64 self-check
+    c1 = next(g for g in graph.groups if "c1" in g.layers and "c2" in g.layers)
+    assert "c1.gain" in {s.tensor for s in c1.slots}
+    # weight standardization is over each output channel's inputs: a concatenation changes those statistics
+    # (as LayerNorm does), so NT at sparsity 0 is not the ensemble; the fused models load and run
+    assert fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0).c1.gain.shape == (16, 1, 1, 1)
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = StdConvNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
