@@ -608,28 +608,43 @@ def _merge_units(raw) -> list[ChannelGroup]:
 _QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)))
 
 
+def _pointwise(m) -> tuple[int, int] | None:
+    """``(in, out)`` channels of a Linear or of a 1x1, ungrouped convolution (a Linear over channels), else None."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and not m.transposed
+        and m.groups == 1
+        and all(k == 1 for k in m.kernel_size)
+    ):
+        return m.in_channels, m.out_channels
+    return None
+
+
 def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int], ...]] | None:
     """``(num_heads, head_dim, producers)`` of a timm-style self-attention, or None.
 
-    Such a module has Linears making q, k and v (``producers``: see ``_QKV_LAYOUTS``), each ``num_heads``
-    heads of ``head_dim`` consecutive rows, a ``proj`` Linear reading the heads' outputs, and ``num_heads``;
-    ``head_dim`` is read when the module keeps it and inferred otherwise (Swin's window attention, XCiT's
-    and EdgeNeXt's cross-covariance attention, DaViT's channel attention, VOLO keep only ``num_heads``).
+    Such a module has Linears (or 1x1 convolutions, as in Visformer) making q, k and v (``producers``: see
+    ``_QKV_LAYOUTS``), each ``num_heads`` heads of ``head_dim`` consecutive rows, a ``proj`` reading the heads'
+    outputs, and ``num_heads``; ``head_dim`` is read when the module keeps it and inferred otherwise (Swin's
+    window attention, XCiT's and EdgeNeXt's cross-covariance attention, DaViT's channel attention, VOLO keep
+    only ``num_heads``).
     """
-    proj, heads = getattr(module, "proj", None), getattr(module, "num_heads", None)
-    if not (isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+    proj, heads = _pointwise(getattr(module, "proj", None)), getattr(module, "num_heads", None)
+    if proj is None or not isinstance(heads, int) or heads <= 0:
         return None
     for producers in _QKV_LAYOUTS:
-        layers = [getattr(module, attr, None) for attr, _ in producers]
-        if not all(isinstance(m, nn.Linear) for m in layers):
+        layers = [_pointwise(getattr(module, attr, None)) for attr, _ in producers]
+        if any(m is None for m in layers):
             continue
-        dim = proj.in_features
+        dim = proj[0]
         head_dim = getattr(module, "head_dim", None)
         if not isinstance(head_dim, int):
             if dim % heads:
                 return None
             head_dim = dim // heads
-        if dim != heads * head_dim or any(m.out_features != n * dim for m, (_, n) in zip(layers, producers)):
+        if dim != heads * head_dim or any(m[1] != n * dim for m, (_, n) in zip(layers, producers)):
             return None
         return heads, head_dim, producers
     return None
@@ -706,11 +721,13 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
                 r * dim + h * hd + j
             )  # [heads, head_dim, n]: the rows of one head in each of q, k, v made here
             layer = getattr(module, attr)
-            slots.append(Slot(f"{name}.{attr}.weight", 0, OUT, "linear", True, f"{name}.{attr}", pos))
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            slots.append(Slot(f"{name}.{attr}.weight", 0, OUT, kind, True, f"{name}.{attr}", pos))
             if layer.bias is not None:
-                slots.append(Slot(f"{name}.{attr}.bias", 0, OUT, "linear", False, f"{name}.{attr}", pos))
+                slots.append(Slot(f"{name}.{attr}.bias", 0, OUT, kind, False, f"{name}.{attr}", pos))
         h, j = torch.meshgrid(torch.arange(heads), torch.arange(hd), indexing="ij")
-        slots.append(Slot(proj_w, 1, IN, "linear", True, f"{name}.proj", (h * hd + j)[:, :, None]))
+        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", (h * hd + j)[:, :, None]))
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]

@@ -173,6 +173,10 @@ def _attention(kind: str, dim: int, heads: int) -> nn.Module:
         return xcit.XCA(dim, heads, qkv_bias=True)
     if kind == "pvt":  # q and kv Linears
         return pvt_v2.Attention(dim, heads)
+    if kind == "conv":  # qkv and proj as 1x1 convolutions (Visformer)
+        from timm.models import visformer
+
+        return visformer.Attention(dim, heads)
     return xcit.ClassAttn(dim, heads, qkv_bias=True)  # q, k and v Linears
 
 
@@ -190,6 +194,8 @@ class AttnNet(nn.Module):
             y = self.attn(x, (4, 4))
         elif self.kind == "cls":
             y = torch.cat([self.attn(x), x[:, 1:]], dim=1)
+        elif self.kind == "conv":  # tokens as a 4x4 map
+            y = self.attn(x.transpose(1, 2).reshape(x.shape[0], -1, 4, 4)).flatten(2).transpose(1, 2)
         else:
             y = self.attn(x)
         return self.fc((x + y).mean(1))
@@ -205,7 +211,7 @@ def _attn_member(kind: str, seed: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls"])
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv"])
 def test_attention_layouts_move_whole_heads(kind):
     x = torch.randn(2, 16, 8)
     members = [_attn_member(kind, seed) for seed in range(2)]
