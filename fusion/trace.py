@@ -308,17 +308,16 @@ def _elementwise_meetings(mixed, module_names: dict, root_name: str) -> list[tup
     coupled, and moving them together is a symmetry. Any other meeting (a 1-D convolution across channels as
     in ECA, a reshape) mixes channels with their neighbours and is refused by name.
     """
-    pairs = []
-    for node, a, b in mixed:
-        if not isinstance(node.module, tp.ops._ElementWiseOp):
-            where = module_names.get(node.module) or type(node.module).__name__
-            raise FusionError(
-                f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
-                "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
-                "ECA): permuting channels changes the function; fusion refused"
-            )
-        pairs.append((int(a), int(b)))
-    return pairs
+    other = [node for node, _, _ in mixed if not isinstance(node.module, tp.ops._ElementWiseOp)]
+    if other:
+        named = [module_names[n.module] for n in other if n.module in module_names]
+        where = named[0] if named else type(other[0].module).__name__  # a model layer names it best
+        raise FusionError(
+            f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
+            "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
+            "ECA): permuting channels changes the function; fusion refused"
+        )
+    return [(int(a), int(b)) for _, a, b in mixed]
 
 
 def _coupled_units(root_name: str, n_root: int, slots, links, pairs) -> ChannelGroup:
