@@ -654,13 +654,17 @@ def _is_attention(module: nn.Module) -> bool:
     return attention_layout(module) is not None
 
 
-def _per_head_params(module: nn.Module, name: str, heads: int) -> list[tuple[str, int]]:
-    """The attention module's own parameters indexed by head (Swin's relative position bias table
-    ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``): ``(tensor name, head dimension)``. They
-    move with the heads; a parameter with no dimension of ``heads`` is not per head and is left alone (the
-    self-check verifies that), one with several is refused as ambiguous."""
+def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> list[tuple[str, int]]:
+    """The attention module's other parameters indexed by head: its own (Swin's relative position bias table
+    ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``) and those of its other submodules (the
+    last layer of SwinV2's continuous position bias MLP makes one bias per head): ``(tensor name, head
+    dimension)``. They move with the heads. A parameter with no dimension of ``heads`` is not per head and is
+    left alone, one with several is refused as ambiguous; the self-check verifies the rest."""
+    skip = {attr for attr, _ in producers} | {"proj", "q_norm", "k_norm"}
     out = []
-    for pname, p in module.named_parameters(recurse=False):
+    for pname, p in module.named_parameters():
+        if pname.split(".", 1)[0] in skip:
+            continue
         dims = [d for d, n in enumerate(p.shape) if n == heads]
         if len(dims) > 1:
             raise FusionError(
@@ -693,17 +697,18 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
                 f"attention {name!r} normalizes q/k per head (qk_norm); fusion does not support it"
             )
         heads, hd, producers = layout
-        per_head = _per_head_params(module, name, heads)
+        per_head = _per_head_params(module, name, heads, producers)
         proj_w = f"{name}.proj.weight"
         rows = {f"{name}.{attr}.{t}" for attr, _ in producers for t in ("weight", "bias")}
         per_head_names = {t for t, _ in per_head}
+        per_head_dims = set(per_head)
         hits = [
             gi
             for gi, g in enumerate(groups)
             for s in g.slots
             if (s.tensor in rows and s.dim == 0)
             or (s.tensor == proj_w and s.dim == 1)
-            or s.tensor in per_head_names
+            or (s.tensor, s.dim) in per_head_dims
         ]
         expected = rows | {proj_w} | per_head_names
         for gi in set(hits):

@@ -173,6 +173,12 @@ def _attention(kind: str, dim: int, heads: int) -> nn.Module:
         return xcit.XCA(dim, heads, qkv_bias=True)
     if kind == "pvt":  # q and kv Linears
         return pvt_v2.Attention(dim, heads)
+    if (
+        kind == "swinv2"
+    ):  # a per-head logit scale and a position-bias MLP whose last layer makes one row per head
+        from timm.models import swin_transformer_v2_cr
+
+        return swin_transformer_v2_cr.WindowMultiHeadAttention(dim, heads, (4, 4), meta_hidden_dim=12)
     if kind == "conv":  # qkv and proj as 1x1 convolutions (Visformer)
         from timm.models import visformer
 
@@ -206,12 +212,14 @@ def _attn_member(kind: str, seed: int) -> nn.Module:
     model = AttnNet(kind).eval()
     with torch.no_grad():  # per-head parameters that differ between heads (fresh ones are constant or tiny)
         for name, p in model.named_parameters():
-            if name.endswith(("relative_position_bias_table", "temperature")):
+            if name.endswith(
+                ("relative_position_bias_table", "temperature", "logit_scale", "meta_mlp.fc2.bias")
+            ):
                 p.copy_(torch.randn_like(p))
     return model
 
 
-@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv"])
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2"])
 def test_attention_layouts_move_whole_heads(kind):
     x = torch.randn(2, 16, 8)
     members = [_attn_member(kind, seed) for seed in range(2)]
@@ -222,6 +230,7 @@ def test_attention_layouts_move_whole_heads(kind):
     assert per_head == {
         "swin": {"attn.relative_position_bias_table"},
         "xca": {"attn.temperature"},
+        "swinv2": {"attn.logit_scale", "attn.meta_mlp.fc2.weight", "attn.meta_mlp.fc2.bias"},
     }.get(kind, set())
     # NT at sparsity 0 is the ensemble: 8 heads, each as wide as before
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
