@@ -262,15 +262,11 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
     }
-    paired = []  # groups whose root channels meet element-wise in pairs (gated MLPs): units of coupled channels
+    paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
-        meetings = (
-            _elementwise_meetings(mixed, module_names, root_name)
-            if mixed and root_name not in attention
-            else None
-        )
+        meetings = _meetings(mixed, module_names, root_name) if mixed and root_name not in attention else None
         slots, links = [], []
         for item in items:
             target = item.dep.target
@@ -289,7 +285,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
                 links.append((link, by_root[:, 0]))
         if meetings is not None:
-            paired.append(_coupled_units(root_name, n_root, slots, links, meetings))
+            paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
         elif slots or links:
             raw.append((root_name, n_root, slots, links))
 
@@ -300,39 +296,32 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     return graph
 
 
-def _elementwise_meetings(mixed, module_names: dict, root_name: str) -> list[tuple[int, int]]:
-    """The pairs of root channels of one group that meet, when they all meet in element-wise operations.
+def _meetings(mixed, module_names: dict, root_name: str) -> tuple[list[tuple[int, int]], str]:
+    """The pairs of root channels of one group that meet, and the refusal to give if they do not form units
+    (see :func:`_coupled_units`): it names where they meet, a model layer when one is among the nodes."""
+    named = [module_names[n.module] for n, _, _ in mixed if n.module in module_names]
+    where = named[0] if named else type(mixed[0][0].module).__name__
+    refusal = (
+        f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an operation "
+        "across the channel axis, e.g. a reshape into a 1-D convolution over channels as in ECA): permuting "
+        "channels changes the function; fusion refused"
+    )
+    return [(int(a), int(b)) for _, a, b in mixed], refusal
 
-    A gated MLP (timm's GluMlp / SwiGLU-style ``fc1`` whose output is chunked into two halves that multiply,
-    MambaOut's gated convolution) multiplies channel i of one part with channel i of another: the two are
-    coupled, and moving them together is a symmetry. Any other meeting (a 1-D convolution across channels as
-    in ECA, a reshape) mixes channels with their neighbours and is refused by name.
+
+def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: str = "") -> ChannelGroup:
+    """One group whose units are the root channels that meet (connected components of ``pairs``), each unit's
+    channels in root order along the repeat axis of every slot.
+
+    Accepted only when the channel axis is k equal parts whose i-th channels meet, i.e. unit i is the roots
+    ``i, i + U, ..., i + (k-1) U`` for U >= 2 units: a gated MLP (timm's GluMlp: fc1 -> chunk(2) -> a * b,
+    unit i = rows (i, H + i)), a softmax over the k paths of selective-kernel / split attention (a view
+    ``(B, k, C)``). The repeat axis keeps that layout when units are selected: a new model's rows are the kept
+    units' first parts, then their second parts..., so its chunk or view still pairs them. Any other pattern
+    (ECA's 1-D convolution across channels joins every channel into one unit) is refused with ``refusal``.
+    Every unit must also have the same shape in every tensor (be reached at the same repeats): otherwise the
+    parts have fixed sizes (a split into unequal parts) that selecting units would break; refused by name.
     """
-    other = [node for node, _, _ in mixed if not isinstance(node.module, tp.ops._ElementWiseOp)]
-    if other:
-        named = [module_names[n.module] for n in other if n.module in module_names]
-        where = named[0] if named else type(other[0].module).__name__  # a model layer names it best
-        raise FusionError(
-            f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
-            "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
-            "ECA): permuting channels changes the function; fusion refused"
-        )
-    return [(int(a), int(b)) for _, a, b in mixed]
-
-
-def _coupled_units(root_name: str, n_root: int, slots, links, pairs) -> ChannelGroup:
-    """One group whose units are the root channels coupled by element-wise meetings (connected components of
-    ``pairs``), each unit's channels in root order along the repeat axis of every slot.
-
-    The repeat axis keeps the model's layout when units are selected: for fc1 -> chunk(2) -> a * b, unit i
-    is rows (i, H + i), and a new model's rows are the kept units' first halves, then their second halves, so
-    its chunk still pairs them. This is only sound when every unit has the same shape in every tensor (each
-    unit is reached at the same repeats): otherwise the parts have fixed sizes (a split into unequal parts)
-    that selecting units would break, and the group is refused by name.
-    """
-    where = f"the channels of the group rooted at {root_name!r} meet in pairs in element-wise operations"
-    if links:
-        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
     parent = list(range(n_root))
 
     def find(x):
@@ -347,14 +336,21 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs) -> ChannelG
     for r in range(n_root):
         comps.setdefault(find(r), []).append(r)
     units = sorted(comps.values())
-    k = len(units[0])
-    if any(len(u) != k for u in units):
-        raise FusionError(f"{where}, in units of different sizes; fusion refused")
-    roots = torch.tensor(units)  # [n_units, k], each unit's roots ascending
+    n_units, k = len(units), len(units[0])
+    roots = (
+        torch.arange(n_root).reshape(k, n_units).T if n_root % n_units == 0 else None
+    )  # [U, k] strided parts
+    if n_units < 2 or roots is None or units != roots.tolist():
+        raise FusionError(
+            refusal or f"the channels of the group rooted at {root_name!r} meet; fusion refused"
+        )
+    where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
+    if links:
+        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
     out = []
     for spec, name, by_root in slots:
         pos = by_root[roots]  # [n_units, k, R]
-        pos = pos.reshape(len(units), 1, -1)
+        pos = pos.reshape(n_units, 1, -1)
         valid = pos >= 0
         if not torch.equal(valid, valid[:1].expand_as(valid)):
             raise FusionError(
@@ -362,7 +358,7 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs) -> ChannelG
                 "sizes): selecting units would change those sizes; fusion refused"
             )
         out.append(_slot(spec, name, pos))
-    return ChannelGroup(root_name, len(units), out, unit_kind="coupled channels")
+    return ChannelGroup(root_name, n_units, out, unit_kind="coupled channels")
 
 
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)

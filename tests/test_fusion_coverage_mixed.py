@@ -301,11 +301,12 @@ def test_gated_mlp_halves_move_as_pairs():
     assert fresh.eval()(x).shape == (2, 6, 5)
 
 
-def test_pairs_over_parts_of_fixed_sizes_are_refused():
+def test_coupled_units_only_over_equal_parts():
     """fc1 (4 rows) -> split into fixed parts g = rows 0-1, i = row 2, c = row 3 -> g * cat(i, c * scale): the
     pairs (0, 2) and (1, 3) meet, but only the second reaches ``scale``. Selecting pairs would change the parts'
     sizes, so the group is refused. (torch-pruning 1.6.1 maps such a split -> concat wrongly, which is refused
-    earlier; the pairing is checked here on the slots it would get.)"""
+    earlier; the pairing is checked here on the slots it would get.) Meetings that are not k equal parts
+    (neighbours, as ECA's convolution across channels makes) are refused with the caller's reason."""
     from fusion.layers import OUT, SlotSpec
     from fusion.trace import _coupled_units
 
@@ -320,6 +321,9 @@ def test_pairs_over_parts_of_fixed_sizes_are_refused():
     # uniform pairs are units of two channels along the repeat axis
     group = _coupled_units("fc1", 4, slots[:1], [], [(0, 2), (1, 3)])
     assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
+    for pairs in ([(0, 1), (2, 3)], [(0, 1), (1, 2), (2, 3)], [(0, 2)]):  # neighbours, a chain, a lone pair
+        with pytest.raises(fusion.FusionError, match="mixed here"):
+            _coupled_units("fc1", 4, slots[:1], [], pairs, "mixed here")
 
 
 # ---------------------------------------------------------------------------- per-channel buffers and params
