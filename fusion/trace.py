@@ -822,21 +822,31 @@ def _all_float64(out) -> bool:
     return all(d == torch.float64 for d in found)
 
 
+def _to_float64(state: dict, consume: bool = False) -> dict:
+    """``state`` with its float tensors in float64; with ``consume`` the input dict is emptied as it goes, so a
+    state assembled for the check is never held in both precisions at once."""
+    out = {}
+    for name in list(state):
+        t = state.pop(name) if consume else state[name]
+        out[name] = t.double() if t.is_floating_point() else t
+    return out
+
+
 def _float64_reference(model: nn.Module, state: dict, inputs):
-    """``(skeleton, state, inputs, reference outputs)`` in float64, or a reason why the model cannot run in it."""
+    """``(skeleton, inputs, reference outputs)`` in float64, or a reason why the model cannot run in it. The
+    float64 copy of the state lives only during this forward."""
     if not state or not any(t.is_floating_point() for t in state.values()):
         return None, "the model has no float tensors"
     skeleton = meta_copy(model).eval()
     _float64_attributes(skeleton)
-    state64 = {n: t.double() if t.is_floating_point() else t for n, t in state.items()}
     inputs64 = map_inputs(inputs, lambda t: t.double() if t.is_floating_point() else t)
     try:
-        reference = _outputs(skeleton, state64, inputs64)
+        reference = _outputs(skeleton, _to_float64(state), inputs64)
     except Exception as exc:  # noqa: BLE001 - e.g. a layer that casts to float32 inside its forward
         return None, f"it fails in float64 ({type(exc).__name__}: {str(exc)[:120]})"
     if not _all_float64(reference):
         return None, "its outputs are not float64 when its state and inputs are (it casts inside its forward)"
-    return (skeleton, state64, inputs64, reference), None
+    return (skeleton, inputs64, reference), None
 
 
 def verify_permutation_invariance(
@@ -845,18 +855,22 @@ def verify_permutation_invariance(
     """Refuse a trace under which a random permutation of the groups changes the model's function.
 
     The check runs in float64 with a relative tolerance of :data:`TOL_FLOAT64` (state, plain tensor
-    attributes and inputs cast), so that a coupling with a small effect is not hidden by float32 rounding. A
-    model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the reason is
-    kept on the graph as ``graph.check_precision``.
+    attributes and inputs cast; a float32 value is exact in float64, so a permuted state is assembled in the
+    model's precision and then cast), so that a coupling with a small effect is not hidden by float32
+    rounding. A model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the
+    reason is kept on the graph as ``graph.check_precision``.
     """
     state = full_state(model)
     device = next(iter(state.values())).device if state else torch.device("cpu")
     inputs = map_inputs(example_inputs, lambda t: t.to(device))
     ready, why = _float64_reference(model, state, inputs)
     if ready is not None:
-        skeleton, state, inputs, reference = ready
+        skeleton, inputs, reference = ready
         tol, floor = TOL_FLOAT64, 0.0  # relative to the output's own scale, however small
         graph.check_precision = "float64"
+
+        def run(selection):
+            return _outputs(skeleton, _to_float64(graph.assemble([state], selection), consume=True), inputs)
     else:
         skeleton = meta_copy(model).eval()
         try:
@@ -865,16 +879,20 @@ def verify_permutation_invariance(
             raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
         tol, floor = TOL_FLOAT32, 1.0
         graph.check_precision = f"model precision, tolerance {tol:g}: {why}"
+
+        def run(selection):
+            return _outputs(skeleton, graph.assemble([state], selection), inputs)
+
     gen = torch.Generator().manual_seed(seed)
     permuted = graph.random_permutation(gen)
-    if _close(reference, _outputs(skeleton, graph.assemble([state], permuted), inputs), tol, floor):
+    if _close(reference, run(permuted), tol, floor):
         return
     # find the culprit: permute one group at a time
     identity = graph.identity_selection()
     for gi, g in enumerate(graph.groups):
         sel = list(identity)
         sel[gi] = permuted[gi]
-        if not _close(reference, _outputs(skeleton, graph.assemble([state], sel), inputs), tol, floor):
+        if not _close(reference, run(sel), tol, floor):
             raise FusionError(
                 f"channel group rooted at {g.name!r} (layers {', '.join(g.layers)}) is not traced completely: "
                 "permuting it changes the model's output, so some layer coupled to it was missed; fusion refused"
