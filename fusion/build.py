@@ -12,7 +12,15 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .layers import resize_module
-from .trace import _fingerprint, attribute_memo, call, check_kernels, full_state, map_inputs
+from .trace import (
+    _fingerprint,
+    attention_layout,
+    attribute_memo,
+    call,
+    check_kernels,
+    full_state,
+    map_inputs,
+)
 
 
 def _fix_attention(model: nn.Module) -> None:
@@ -29,6 +37,17 @@ def _fix_attention(model: nn.Module) -> None:
                 module.attn_dim = module.num_heads * head_dim
 
 
+def _head_widths(template: nn.Module) -> dict[str, int]:
+    """Head width of every attention fusion traces by heads (see ``trace.attention_layout``), read from the
+    template before its tensors are replaced: the fused model keeps the width, its head count follows."""
+    widths = {}
+    for name, module in template.named_modules():
+        layout = attention_layout(module)
+        if layout is not None:
+            widths[name] = layout[1]
+    return widths
+
+
 # functions fn(model) that fix module attributes beyond the per-layer ones
 ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
 
@@ -41,9 +60,14 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     for name, b in template.named_buffers():
         if b is not None:
             memo[id(b)] = state[name]
+    widths = _head_widths(template)
     model = copy.deepcopy(template, memo)
     for name, module in model.named_modules():
         resize_module(module, name)
+        if name in widths:  # the fused projection reads the kept heads, each as wide as before
+            module.num_heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
+            if isinstance(getattr(module, "attn_dim", None), int):
+                module.attn_dim = module.num_heads * widths[name]
     for fix in ATTRIBUTE_FIXERS:
         fix(model)
     return model.eval()

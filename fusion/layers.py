@@ -65,6 +65,12 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
         dim = pruning_dim if pruning_dim >= 0 else module.dim() + pruning_dim
         return [SlotSpec(name, dim, OUT, "param", True)], None
 
+    if isinstance(module, nn.GroupNorm):
+        return _group_norm_slots(module, name, prefix)
+
+    if isinstance(pruner, ChannelwisePruner):
+        return pruner.slots(module, prefix), None
+
     if not isinstance(module, nn.Module) or (
         not list(module.parameters(recurse=False)) and not list(module.buffers(recurse=False))
     ):
@@ -79,7 +85,7 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
         slots = [SlotSpec(prefix + "weight", 0, OUT, "conv", True)]
         if module.bias is not None:
             slots.append(SlotSpec(prefix + "bias", 0, OUT, "conv", False))
-        return slots, None
+        return slots + _per_out_channel_params(module, name, prefix), None
 
     if isinstance(pruner, tpf.ConvPruner) and isinstance(module, nn.modules.conv._ConvNd):
         wdim_out, wdim_in = (1, 0) if module.transposed else (0, 1)
@@ -87,6 +93,7 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
             slots = [SlotSpec(prefix + "weight", wdim_out, OUT, "conv", True)]
             if module.bias is not None:
                 slots.append(SlotSpec(prefix + "bias", 0, OUT, "conv", False))
+            slots += _per_out_channel_params(module, name, prefix)
             link = None
             if module.groups > 1:
                 link = GroupedConvLink(name, OUT, module.groups, module.out_channels // module.groups)
@@ -143,6 +150,85 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
     )
 
 
+def _per_out_channel_params(module: nn.Module, name: str, prefix: str) -> list[SlotSpec]:
+    """A convolution's parameters besides weight and bias, which torch-pruning does not know: one value per
+    output channel (timm's ScaledStdConv2d ``gain`` of shape [out, 1, 1, 1]) moves with the output channels;
+    any other shape is refused by name rather than averaged into a wrong model."""
+    out_ch = module.weight.shape[1] if getattr(module, "transposed", False) else module.weight.shape[0]
+    slots = []
+    for pname, p in module.named_parameters(recurse=False):
+        if pname in ("weight", "bias"):
+            continue
+        if p.dim() >= 1 and p.shape[0] == out_ch and p.numel() == out_ch:
+            slots.append(SlotSpec(prefix + pname, 0, OUT, "param", False))
+        elif p.numel() != 1:
+            raise FusionError(
+                f"convolution {name!r} ({type(module).__name__}) has a parameter {pname!r} of shape "
+                f"{tuple(p.shape)} that is neither per output channel nor a scalar; fusion refused"
+            )
+    return slots
+
+
+class ChannelwisePruner(tpf.BasePruningFunc):
+    """torch-pruning's view of a parameter-free, channel-wise module whose per-channel *buffers* it cannot see
+    (timm's BlurPool2d: a fixed blur filter ``filt`` of shape [C, 1, k, k] applied with ``groups=C``).
+    Registered as a customized pruner, the module is one node whose input and output channels are coupled
+    (``prune_in_channels`` is ``prune_out_channels``); :meth:`slots` names the buffers that move with them.
+    fusion never prunes through torch-pruning, so the pruning functions only record the coupling."""
+
+    # module type name -> (per-channel buffers along dim 0, the attribute holding the channel count)
+    KNOWN = {"BlurPool2d": (("filt",), "channels")}
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("fusion does not prune with torch-pruning")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module):
+        return getattr(layer, self.KNOWN[type(layer).__name__][1], None)
+
+    get_in_channels = get_out_channels
+
+    def slots(self, module: nn.Module, prefix: str) -> list[SlotSpec]:
+        buffers, attr = self.KNOWN[type(module).__name__]
+        if getattr(module, attr, None) is None:
+            return []  # a single filter expanded to the input's channels at run time: nothing per channel
+        return [SlotSpec(prefix + b, 0, OUT, "buffer", False) for b in buffers]
+
+
+def customized_pruners(model: nn.Module) -> dict:
+    """The customized pruners torch-pruning needs for ``model``'s channel-wise buffer modules (by type)."""
+    pruner = ChannelwisePruner()
+    return {type(m): pruner for m in model.modules() if type(m).__name__ in ChannelwisePruner.KNOWN}
+
+
+def _group_norm_slots(module: nn.GroupNorm, name: str, prefix: str):
+    """GroupNorm normalizes each of its ``num_groups`` blocks of consecutive channels by the block's own
+    statistics, then scales and shifts per channel.
+
+    * One group (timm's GroupNorm1, poolformer, GroupNormAct in ViT hybrids): the statistics are over all
+      channels, as in LayerNorm, so any permutation of the channels with their weight and bias is a symmetry.
+    * G > 1 groups: a permutation is a symmetry when it moves whole blocks (and channels within a block); the
+      blocks are linked like the blocks of a grouped convolution, so they move whole and a fused model keeps
+      the block size (``num_groups`` follows the channel count, see :func:`resize_module`). Without affine
+      parameters nothing records the new channel count, so that case is refused.
+    """
+    slots = [
+        SlotSpec(prefix + attr, 0, OUT, "ln", attr == "weight")
+        for attr in ("weight", "bias")
+        if getattr(module, attr, None) is not None
+    ]
+    if module.num_groups == 1:
+        return slots, None
+    if not slots:
+        raise FusionError(
+            f"GroupNorm {name!r} has {module.num_groups} groups and no affine parameters: a fused model could not "
+            "keep its group size; fusion refused"
+        )
+    block = module.num_channels // module.num_groups
+    return slots, GroupedConvLink(name, OUT, module.num_groups, block)
+
+
 def resize_module(module: nn.Module, name: str) -> None:
     """Make a module's shape attributes agree with its (possibly resized) tensors."""
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -168,6 +254,16 @@ def resize_module(module: nn.Module, name: str) -> None:
     elif isinstance(module, nn.LayerNorm):
         if module.weight is not None:
             module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            channels = module.weight.shape[0]
+            if module.num_groups > 1:  # the block size is kept (see _group_norm_slots)
+                module.num_groups = channels // (module.num_channels // module.num_groups)
+            module.num_channels = channels
+    elif type(module).__name__ in ChannelwisePruner.KNOWN:
+        buffers, attr = ChannelwisePruner.KNOWN[type(module).__name__]
+        if getattr(module, attr, None) is not None:
+            setattr(module, attr, getattr(module, buffers[0]).shape[0])
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):

@@ -7,7 +7,9 @@ missed a coupling would otherwise give a silently wrong model:
 
 1. every tensor dimension that any group touches is covered exactly once by the groups;
 2. permuting every group at random (through the same ``assemble`` that builds fused models) leaves the
-   model's outputs unchanged on the example inputs. If not, the group responsible is found and named.
+   model's outputs unchanged on the example inputs, in float64 to 1e-9 relative (a correct trace changes them
+   only by reassociation; a missed coupling with a small effect is not hidden by float32 rounding). If not,
+   the group responsible is found and named.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch_pruning as tp
 from . import trace_cache
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
-from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, item_slots
+from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
@@ -217,7 +219,12 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(skeleton, example_inputs=meta_inputs, verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                skeleton,
+                example_inputs=meta_inputs,
+                verbose=False,
+                customized_pruners=customized_pruners(skeleton),
+            )
         except FusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - turn tracer failures into a clear refusal
@@ -256,18 +263,17 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         ) from exc
 
     raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
-    attention = {f"{n}.qkv" for n, mod in skeleton.named_modules() if _is_attention(mod)}
+    attention = {
+        f"{n}.{attr}"
+        for n, mod in skeleton.named_modules()
+        if (layout := attention_layout(mod)) is not None
+        for attr, _ in layout[2]
+    }
+    paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
-        if mixed and root_name not in attention:
-            named = [module_names[n.module] for n in mixed if n.module in module_names]
-            where = named[0] if named else type(mixed[0].module).__name__
-            raise FusionError(
-                f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an "
-                "operation across the channel axis, e.g. a reshape into a 1-D convolution over channels as in "
-                "ECA): permuting channels changes the function; fusion refused"
-            )
+        meetings = _meetings(mixed, module_names, root_name) if mixed and root_name not in attention else None
         slots, links = [], []
         for item in items:
             target = item.dep.target
@@ -285,14 +291,81 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 if by_root.shape[1] != 1:
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
                 links.append((link, by_root[:, 0]))
-        if slots or links:
+        if meetings is not None:
+            paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
+        elif slots or links:
             raw.append((root_name, n_root, slots, links))
 
-    groups = _attention_heads(skeleton, _merge_units(raw))
+    groups = _attention_heads(skeleton, _merge_units(raw) + paired)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
     return graph
+
+
+def _meetings(mixed, module_names: dict, root_name: str) -> tuple[list[tuple[int, int]], str]:
+    """The pairs of root channels of one group that meet, and the refusal to give if they do not form units
+    (see :func:`_coupled_units`): it names where they meet, a model layer when one is among the nodes."""
+    named = [module_names[n.module] for n, _, _ in mixed if n.module in module_names]
+    where = named[0] if named else type(mixed[0][0].module).__name__
+    refusal = (
+        f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an operation "
+        "across the channel axis, e.g. a reshape into a 1-D convolution over channels as in ECA): permuting "
+        "channels changes the function; fusion refused"
+    )
+    return [(int(a), int(b)) for _, a, b in mixed], refusal
+
+
+def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: str = "") -> ChannelGroup:
+    """One group whose units are the root channels that meet (connected components of ``pairs``), each unit's
+    channels in root order along the repeat axis of every slot.
+
+    Accepted only when the channel axis is k equal parts whose i-th channels meet, i.e. unit i is the roots
+    ``i, i + U, ..., i + (k-1) U`` for U >= 2 units: a gated MLP (timm's GluMlp: fc1 -> chunk(2) -> a * b,
+    unit i = rows (i, H + i)), a softmax over the k paths of selective-kernel / split attention (a view
+    ``(B, k, C)``). The repeat axis keeps that layout when units are selected: a new model's rows are the kept
+    units' first parts, then their second parts..., so its chunk or view still pairs them. Any other pattern
+    (ECA's 1-D convolution across channels joins every channel into one unit) is refused with ``refusal``.
+    Every unit must also have the same shape in every tensor (be reached at the same repeats): otherwise the
+    parts have fixed sizes (a split into unequal parts) that selecting units would break; refused by name.
+    """
+    parent = list(range(n_root))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    comps: dict[int, list[int]] = {}
+    for r in range(n_root):
+        comps.setdefault(find(r), []).append(r)
+    units = sorted(comps.values())
+    n_units, k = len(units), len(units[0])
+    roots = (
+        torch.arange(n_root).reshape(k, n_units).T if n_root % n_units == 0 else None
+    )  # [U, k] strided parts
+    if n_units < 2 or roots is None or units != roots.tolist():
+        raise FusionError(
+            refusal or f"the channels of the group rooted at {root_name!r} meet; fusion refused"
+        )
+    where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
+    if links:
+        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
+    out = []
+    for spec, name, by_root in slots:
+        pos = by_root[roots]  # [n_units, k, R]
+        pos = pos.reshape(n_units, 1, -1)
+        valid = pos >= 0
+        if not torch.equal(valid, valid[:1].expand_as(valid)):
+            raise FusionError(
+                f"{where}, but {name!r} is reached by some of the coupled units only (a split into parts of fixed "
+                "sizes): selecting units would change those sizes; fusion refused"
+            )
+        out.append(_slot(spec, name, pos))
+    return ChannelGroup(root_name, n_units, out, unit_kind="coupled channels")
 
 
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)
@@ -322,7 +395,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
     visited once; index mappings are element-wise, so mapping only the new channels gives the same closure.
     Returns ``(items, mixed)``: unlike torch-pruning, which silently keeps the first root of a channel reached
     from two root channels, such a meeting is recorded in ``mixed`` (the nodes where it happens), and the
-    caller refuses the group by name."""
+    caller refuses the group by name unless the meetings are element-wise pairs (``(node, root a, root b)``)."""
     from torch_pruning import _helpers
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.pruner import function as tpf
@@ -375,7 +448,7 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
                     # two root channels meet in one channel: they are not independent (a reshape that moves the
                     # channel axis, e.g. ECA's 1-D convolution across channels). Not propagated further (that is
                     # what made torch-pruning's walk explode); refused by the caller with the node's name
-                    mixed.append(new_dep.target)
+                    mixed.append((new_dep.target, r, i.root_idx))
             if not fresh:
                 continue
             entry[2].extend(fresh)
@@ -531,28 +604,92 @@ def _merge_units(raw) -> list[ChannelGroup]:
     return groups
 
 
+# the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
+# + j for its r-th one): one fused qkv (ViT, Swin, XCiT), q and kv (PVT, Twins, VOLO's class attention), q, k and
+# v (XCiT's class attention)
+_QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)))
+
+
+def _pointwise(m) -> tuple[int, int] | None:
+    """``(in, out)`` channels of a Linear or of a 1x1, ungrouped convolution (a Linear over channels), else None."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and not m.transposed
+        and m.groups == 1
+        and all(k == 1 for k in m.kernel_size)
+    ):
+        return m.in_channels, m.out_channels
+    return None
+
+
+def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int], ...]] | None:
+    """``(num_heads, head_dim, producers)`` of a timm-style self-attention, or None.
+
+    Such a module has Linears (or 1x1 convolutions, as in Visformer) making q, k and v (``producers``: see
+    ``_QKV_LAYOUTS``), each ``num_heads`` heads of ``head_dim`` consecutive rows, a ``proj`` reading the heads'
+    outputs, and ``num_heads``; ``head_dim`` is read when the module keeps it and inferred otherwise (Swin's
+    window attention, XCiT's and EdgeNeXt's cross-covariance attention, DaViT's channel attention, VOLO keep
+    only ``num_heads``).
+    """
+    proj, heads = _pointwise(getattr(module, "proj", None)), getattr(module, "num_heads", None)
+    if proj is None or not isinstance(heads, int) or heads <= 0:
+        return None
+    for producers in _QKV_LAYOUTS:
+        layers = [_pointwise(getattr(module, attr, None)) for attr, _ in producers]
+        if any(m is None for m in layers):
+            continue
+        dim = proj[0]
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int):
+            if dim % heads:
+                return None
+            head_dim = dim // heads
+        if dim != heads * head_dim or any(m[1] != n * dim for m, (_, n) in zip(layers, producers)):
+            return None
+        return heads, head_dim, producers
+    return None
+
+
 def _is_attention(module: nn.Module) -> bool:
-    """timm-style self-attention: a fused ``qkv`` Linear, ``num_heads`` heads of ``head_dim``, a ``proj``."""
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    return (
-        isinstance(qkv, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and isinstance(heads, int)
-        and isinstance(head_dim, int)
-        and qkv.out_features == 3 * heads * head_dim
-        and proj.in_features == heads * head_dim
-    )
+    """timm-style self-attention (see :func:`attention_layout`)."""
+    return attention_layout(module) is not None
+
+
+def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> list[tuple[str, int]]:
+    """The attention module's other parameters indexed by head: its own (Swin's relative position bias table
+    ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``) and those of its other submodules (the
+    last layer of SwinV2's continuous position bias MLP makes one bias per head): ``(tensor name, head
+    dimension)``. They move with the heads. A parameter with no dimension of ``heads`` is not per head and is
+    left alone, one with several is refused as ambiguous; the self-check verifies the rest."""
+    skip = {attr for attr, _ in producers} | {"proj", "q_norm", "k_norm"}
+    out = []
+    for pname, p in module.named_parameters():
+        if pname.split(".", 1)[0] in skip:
+            continue
+        dims = [d for d, n in enumerate(p.shape) if n == heads]
+        if len(dims) > 1:
+            raise FusionError(
+                f"attention {name!r}: parameter {pname!r} of shape {tuple(p.shape)} has several dimensions of "
+                f"its {heads} heads; which one is per head is ambiguous; fusion refused"
+            )
+        if dims:
+            out.append((f"{name}.{pname}", dims[0]))
+    return out
 
 
 def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """Replace the group of every attention's q/k/v outputs by one group whose units are whole heads.
 
     torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
-    product: only whole heads (their q, k, v rows and the projection's input columns) may move.
+    product: only whole heads (their q, k, v rows, the projection's input columns and the module's per-head
+    parameters) may move. Whole heads are also a symmetry of attention across channels within a head
+    (XCiT's cross-covariance attention).
     """
     for name, module in skeleton.named_modules():
-        if not _is_attention(module):
+        layout = attention_layout(module)
+        if layout is None:
             continue
         if any(
             p.numel()
@@ -562,30 +699,46 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
             raise FusionError(
                 f"attention {name!r} normalizes q/k per head (qk_norm); fusion does not support it"
             )
-        qkv_w, proj_w = f"{name}.qkv.weight", f"{name}.proj.weight"
+        heads, hd, producers = layout
+        per_head = _per_head_params(module, name, heads, producers)
+        proj_w = f"{name}.proj.weight"
+        rows = {f"{name}.{attr}.{t}" for attr, _ in producers for t in ("weight", "bias")}
+        per_head_names = {t for t, _ in per_head}
+        per_head_dims = set(per_head)
         hits = [
             gi
             for gi, g in enumerate(groups)
             for s in g.slots
-            if s.tensor in (qkv_w, proj_w) and s.dim == (0 if s.tensor == qkv_w else 1)
+            if (s.tensor in rows and s.dim == 0)
+            or (s.tensor == proj_w and s.dim == 1)
+            or (s.tensor, s.dim) in per_head_dims
         ]
-        expected = {qkv_w, f"{name}.qkv.bias", proj_w}
+        expected = rows | {proj_w} | per_head_names
         for gi in set(hits):
             extra = [s.tensor for s in groups[gi].slots if s.tensor not in expected]
             if extra:
                 raise FusionError(
                     f"attention {name!r}: its q/k/v channels are coupled to {extra[0]!r}; not supported"
                 )
-        heads, hd = module.num_heads, module.head_dim
         dim = heads * hd
-        h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(3), indexing="ij")
-        qkv_pos = r * dim + h * hd + j  # [heads, head_dim, 3]: rows of q, k and v of one head
-        slots = [Slot(qkv_w, 0, OUT, "linear", True, f"{name}.qkv", qkv_pos)]
-        if module.qkv.bias is not None:
-            slots.append(Slot(f"{name}.qkv.bias", 0, OUT, "linear", False, f"{name}.qkv", qkv_pos))
-        slots.append(Slot(proj_w, 1, IN, "linear", True, f"{name}.proj", (h * hd + j)[:, :, :1]))
+        slots = []
+        for attr, n in producers:
+            h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(n), indexing="ij")
+            pos = (
+                r * dim + h * hd + j
+            )  # [heads, head_dim, n]: the rows of one head in each of q, k, v made here
+            layer = getattr(module, attr)
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            slots.append(Slot(f"{name}.{attr}.weight", 0, OUT, kind, True, f"{name}.{attr}", pos))
+            if layer.bias is not None:
+                slots.append(Slot(f"{name}.{attr}.bias", 0, OUT, kind, False, f"{name}.{attr}", pos))
+        h, j = torch.meshgrid(torch.arange(heads), torch.arange(hd), indexing="ij")
+        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", (h * hd + j)[:, :, None]))
+        for tensor, d in per_head:
+            slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
-        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+        groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
 
 
@@ -618,6 +771,14 @@ def _check_coverage(graph: ChannelGraph) -> None:
 
 
 # ---------------------------------------------------------------------------- verification
+# A correctly traced permutation changes the function only by float reassociation: in float64 that is about
+# 1e-13 of the output's scale, so 1e-9 leaves a wide margin and still catches couplings whose effect is small
+# (ECA's 1-D convolution across channels of a freshly initialised model moved the float32 outputs by less
+# than the 1e-4 that float32 needs).
+TOL_FLOAT64 = 1e-9
+TOL_FLOAT32 = 1e-4
+
+
 @torch.no_grad()
 def _outputs(skeleton: nn.Module, state: dict, inputs):
     clear_tensor_caches(skeleton)  # a cache filled under other weights would be stale
@@ -625,43 +786,120 @@ def _outputs(skeleton: nn.Module, state: dict, inputs):
         return torch.func.functional_call(skeleton, state, inputs, strict=False)
 
 
-def _close(a, b) -> bool:
+def _close(a, b, tol: float = TOL_FLOAT32, floor: float = 1.0) -> bool:
+    """``b`` equals ``a`` up to ``tol`` times the largest magnitude of ``a`` (per output tensor), or times
+    ``floor`` when that is larger."""
     if isinstance(a, torch.Tensor):
-        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
-        scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
-        return (
-            a.shape == b.shape and bool((a - b).abs().max() <= tol * scale)
-            if a.numel()
-            else a.shape == b.shape
-        )
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return False
+        if not a.numel():
+            return True
+        if not a.is_floating_point():
+            return bool(torch.equal(a, b))
+        if a.dtype not in (torch.float32, torch.float64):
+            tol = max(tol, 2e-2)
+        diff = float((a.double() - b.double()).abs().max())
+        scale = max(floor, float(a.detach().abs().max()))
+        return diff <= tol * scale if scale > 0 else diff == 0.0
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(_close(x, y, tol, floor) for x, y in zip(a, b))
+        )
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol, floor) for k in a)
     return True
+
+
+def _float64_attributes(skeleton: nn.Module) -> None:
+    """Cast the plain float tensor attributes of a (meta-copied) skeleton to float64, in place: they compute
+    like constants together with the state."""
+    for module in skeleton.modules():
+        for key, value in list(vars(module).items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                setattr(module, key, value.double())
+
+
+def _all_float64(out) -> bool:
+    found = []
+    map_inputs(out, lambda t: found.append(t.dtype) if t.is_floating_point() else None)
+    return all(d == torch.float64 for d in found)
+
+
+def _to_float64(state: dict, consume: bool = False) -> dict:
+    """``state`` with its float tensors in float64; with ``consume`` the input dict is emptied as it goes, so a
+    state assembled for the check is never held in both precisions at once."""
+    out = {}
+    for name in list(state):
+        t = state.pop(name) if consume else state[name]
+        out[name] = t.double() if t.is_floating_point() else t
+    return out
+
+
+def _float64_reference(model: nn.Module, state: dict, inputs):
+    """``(skeleton, inputs, reference outputs)`` in float64, or a reason why the model cannot run in it. The
+    float64 copy of the state lives only during this forward."""
+    if not state or not any(t.is_floating_point() for t in state.values()):
+        return None, "the model has no float tensors"
+    skeleton = meta_copy(model).eval()
+    _float64_attributes(skeleton)
+    inputs64 = map_inputs(inputs, lambda t: t.double() if t.is_floating_point() else t)
+    try:
+        reference = _outputs(skeleton, _to_float64(state), inputs64)
+    except Exception as exc:  # noqa: BLE001 - e.g. a layer that casts to float32 inside its forward
+        return None, f"it fails in float64 ({type(exc).__name__}: {str(exc)[:120]})"
+    if not _all_float64(reference):
+        return None, "its outputs are not float64 when its state and inputs are (it casts inside its forward)"
+    return (skeleton, inputs64, reference), None
 
 
 def verify_permutation_invariance(
     model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
 ) -> None:
-    """Refuse a trace under which a random permutation of the groups changes the model's function."""
-    skeleton = meta_copy(model).eval()
+    """Refuse a trace under which a random permutation of the groups changes the model's function.
+
+    The check runs in float64 with a relative tolerance of :data:`TOL_FLOAT64` (state, plain tensor
+    attributes and inputs cast; a float32 value is exact in float64, so a permuted state is assembled in the
+    model's precision and then cast), so that a coupling with a small effect is not hidden by float32
+    rounding. A model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the
+    reason is kept on the graph as ``graph.check_precision``.
+    """
     state = full_state(model)
-    inputs = map_inputs(example_inputs, lambda t: t.to(next(iter(state.values())).device))
-    try:
-        reference = _outputs(skeleton, state, inputs)
-    except Exception as exc:  # noqa: BLE001
-        raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    inputs = map_inputs(example_inputs, lambda t: t.to(device))
+    ready, why = _float64_reference(model, state, inputs)
+    if ready is not None:
+        skeleton, inputs, reference = ready
+        tol, floor = TOL_FLOAT64, 0.0  # relative to the output's own scale, however small
+        graph.check_precision = "float64"
+
+        def run(selection):
+            return _outputs(skeleton, _to_float64(graph.assemble([state], selection), consume=True), inputs)
+    else:
+        skeleton = meta_copy(model).eval()
+        try:
+            reference = _outputs(skeleton, state, inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+        tol, floor = TOL_FLOAT32, 1.0
+        graph.check_precision = f"model precision, tolerance {tol:g}: {why}"
+
+        def run(selection):
+            return _outputs(skeleton, graph.assemble([state], selection), inputs)
+
     gen = torch.Generator().manual_seed(seed)
     permuted = graph.random_permutation(gen)
-    if _close(reference, _outputs(skeleton, graph.assemble([state], permuted), inputs)):
+    if _close(reference, run(permuted), tol, floor):
         return
     # find the culprit: permute one group at a time
     identity = graph.identity_selection()
     for gi, g in enumerate(graph.groups):
         sel = list(identity)
         sel[gi] = permuted[gi]
-        if not _close(reference, _outputs(skeleton, graph.assemble([state], sel), inputs)):
+        if not _close(reference, run(sel), tol, floor):
             raise FusionError(
                 f"channel group rooted at {g.name!r} (layers {', '.join(g.layers)}) is not traced completely: "
                 "permuting it changes the model's output, so some layer coupled to it was missed; fusion refused"
