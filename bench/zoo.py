@@ -6,7 +6,7 @@ in a worker process with a time limit per model:
 1. torch-pruning's dependency graph on the model (if torch-pruning cannot build one: "not traceable");
 2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
 3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
-   normalization across channels (LayerNorm / GroupNorm make the concatenation differ from the ensemble by
+   normalization across channels (LayerNorm / GroupNorm / weight-standardized convolutions make the concatenation differ from the ensemble by
    design, see the README), where it must agree to a relative error below 1e-3;
 4. default NT and averaging: the fused state loads strictly into a fresh model and that model runs.
 
@@ -69,8 +69,11 @@ def _cross_channel_norm(model) -> str | None:
     import torch.nn as nn
 
     for m in model.modules():
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in type(m).__name__:
-            return type(m).__name__
+        name = type(m).__name__
+        # weight standardization (NF-nets' StdConv) normalizes each filter over its input channels: the
+        # concatenation's zero blocks change the statistics, as a LayerNorm's stream does
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in name or "StdConv" in name:
+            return name
     return None
 
 
