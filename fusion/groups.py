@@ -54,7 +54,7 @@ class ChannelGroup:
     name: str  # the module whose output channels root the group
     n_units: int
     slots: list[Slot]
-    unit_kind: str = "channel"  # "channel", "conv-block" or "head"
+    unit_kind: str = "channel"  # "channel", "conv-block", "head" or "coupled channels" (equal parts that meet)
 
     @property
     def layers(self) -> list[str]:
