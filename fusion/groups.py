@@ -54,7 +54,9 @@ class ChannelGroup:
     name: str  # the module whose output channels root the group
     n_units: int
     slots: list[Slot]
-    unit_kind: str = "channel"  # "channel", "conv-block", "head" or "coupled channels" (equal parts that meet)
+    unit_kind: str = (
+        "channel"  # "channel", "conv-block", "head" or "coupled channels" (equal parts that meet)
+    )
 
     @property
     def layers(self) -> list[str]:
@@ -160,15 +162,22 @@ class ChannelGraph:
         return torch.cat(pos_parts), torch.cat(mem_parts)
 
     def assemble(
-        self, states: list[dict[str, torch.Tensor]], selection: Selection
+        self, states: list[dict[str, torch.Tensor]], selection: Selection, dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
-        """The new model's tensors (see the module docstring). Members' tensors are only read."""
+        """The new model's tensors (see the module docstring). Members' tensors are only read. ``dtype``: the
+        new float tensors' type, written as they are gathered (the self-check's float64 copy), else the members'."""
         n = len(states)
         new: dict[str, torch.Tensor] = {}
         for name, ref in states[0].items():
             dims = self.tensor_dims.get(name)
             if not dims or not is_float(ref):
-                new[name] = mean_tensor([s[name] for s in states]) if is_float(ref) else ref.clone()
+                if not is_float(ref):
+                    new[name] = ref.clone()
+                elif n == 1 and dtype not in (None, ref.dtype):
+                    new[name] = ref.to(dtype)
+                else:
+                    mean = mean_tensor([s[name] for s in states])
+                    new[name] = mean if dtype is None else mean.to(dtype)
                 continue
             index = {d: self._dim_index(refs, selection) for d, refs in dims.items()}
             shape = list(ref.shape)
@@ -187,11 +196,13 @@ class ChannelGraph:
                         break
                     member[d] = (dst.to(device), pos[dst].to(device))
                 picks.append(member)
-            new[name] = _assemble_tensor(ref, shape, [s[name] for s in states], picks, scale)
+            new[name] = _assemble_tensor(
+                ref, shape, [s[name] for s in states], picks, scale, dtype or ref.dtype
+            )
         return new
 
 
-def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
+def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """One tensor of the new model from the members' ``tensors``: member m writes its entries ``picks[m]``
     (per slotted dimension: destination and source positions); entries between two members stay zero."""
     slotted = sorted(index for member in picks if member is not None for index in member)
@@ -200,26 +211,26 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
     if len(slotted) == 1 or len(tensors) == 1:
         # every entry is written: each slice along the one slotted dimension comes whole from one member,
         # or a single member fills everything
-        out = ref.new_empty(shape)
+        out = ref.new_empty(shape, dtype=dtype)
     elif (
         slotted == [0, 1]
         and all(_as_range(m[0][0]) and _as_range(m[1][0]) for _, m in live)
         and sum(m[0][0].numel() for _, m in live) == shape[0]  # every row belongs to a member with columns
     ):
         # the members' rows x columns blocks (NT keeps concatenation order); only the rest is zeroed
-        out = ref.new_empty(shape)
+        out = ref.new_empty(shape, dtype=dtype)
         for _, member in live:
             rows, cols = _as_range(member[0][0]), _as_range(member[1][0])
             out[rows, : cols.start].zero_()
             out[rows, cols.stop :].zero_()
     else:
-        out = ref.new_zeros(shape)
+        out = ref.new_zeros(shape, dtype=dtype)
     last = slotted[-1]
     for t, member in live:
         if len(member) == 1:
             ((d, (dst, src)),) = member.items()
             run = _as_range(dst)
-            if run is not None and d == 0 and scale == 1.0 and _as_range(src) is None:
+            if run is not None and d == 0 and scale == 1.0 and _as_range(src) is None and t.dtype == dtype:
                 torch.index_select(t, 0, src, out=out.narrow(0, run.start, run.stop - run.start))
                 continue
             sub = _take(t, d, src)
@@ -228,7 +239,7 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
             if run is not None:
                 out.narrow(d, run.start, run.stop - run.start).copy_(sub)
             else:
-                out.index_copy_(d, dst, sub)
+                out.index_copy_(d, dst, sub.to(dtype))
         elif sorted(member) == [0, 1] and _as_range(member[0][0]) and _as_range(member[1][0]):
             # rows x columns into a block of the output, gathered straight into place
             (dst0, src0), (dst1, src1) = member[0], member[1]
@@ -241,7 +252,7 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
             block = _take(_take(t, d0, src0), d1, src1)
             if scale != 1.0:
                 block = block * scale  # not in place: block may be a view of the member
-            out[lead + (dst0[:, None], dst1[None, :])] = block
+            out[lead + (dst0[:, None], dst1[None, :])] = block.to(dtype)
         else:
             # the last slotted dimension is written with index_copy_: its positions belong to one member each,
             # and the entries of such a slice that are not that member's are zero
@@ -257,7 +268,7 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float) -> torch.Tensor:
                 sub = full
             if scale != 1.0:
                 sub = sub * scale
-            out.index_copy_(last, member[last][0], sub)
+            out.index_copy_(last, member[last][0], sub.to(dtype))
     return out
 
 

@@ -829,14 +829,9 @@ def _all_float64(out) -> bool:
     return all(d == torch.float64 for d in found)
 
 
-def _to_float64(state: dict, consume: bool = False) -> dict:
-    """``state`` with its float tensors in float64; with ``consume`` the input dict is emptied as it goes, so a
-    state assembled for the check is never held in both precisions at once."""
-    out = {}
-    for name in list(state):
-        t = state.pop(name) if consume else state[name]
-        out[name] = t.double() if t.is_floating_point() else t
-    return out
+def _to_float64(state: dict) -> dict:
+    """``state`` with its float tensors in float64 (new tensors; the others as they are)."""
+    return {name: t.double() if t.is_floating_point() else t for name, t in state.items()}
 
 
 def _float64_reference(model: nn.Module, state: dict, inputs):
@@ -862,8 +857,8 @@ def verify_permutation_invariance(
     """Refuse a trace under which a random permutation of the groups changes the model's function.
 
     The check runs in float64 with a relative tolerance of :data:`TOL_FLOAT64` (state, plain tensor
-    attributes and inputs cast; a float32 value is exact in float64, so a permuted state is assembled in the
-    model's precision and then cast), so that a coupling with a small effect is not hidden by float32
+    attributes and inputs cast; a float32 value is exact in float64, so a permuted state is gathered from
+    the model's tensors straight into float64), so that a coupling with a small effect is not hidden by float32
     rounding. A model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the
     reason is kept on the graph as ``graph.check_precision``.
     """
@@ -877,7 +872,7 @@ def verify_permutation_invariance(
         graph.check_precision = "float64"
 
         def run(selection):
-            return _outputs(skeleton, _to_float64(graph.assemble([state], selection), consume=True), inputs)
+            return _outputs(skeleton, graph.assemble([state], selection, dtype=torch.float64), inputs)
     else:
         skeleton = meta_copy(model).eval()
         try:
