@@ -257,13 +257,25 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
     with torch.enable_grad(), warnings.catch_warnings(), _tolerant_index_mapping():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(skeleton, example_inputs=meta_inputs, verbose=False)
+            dg = tp.DependencyGraph().build_dependency(skeleton, example_inputs=meta_inputs, verbose=False)
         except FusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - turn tracer failures into a clear refusal
             raise FusionError(
                 f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
             ) from exc
+    _channel_axis_of_feature_maps(dg)
+    return dg
+
+
+def _channel_axis_of_feature_maps(dg) -> None:
+    """A parameter outside any layer shaped like a feature map, (1, C, H, W) (PiT's and other convolutional
+    position embeddings, added to an NCHW feature map), holds channels along dim 1; torch-pruning takes the
+    last dimension of size > 1 for every such parameter, the map's width, which no channel group can claim."""
+    for node in dg.module2node.values():
+        p = node.module
+        if isinstance(p, nn.Parameter) and p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1:
+            node.pruning_dim = 1
 
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
@@ -439,6 +451,7 @@ def _pruning_group(dg, module: nn.Module, fn, channels) -> tuple[list[_Item], li
 def _all_groups(dg, ignored_layers, root_types):
     """torch-pruning's ``get_all_groups`` on :func:`_pruning_group` (same roots, same order)."""
     _update_index_mappings(dg)
+    _vector_reshapes_keep_channels(dg)
     _remap_split_concat_slice(dg)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
     covered: dict = {}  # id(module) -> its output channels some group already holds
@@ -581,6 +594,32 @@ def _node_maps(node, nr_or_k: int, side: str):
         start, end = max(0, min(start, size)), max(0, min(end, size))
         return _RangeMap(start, end, step, True)
     return None
+
+
+def _vector_reshapes_keep_channels(dg) -> None:
+    """A reshape of a vector that only adds or drops axes of size 1 (a layer scale ``gamma.reshape(1, -1, 1,
+    1)``, a per-channel bias ``view(1, C, 1)``) keeps every channel where it is. torch-pruning guesses the
+    channel counts on both sides by walking the graph and can install a flatten mapping there (InceptionNeXt:
+    stride 4, each channel claimed four times); the sizes autograd recorded decide instead."""
+    from torch_pruning.dependency import index_mapping as im
+
+    for node in dg.module2node.values():
+        if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn is None:
+            continue
+        ins = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        out = _out_shape(node.grad_fn, 0)
+        if ins is None or out is None:
+            continue
+        big_in, big_out = [int(s) for s in ins if s != 1], [int(s) for s in out if s != 1]
+        if len(big_in) != 1 or big_in != big_out:
+            continue
+        deps = list(node.dependencies) + [
+            d for other in node.inputs + node.outputs for d in other.dependencies if d.target is node
+        ]
+        for dep in deps:
+            dep.index_mapping = [
+                None if isinstance(m, im._FlattenIndexMapping) else m for m in dep.index_mapping
+            ]
 
 
 _OWN_MAPS = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SLICE)

@@ -66,7 +66,7 @@ class CrossStage(nn.Module):
 
 class FourBranches(nn.Module):
     """InceptionNeXt: four chunks of unequal size, three through their own depthwise convolution, the
-    chunks consumed in another order than they were split in."""
+    chunks consumed in another order than they were split in, a layer scale; and PiT's position embedding."""
 
     def __init__(self, c: int = 10):
         super().__init__()
@@ -77,11 +77,16 @@ class FourBranches(nn.Module):
         self.h = nn.Conv2d(2, 2, (3, 1), padding=(1, 0), groups=2)
         self.mix = nn.Conv2d(c, 6, 1)
         self.fc = nn.Linear(6, 4)
+        # a layer scale reshaped to (1, C, 1, 1) and a position embedding shaped like the feature map (PiT)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.pos_embed = nn.Parameter(torch.randn(1, c, 12, 12) * 0.1)
 
     def forward(self, x):
-        x = F.relu(self.stem(x))
+        x = F.relu(self.stem(x)) + self.pos_embed
         x_id, x_hw, x_w, x_h = torch.split(x, self.sizes, dim=1)
-        x = x + torch.cat((x_id, self.hw(x_hw), self.w(x_w), self.h(x_h)), dim=1)
+        x = x + self.gamma.reshape(1, -1, 1, 1) * torch.cat(
+            (x_id, self.hw(x_hw), self.w(x_w), self.h(x_h)), dim=1
+        )
         return self.fc(F.relu(self.mix(x)).mean((2, 3)))
 
 
@@ -203,3 +208,18 @@ def test_nt_at_sparsity0_is_the_ensemble_through_chunks(cls):
     fresh = cls().eval()
     fresh.load_state_dict(fused.state_dict(), strict=True)
     assert torch.isfinite(_out(fresh, x)).all()
+
+
+@pytest.mark.parametrize("arch", ["inception_next_atto", "fasternet_t0"])
+def test_timm_split_models_trace_with_every_channel_claimed_once(arch):
+    """The timm models of the refusal class (64x64 input): InceptionNeXt also needs its layer scale
+    ``gamma.reshape(1, -1, 1, 1)`` to keep channels where they are (torch-pruning guessed a flatten of
+    stride 4 there); the self-check runs inside ``channel_groups``."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    graph = fusion.channel_groups(model, x)
+    for tensor, dims in graph.tensor_dims.items():
+        for d in dims:
+            assert (_claims(graph, tensor, d) == 1).all(), (tensor, d)
