@@ -344,7 +344,65 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
+    interleaved = _interleaved_dims(graph)
+    if interleaved:
+        groups = _one_slot_per_segment(groups, interleaved)
+        graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+        interleaved = _interleaved_dims(graph)
+        if interleaved:
+            tensor, d = sorted(interleaved)[0]
+            layers = sorted({graph._slot(r).layer for r in graph.tensor_dims[tensor][d]})
+            raise FusionError(
+                f"the channel groups on {tensor!r} (dimension {d}, layers {layers}) interleave: a group's "
+                "channels are not one run of positions between the others', which assembly cannot rebuild; "
+                "fusion refused"
+            )
     return graph
+
+
+def _interleaved_dims(graph: ChannelGraph) -> set:
+    """Tensor dimensions shared by several segments (slots, and repeats within a slot) that are not each one
+    run of positions laid out in the order ``assemble`` writes them (slot by slot, sorted by first position;
+    within a slot repeat by repeat): keeping every unit would not put each segment back where the model's
+    concatenation puts it. The order of units inside a segment is free (a group moves as a whole)."""
+    bad = set()
+    for tensor, dims in graph.tensor_dims.items():
+        for d, refs in dims.items():
+            pieces = []
+            for ref in refs:
+                pos = graph._slot(ref).positions
+                pieces += [pos[:, :, r] for r in range(pos.shape[2])]
+            if len(pieces) < 2:
+                continue
+            start = 0
+            for piece in pieces:
+                piece = piece[piece >= 0]
+                if piece.numel() == 0:
+                    continue
+                if int(piece.min()) != start or int(piece.max()) != start + piece.numel() - 1:
+                    bad.add((tensor, d))
+                    break
+                start += piece.numel()
+    return bad
+
+
+def _one_slot_per_segment(groups: list[ChannelGroup], dims: set) -> list[ChannelGroup]:
+    """Split the slots on ``dims`` that hold several repeats of a channel (the same channels concatenated
+    twice, DLA's aggregation nodes) into one slot per repeat, so that each is one segment of the tensor and
+    segments of other groups can sit between them (``assemble`` orders a dimension's slots by position)."""
+    out = []
+    for g in groups:
+        slots = []
+        for s in g.slots:
+            if (s.tensor, s.dim) in dims and s.positions.shape[2] > 1:
+                for r in range(s.positions.shape[2]):
+                    piece = s.positions[:, :, r : r + 1]
+                    if bool((piece >= 0).any()):
+                        slots.append(Slot(s.tensor, s.dim, s.role, s.kind, s.is_weight, s.layer, piece))
+            else:
+                slots.append(s)
+        out.append(ChannelGroup(g.name, g.n_units, slots, unit_kind=g.unit_kind))
+    return out
 
 
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)

@@ -223,3 +223,32 @@ def test_timm_split_models_trace_with_every_channel_claimed_once(arch):
     for tensor, dims in graph.tensor_dims.items():
         for d in dims:
             assert (_claims(graph, tensor, d) == 1).all(), (tensor, d)
+
+
+class Aggregation(nn.Module):
+    """DLA's aggregation node: one tensor concatenated twice with another between (``cat([a, c, a])``), so
+    one group holds two separate runs of the consumer's input channels with another group's run between."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+        self.root = nn.Conv2d(11, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        a, c = F.relu(self.a(x)), F.relu(self.c(x))
+        return self.fc(F.relu(self.root(torch.cat([a, c, a], 1))).mean((2, 3)))
+
+
+def test_a_group_concatenated_twice_around_another_keeps_the_concatenation_order():
+    """Each run becomes a slot of its own, so assembly writes a, c, a in the concatenation's order (it used
+    to write a, a, c: a wrong model, refused by the self-check); NT at sparsity 0 is the ensemble."""
+    members = _members(Aggregation)
+    x = _x(Aggregation)
+    graph = fusion.channel_groups(members[0], x)
+    a = next(g for g in graph.groups if g.name == "a")
+    runs = sorted(int(s.positions.min()) for s in a.slots if s.tensor == "root.weight")
+    assert runs == [0, 7]
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
