@@ -655,8 +655,8 @@ def _node_maps(node, nr_or_k: int, side: str):
 
 
 def _vector_reshapes_keep_channels(dg) -> None:
-    """A reshape of a vector that only adds or drops axes of size 1 (a layer scale ``gamma.reshape(1, -1, 1,
-    1)``, a per-channel bias ``view(1, C, 1)``) keeps every channel where it is. torch-pruning guesses the
+    """A reshape of a 1-D vector that only adds axes of size 1 (a layer scale ``gamma.reshape(1, -1, 1, 1)``,
+    a per-channel bias ``view(1, C, 1)``) keeps every channel where it is. torch-pruning guesses the
     channel counts on both sides by walking the graph and can install a flatten mapping there (InceptionNeXt:
     stride 4, each channel claimed four times); the sizes autograd recorded decide instead."""
     from torch_pruning.dependency import index_mapping as im
@@ -668,8 +668,9 @@ def _vector_reshapes_keep_channels(dg) -> None:
         out = _out_shape(node.grad_fn, 0)
         if ins is None or out is None:
             continue
-        big_in, big_out = [int(s) for s in ins if s != 1], [int(s) for s in out if s != 1]
-        if len(big_in) != 1 or big_in != big_out:
+        # only a 1-D vector: (1, C, 1, 1) -> (1, 1, C) may move channels onto a sequence axis (ECA's Conv1d
+        # across channels, where a batch of one hides the difference)
+        if len(ins) != 1 or [int(s) for s in out if s != 1] != [int(ins[0])]:
             continue
         deps = list(node.dependencies) + [
             d for other in node.inputs + node.outputs for d in other.dependencies if d.target is node
