@@ -215,11 +215,56 @@ def channel_groups(
     return graph
 
 
+def _update_index_mappings(dg) -> None:
+    """torch-pruning's ``update_index_mapping``, one node at a time: where its guess of a node's channel
+    counts fails (``None`` channels summed for a concatenation fed by a chunk of a token tensor, a division by
+    a channel count of 0 for a reshape), that node keeps no mapping instead of the whole graph being lost.
+    Splits, concatenations and slices are re-derived exactly afterwards (:func:`_remap_split_concat_slice`);
+    any other node left unmapped is judged by the coverage check and the permutation self-check."""
+    from torch_pruning.dependency import index_mapping as im
+
+    updates = {
+        tp.ops.OPTYPE.CONCAT: im.update_concat_index_mapping,
+        tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping,
+        tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
+        tp.ops.OPTYPE.UNBIND: im.update_unbind_index_mapping,
+        tp.ops.OPTYPE.EXPAND: im.update_expand_index_mapping,
+        tp.ops.OPTYPE.SLICE: im.update_slice_index_mapping,
+    }
+    for node in list(dg.module2node.values()):
+        update = updates.get(node.type)
+        if update is None:
+            continue
+        try:
+            update(dg, node)
+        except (TypeError, ZeroDivisionError, ValueError, IndexError):
+            for dep in node.dependencies:
+                dep.index_mapping = [None, None]
+            for other in node.inputs + node.outputs:
+                for dep in other.dependencies:
+                    if dep.target is node:
+                        dep.index_mapping = [None, None]
+
+
+@contextlib.contextmanager
+def _tolerant_index_mapping():
+    """Inside ``build_dependency``, torch-pruning's index-mapping pass runs node by node (see
+    :func:`_update_index_mappings`); the library's function is restored afterwards."""
+    from torch_pruning.dependency import index_mapping as im
+
+    original = im.update_index_mapping
+    im.update_index_mapping = _update_index_mappings
+    try:
+        yield
+    finally:
+        im.update_index_mapping = original
+
+
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
-    with torch.enable_grad(), warnings.catch_warnings():
+    with torch.enable_grad(), warnings.catch_warnings(), _tolerant_index_mapping():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(
+            dg = tp.DependencyGraph().build_dependency(
                 skeleton,
                 example_inputs=meta_inputs,
                 verbose=False,
@@ -231,6 +276,18 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
             raise FusionError(
                 f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
             ) from exc
+    _channel_axis_of_feature_maps(dg)
+    return dg
+
+
+def _channel_axis_of_feature_maps(dg) -> None:
+    """A parameter outside any layer shaped like a feature map, (1, C, H, W) (PiT's and other convolutional
+    position embeddings, added to an NCHW feature map), holds channels along dim 1; torch-pruning takes the
+    last dimension of size > 1 for every such parameter, the map's width, which no channel group can claim."""
+    for node in dg.module2node.values():
+        p = node.module
+        if isinstance(p, nn.Parameter) and p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1:
+            node.pruning_dim = 1
 
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
@@ -294,12 +351,25 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if meetings is not None:
             paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
         elif slots or links:
-            raw.append((root_name, n_root, slots, links))
+            raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
     groups = _attention_heads(skeleton, _merge_units(raw) + paired)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
+    interleaved = _interleaved_dims(graph)
+    if interleaved:
+        groups = _one_slot_per_segment(groups, interleaved)
+        graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+        interleaved = _interleaved_dims(graph)
+        if interleaved:
+            tensor, d = sorted(interleaved)[0]
+            layers = sorted({graph._slot(r).layer for r in graph.tensor_dims[tensor][d]})
+            raise FusionError(
+                f"the channel groups on {tensor!r} (dimension {d}, layers {layers}) interleave: a group's "
+                "channels are not one run of positions between the others', which assembly cannot rebuild; "
+                "fusion refused"
+            )
     return graph
 
 
@@ -368,6 +438,51 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: st
     return ChannelGroup(root_name, n_units, out, unit_kind="coupled channels")
 
 
+def _interleaved_dims(graph: ChannelGraph) -> set:
+    """Tensor dimensions shared by several segments (slots, and repeats within a slot) that are not each one
+    run of positions laid out in the order ``assemble`` writes them (slot by slot, sorted by first position;
+    within a slot repeat by repeat): keeping every unit would not put each segment back where the model's
+    concatenation puts it. The order of units inside a segment is free (a group moves as a whole)."""
+    bad = set()
+    for tensor, dims in graph.tensor_dims.items():
+        for d, refs in dims.items():
+            pieces = []
+            for ref in refs:
+                pos = graph._slot(ref).positions
+                pieces += [pos[:, :, r] for r in range(pos.shape[2])]
+            if len(pieces) < 2:
+                continue
+            start = 0
+            for piece in pieces:
+                piece = piece[piece >= 0]
+                if piece.numel() == 0:
+                    continue
+                if int(piece.min()) != start or int(piece.max()) != start + piece.numel() - 1:
+                    bad.add((tensor, d))
+                    break
+                start += piece.numel()
+    return bad
+
+
+def _one_slot_per_segment(groups: list[ChannelGroup], dims: set) -> list[ChannelGroup]:
+    """Split the slots on ``dims`` that hold several repeats of a channel (the same channels concatenated
+    twice, DLA's aggregation nodes) into one slot per repeat, so that each is one segment of the tensor and
+    segments of other groups can sit between them (``assemble`` orders a dimension's slots by position)."""
+    out = []
+    for g in groups:
+        slots = []
+        for s in g.slots:
+            if (s.tensor, s.dim) in dims and s.positions.shape[2] > 1:
+                for r in range(s.positions.shape[2]):
+                    piece = s.positions[:, :, r : r + 1]
+                    if bool((piece >= 0).any()):
+                        slots.append(Slot(s.tensor, s.dim, s.role, s.kind, s.is_weight, s.layer, piece))
+            else:
+                slots.append(s)
+        out.append(ChannelGroup(g.name, g.n_units, slots, unit_kind=g.unit_kind))
+    return out
+
+
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)
 
 
@@ -386,7 +501,7 @@ class _Item:
         self.dep, self.idxs, self.root_idxs = dep, idxs, root_idxs
 
 
-def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_Item], list]:
+def _pruning_group(dg, module: nn.Module, fn, channels) -> tuple[list[_Item], list]:
     """torch-pruning's ``get_pruning_group`` as a closure over single channels.
 
     torch-pruning re-walks a dependency whenever it arrives with a different *list* of indices (and compares
@@ -408,7 +523,8 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
         fn = tpf.prune_depthwise_conv_out_channels
     root = dg.module2node[module]
     root_dep = Dependency(fn, fn, source=root, target=root)
-    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n_channels)]
+    # root channel k of the group is the module's output channel channels[k]
+    start = [_helpers._HybridIndex(idx=c, root_idx=k) for k, c in enumerate(channels)]
     # per (target node, handler): the dependency, the root channel of each index reached, indices in order
     mixed: list = []
     budget, work = _MAX_INDICES, 10 * _MAX_INDICES
@@ -470,20 +586,26 @@ def _pruning_group(dg, module: nn.Module, fn, n_channels: int) -> tuple[list[_It
 
 def _all_groups(dg, ignored_layers, root_types):
     """torch-pruning's ``get_all_groups`` on :func:`_pruning_group` (same roots, same order)."""
-    from torch_pruning.dependency import index_mapping
-
-    index_mapping.update_index_mapping(dg)
+    _update_index_mappings(dg)
+    _vector_reshapes_keep_channels(dg)
+    _remap_split_concat_slice(dg)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
-    visited: set = set()
+    covered: dict = {}  # id(module) -> its output channels some group already holds
     for m in list(dg.module2node.keys()):
-        if id(m) in ignored or not isinstance(m, tuple(root_types)) or id(m) in visited:
+        if id(m) in ignored or not isinstance(m, tuple(root_types)):
             continue
         pruner = dg.get_pruner_of_module(m)
         n_out = None if pruner is None else pruner.get_out_channels(m)
         if n_out is None:
             continue
+        # a group reached only some of this module's channels (e.g. one chunk of a split of its output): the
+        # others root a group of their own
+        done = covered.get(id(m), set())
+        channels = [c for c in range(n_out) if c not in done]
+        if not channels:
+            continue
         try:
-            items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, n_out)
+            items, mixed = _pruning_group(dg, m, pruner.prune_out_channels, channels)
         except _Explosion as exc:
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
@@ -495,11 +617,214 @@ def _all_groups(dg, ignored_layers, root_types):
         prunable = True
         for item in items:
             if dg.is_out_channel_pruning_fn(item.dep.handler):
-                visited.add(id(item.dep.target.module))
+                covered.setdefault(id(item.dep.target.module), set()).update(item.idxs)
                 if id(item.dep.target.module) in ignored:
                     prunable = False
         if prunable:
-            yield n_out, items, mixed
+            yield len(channels), items, mixed
+
+
+class _RangeMap:
+    """A channel index mapping along one edge of the graph: ``select`` keeps the indices in
+    ``range(start, stop, step)`` and renumbers them from 0 (a split chunk, a slice); otherwise it places index i
+    at ``start + i * step`` (an input's segment of a concatenation, or the inverse of a selection)."""
+
+    __slots__ = ("start", "stop", "step", "select")
+
+    def __init__(self, start: int, stop: int, step: int, select: bool):
+        self.start, self.stop, self.step, self.select = start, stop, step, select
+
+    def inverse(self) -> _RangeMap:
+        return _RangeMap(self.start, self.stop, self.step, not self.select)
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        a, b, k = self.start, self.stop, self.step
+        if self.select:
+            return [
+                _helpers._HybridIndex(idx=(i.idx - a) // k, root_idx=i.root_idx)
+                for i in idxs
+                if a <= i.idx < b and (i.idx - a) % k == 0
+            ]
+        return [_helpers._HybridIndex(idx=a + i.idx * k, root_idx=i.root_idx) for i in idxs]
+
+    def __repr__(self) -> str:
+        return f"_RangeMap({'select' if self.select else 'place'} {self.start}:{self.stop}:{self.step})"
+
+
+def _channel_dim(ndim: int) -> int | None:
+    """The channel axis of a feature tensor as torch-pruning's layers see it: NC, NCHW (NCDHW), and the last
+    axis of token tensors (B, N, C)."""
+    if ndim < 2:
+        return None
+    return 2 if ndim == 3 else 1
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    """A dimension autograd saved, as a non-negative axis (a negative one is saved as its unsigned 64-bit
+    value: -1 reads 2**64 - 1)."""
+    if dim >= 1 << 63:
+        dim -= 1 << 64
+    return dim % ndim
+
+
+def _out_shape(grad_fn, nr: int):
+    meta = getattr(grad_fn, "_input_metadata", None)
+    if meta is None or nr >= len(meta):
+        return None
+    return tuple(meta[nr].shape)
+
+
+def _node_maps(node, nr_or_k: int, side: str):
+    """This node's own channel mapping for one of its edges, as a ``_RangeMap`` from its side of the edge
+    outwards (``side="out"``: output ``nr`` of a split, from the split's input channels to the chunk's;
+    ``side="in"``: argument ``k`` of a concatenation or the input of a slice, from the edge's channels to the
+    node's). ``None``: identity (the operation is not along the channel axis, or not a split/cat/slice).
+    Raises ``LookupError`` when the node is one of these but its sizes cannot be read."""
+    gf = node.grad_fn
+    kind = node.type
+    if kind == tp.ops.OPTYPE.SPLIT and side == "out":
+        shapes = [_out_shape(gf, i) for i in range(len(gf._input_metadata))]
+        full = tuple(getattr(gf, "_saved_self_sym_sizes", ()))
+        if not full or any(s is None for s in shapes):
+            raise LookupError
+        d = _norm_dim(gf._saved_dim, len(full))
+        if d != _channel_dim(len(full)):
+            return None
+        offsets = [0]
+        for s in shapes:
+            offsets.append(offsets[-1] + s[d])
+        return _RangeMap(offsets[nr_or_k], offsets[nr_or_k + 1], 1, True)
+    if kind == tp.ops.OPTYPE.CONCAT and side == "in":
+        out = _out_shape(gf, 0)
+        if out is None:
+            raise LookupError
+        d = _norm_dim(gf._saved_dim, len(out))
+        if d != _channel_dim(len(out)):
+            return None
+        sizes = []
+        for f, nr in gf.next_functions:
+            s = None
+            if f is not None:
+                v = getattr(f, "variable", None)  # a leaf: its own shape
+                s = tuple(v.shape) if v is not None else _out_shape(f, nr)
+            sizes.append(None if s is None else s[d])
+        if sizes.count(None) > 1:
+            raise LookupError
+        if None in sizes:  # one argument without autograd history (a constant): the rest of the output
+            sizes[sizes.index(None)] = out[d] - sum(s for s in sizes if s is not None)
+        start = sum(sizes[:nr_or_k])
+        return _RangeMap(start, start + sizes[nr_or_k], 1, False)
+    if kind == tp.ops.OPTYPE.SLICE and side == "in":
+        full = tuple(getattr(gf, "_saved_self_sym_sizes", ()))
+        if not full:
+            raise LookupError
+        d = _norm_dim(gf._saved_dim, len(full))
+        if d != _channel_dim(len(full)):
+            return None
+        size = full[d]
+        start, end, step = gf._saved_start, gf._saved_end, gf._saved_step
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        start, end = max(0, min(start, size)), max(0, min(end, size))
+        return _RangeMap(start, end, step, True)
+    return None
+
+
+def _vector_reshapes_keep_channels(dg) -> None:
+    """A reshape of a 1-D vector that only adds axes of size 1 (a layer scale ``gamma.reshape(1, -1, 1, 1)``,
+    a per-channel bias ``view(1, C, 1)``) keeps every channel where it is. torch-pruning guesses the
+    channel counts on both sides by walking the graph and can install a flatten mapping there (InceptionNeXt:
+    stride 4, each channel claimed four times); the sizes autograd recorded decide instead."""
+    from torch_pruning.dependency import index_mapping as im
+
+    for node in dg.module2node.values():
+        if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn is None:
+            continue
+        ins = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        out = _out_shape(node.grad_fn, 0)
+        if ins is None or out is None:
+            continue
+        # only a 1-D vector: (1, C, 1, 1) -> (1, 1, C) may move channels onto a sequence axis (ECA's Conv1d
+        # across channels, where a batch of one hides the difference)
+        if len(ins) != 1 or [int(s) for s in out if s != 1] != [int(ins[0])]:
+            continue
+        deps = list(node.dependencies) + [
+            d for other in node.inputs + node.outputs for d in other.dependencies if d.target is node
+        ]
+        for dep in deps:
+            dep.index_mapping = [
+                None if isinstance(m, im._FlattenIndexMapping) else m for m in dep.index_mapping
+            ]
+
+
+_OWN_MAPS = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SLICE)
+
+
+def _remap_split_concat_slice(dg) -> None:
+    """Re-derive the channel index mappings of every edge at a split (``split``, ``chunk``), a concatenation or
+    a slice (``x[:, a:b]``, ``narrow``) from autograd's own record of the forward pass.
+
+    torch-pruning (1.6) gets them wrong in ways that left channels claimed twice or by no group: it numbers a
+    split's chunks in the order its consumers were discovered, not the chunk order; it infers a concatenation's
+    input sizes by walking the graph (a chunk taken straight from a split is given the split's size, and then
+    no mapping is set at all); on an edge from a split straight into a concatenation it applies the two
+    reverse mappings in the wrong order; and it maps splits and concatenations only along dim 1, not along the
+    channel axis of token tensors (B, N, C). Here every edge is matched to the autograd input it is (its
+    ``output_nr`` names the chunk), sizes come from the shapes autograd recorded, and the two mappings of an
+    edge compose in order (forward: producer's, then consumer's; backward: the inverses, reversed). Mappings
+    of other operations on the same edge (reshape, flatten, unbind, expand) are kept in their place."""
+    node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
+    own = _tp_range_mappings()
+    for node in list(dg.module2node.values()):
+        gf = node.grad_fn
+        if gf is None or not hasattr(gf, "next_functions"):
+            continue
+        entries = []  # (input node, output_nr, argument position)
+        for k, (f, nr) in enumerate(gf.next_functions):
+            if f is not None and f in node_of:
+                entries.append((node_of[f], nr, k))
+        if len(entries) != len(node.inputs) or not all(e[0] is n for e, n in zip(entries, node.inputs)):
+            continue  # a reused module (several autograd records in one node): torch-pruning's mappings stay
+        if node.type not in _OWN_MAPS and not any(p.type in _OWN_MAPS for p, _, _ in entries):
+            continue
+        back = node.dependencies[: len(node.inputs)]
+        occurrence: dict = {}
+        for i, (producer, nr, k) in enumerate(entries):
+            if producer.type not in _OWN_MAPS and node.type not in _OWN_MAPS:
+                continue
+            j = occurrence.get(id(producer), 0)
+            occurrence[id(producer)] = j + 1
+            fwd = [d for d in producer.dependencies if d.target is node]
+            fwd = fwd[j] if j < len(fwd) else None
+            rev = back[i] if back[i].target is producer else None
+            if fwd is None or rev is None:
+                continue
+            try:
+                p_out = _node_maps(producer, nr, "out")
+                c_in = _node_maps(node, k, "in")
+            except LookupError:
+                continue  # sizes unknown: torch-pruning's mapping stays (the coverage check judges it)
+            # the other operation's mapping (reshape, flatten, unbind, expand) of an edge belongs to its node that
+            # is not a split/cat/slice
+            f_other = [m for m in fwd.index_mapping if m is not None and not isinstance(m, own)]
+            r_other = [m for m in rev.index_mapping if m is not None and not isinstance(m, own)]
+            p_own, c_own = producer.type in _OWN_MAPS, node.type in _OWN_MAPS
+            f_list = ([p_out] if p_own else f_other) + ([c_in] if c_own else f_other)
+            r_list = ([c_in and c_in.inverse()] if c_own else r_other) + (
+                [p_out and p_out.inverse()] if p_own else r_other
+            )
+            f_list = [m for m in f_list if m is not None]
+            r_list = [m for m in r_list if m is not None]
+            fwd.index_mapping = f_list + [None] * (2 - len(f_list))
+            rev.index_mapping = r_list + [None] * (2 - len(r_list))
+
+
+def _tp_range_mappings():
+    from torch_pruning.dependency import index_mapping as im
+
+    return im._SplitIndexMapping, im._ConcatIndexMapping, im._SliceIndexMapping
 
 
 def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
@@ -518,6 +843,52 @@ def _positions_by_root(idxs, root_idxs, n_root: int, name: str) -> torch.Tensor:
     column = torch.arange(pairs.numel()) - (torch.cumsum(counts, 0) - counts)[r]
     out = torch.full((n_root, int(counts.max())), -1, dtype=torch.long)
     out[r, column] = pos
+    return out
+
+
+def _reach(items, n_root: int) -> torch.Tensor:
+    """``out[r, i]``: how many indices of item i (a tensor or an operation node of the walk) root channel r
+    reaches."""
+    if not items:
+        return torch.zeros((n_root, 0), dtype=torch.long)
+    return torch.stack(
+        [torch.bincount(torch.tensor(item.root_idxs, dtype=torch.long), minlength=n_root) for item in items],
+        1,
+    )
+
+
+def _split_by_reach(group, reach: torch.Tensor) -> list:
+    """Split a traced group into the classes of root channels that reach the same nodes equally often.
+
+    A split (``x.split``, ``chunk``, ``x[:, :k]``) sends the root's channels down different paths: CSP's two
+    halves, FasterNet's partial convolution, InceptionNeXt's four branches, DPN's dual path, a GLU's two
+    halves through different activations. One closure holds them all (they meet again at the concatenation),
+    but a channel of one chunk cannot take the place of a channel of another: the split boundary does not
+    move with them, and the chunks' paths differ (other layers, other operations). Root channels are
+    interchangeable only if they reach the same nodes of the graph (``reach``: parameter-free operations
+    included) the same number of times, so each class of those becomes its own group (same root name);
+    slots and grouped-convolution links a class does not reach are dropped from it. A group whose channels
+    all take the same paths comes back as it is.
+    """
+    root, n_root, slots, links = group
+    if n_root == 0 or reach.shape[1] == 0:
+        return [group]
+    kinds, cls = torch.unique(reach, dim=0, return_inverse=True)
+    if kinds.shape[0] == 1:
+        return [group]
+    first = torch.full((kinds.shape[0],), n_root, dtype=torch.long).scatter_reduce(
+        0, cls, torch.arange(n_root), reduce="amin"
+    )
+    out = []
+    for c in torch.argsort(first).tolist():  # classes in the order of their first root channel
+        rows = (cls == c).nonzero().squeeze(1)
+        sub_slots = []
+        for spec, name, pos in slots:
+            width = int((pos[rows] >= 0).sum(1).max())
+            if width:
+                sub_slots.append((spec, name, pos[rows, :width]))
+        sub_links = [(link, conv_pos[rows]) for link, conv_pos in links if bool((conv_pos[rows] >= 0).all())]
+        out.append((root, rows.numel(), sub_slots, sub_links))
     return out
 
 
