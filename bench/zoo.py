@@ -3,11 +3,13 @@
 For every timm model up to a parameter budget (counted on the meta device, no weights) the walk runs,
 in a worker process with a time limit per model:
 
-1. torch-pruning's dependency graph on the model (if torch-pruning cannot build one: "not traceable");
+1. torch-pruning's dependency graph on the model, as fusion builds it (if it cannot be built: "not traceable");
 2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
 3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
-   normalization across channels (LayerNorm / GroupNorm / weight-standardized convolutions make the concatenation differ from the ensemble by
-   design, see the README), where it must agree to a relative error below 1e-3;
+   normalization across channels (LayerNorm / GroupNorm / weight-standardized convolutions make the
+   concatenation differ from the ensemble by design, see the README), where it must agree to a relative error
+   below 1e-3. A model whose own attributes fix some channel counts (split sizes) cannot be widened: the
+   fused model at sparsity 0 does not run, and the model is recorded as fused at the members' width only;
 4. default NT and averaging: the fused state loads strictly into a fresh model and that model runs.
 
 Any other exception is a fusebench bug and is recorded as an ``error`` with its type. Results are appended
@@ -84,7 +86,6 @@ def _rel_err(a, b) -> float:
 def check_model(name: str) -> dict:
     """The walk's checks on one model (see the module docstring): a JSON-able result."""
     import torch
-    import torch_pruning as tp
 
     import fusion
 
@@ -108,28 +109,41 @@ def check_model(name: str) -> dict:
     result["params"] = sum(p.numel() for p in members[0].parameters())
     x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
     try:
-        tp.DependencyGraph().build_dependency(members[0], example_inputs=x)
-    except Exception as exc:  # noqa: BLE001
-        return {**result, "status": "not traceable", "reason": f"{type(exc).__name__}: {exc}"[:300]}
-    try:
         t = time.perf_counter()
-        graph = fusion.channel_groups(members[0], x)
+        try:
+            graph = fusion.channel_groups(members[0], x)
+        except fusion.FusionError as exc:
+            # fusion builds torch-pruning's graph itself (tolerating its index-mapping failures node by node);
+            # when even that fails, the model is not traceable rather than refused
+            if str(exc).startswith(f"cannot trace {type(members[0]).__name__} with torch-pruning"):
+                return {**result, "status": "not traceable", "reason": str(exc).split(": ", 1)[1][:300]}
+            raise
         result["trace_s"] = round(time.perf_counter() - t, 3)
         result["groups"] = len(graph.groups)
         norm = _cross_channel_norm(members[0])
         with torch.no_grad():
-            if norm is None:
-                wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-                err = _rel_err(wide(x), fusion.ensemble(members)(x))
-                result["ensemble_rel_err"] = err
-                if not err < 1e-3:
-                    return {
-                        **result,
-                        "status": "wrong",
-                        "reason": f"NT at sparsity 0 is not the ensemble ({err:.2e})",
-                    }
-            else:
+            if norm is not None:
                 result["ensemble_check"] = f"skipped: {norm} normalizes across channels"
+            else:
+                try:
+                    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+                except fusion.FusionError as exc:
+                    if "the fused model does not run" not in str(exc):
+                        raise
+                    # channel counts fixed by the model's own attributes (split sizes of CSP, FasterNet, DPN):
+                    # the members' width fuses, a wider model cannot exist; the default checks below still run
+                    wide = None
+                    result["width"] = "members' only"
+                    result["ensemble_check"] = f"not possible, NT cannot widen it: {str(exc)[:200]}"
+                if wide is not None:
+                    err = _rel_err(wide(x), fusion.ensemble(members)(x))
+                    result["ensemble_rel_err"] = err
+                    if not err < 1e-3:
+                        return {
+                            **result,
+                            "status": "wrong",
+                            "reason": f"NT at sparsity 0 is not the ensemble ({err:.2e})",
+                        }
             for method in ("nt", "avg"):
                 fused = fusion.fuse(members, method, example_inputs=x)
                 fresh = _create(name).eval()
@@ -223,6 +237,7 @@ def write_table(rows: dict[str, dict], path: Path) -> str:
         (r["status"], _reason_class(r.get("reason", ""))) for r in rows.values() if r["status"] != "fused"
     )
     traceable = len(rows) - counts["not traceable"] - counts["skipped"]
+    fixed = sum(1 for r in rows.values() if r["status"] == "fused" and r.get("width"))
     lines = [
         "# Architecture support (generated by `fusebench zoo`)",
         "",
@@ -233,7 +248,9 @@ def write_table(rows: dict[str, dict], path: Path) -> str:
         *(f"| {s} | {counts[s]} |" for s in STATUSES if counts[s]),
         "",
         f"Of the {traceable} models torch-pruning builds a dependency graph for, {counts['fused']} fuse "
-        f"({100 * counts['fused'] / max(traceable, 1):.1f} %), {counts['refused']} are refused with a named reason"
+        f"({100 * counts['fused'] / max(traceable, 1):.1f} %; {fixed} of them only at the members' width: their "
+        "own attributes fix some channel counts, so NT cannot widen them), "
+        f"{counts['refused']} are refused with a named reason"
         f", {counts['wrong']} gave a wrong model and {counts['error']} hit an unexpected error.",
         "",
         "## Reasons",

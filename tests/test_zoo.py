@@ -22,6 +22,15 @@ def test_a_layernorm_model_fuses_with_the_ensemble_check_explained(one_thread):
     assert "normalizes across channels" in res["ensemble_check"] and "ensemble_rel_err" not in res
 
 
+@pytest.mark.slow
+def test_a_model_with_fixed_split_sizes_fuses_at_the_members_width_only(one_thread):
+    """FasterNet's partial convolution splits channels at sizes stored on the module: the members' width
+    fuses (self-check, NT and avg load strictly and run), a wider model cannot exist, and the walk says so."""
+    res = check_model("fasternet_t0")
+    assert res["status"] == "fused" and res["width"] == "members' only", res
+    assert res["ensemble_check"].startswith("not possible, NT cannot widen it: the fused model does not run")
+
+
 def test_unknown_model_is_skipped_with_the_reason():
     res = check_model("no_such_model_xyz")
     assert res["status"] == "skipped" and "timm cannot build it" in res["reason"]
@@ -55,10 +64,12 @@ def test_table_counts_and_reason_classes(tmp_path):
         "b": {"model": "b", "status": "refused", "reason": "channel tracing is inconsistent for 'x.weight' (dimension 1 of size 12)"},
         "c": {"model": "c", "status": "refused", "reason": "channel tracing is inconsistent for 'y.weight' (dimension 1 of size 40)"},
         "d": {"model": "d", "status": "not traceable", "reason": "RuntimeError: no"},
+        "e": {"model": "e", "status": "fused", "width": "members' only", "ensemble_check": "not possible, NT cannot widen it: x"},
     }  # fmt: skip
     text = write_table(rows, tmp_path / "t.md")
-    assert "| fused | 1 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
-    assert "Of the 3 models torch-pruning builds a dependency graph for, 1 fuse (33.3 %)" in text
+    assert "| fused | 2 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
+    assert "Of the 4 models torch-pruning builds a dependency graph for, 2 fuse (50.0 %; 1 of them only at the members' width" in text
+    assert "| e | — | fused | not possible, NT cannot widen it: x |" in text
     # one refusal class for both models: names and sizes are not part of the class
     assert "| refused | channel tracing is inconsistent for '…' (dimension N of size N) | 2 |" in text
     (tmp_path / "r.jsonl").write_text('{"model": "a", "status": "fused"}\n{"model": "b", "sta')  # cut line
