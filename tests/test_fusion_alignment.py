@@ -234,3 +234,33 @@ def test_repair_reads_zipit_provenance():
     repaired = fusion.repair(fused, [x], members=[a, b], mode="repair")
     with torch.no_grad():
         torch.testing.assert_close(repaired(x), a(x), rtol=1e-4, atol=1e-4)
+
+
+def test_zipit_statistics_over_chunks_equal_the_features_similarity():
+    """ZipIt! reads wide feature maps through a centred Gram matrix of all members' units accumulated over
+    chunks of the batch (no member's features for the whole batch are held), narrow ones through their
+    features: either way each group's similarity matrix equals the one computed from every member's
+    features at once, and so does the merge."""
+    from fusion.methods.ot import _activation_features
+    from fusion.methods.zipit import _Gram, similarity, zip_sources, zip_statistics
+
+    kinds = set()
+    for arch in ("grouped", "mlp"):  # conv maps (multi-channel units): Gram; an MLP on 8 samples: features
+        x = fusion_example_input(arch)
+        members = [make_fusion_member(arch, seed) for seed in range(3)]
+        data = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        graph = fusion.channel_groups(members[0], x)
+        stats = zip_statistics(members, graph, data, budget=1 << 12)  # a tiny budget: one sample per chunk
+        kinds |= {type(s) for s in stats}
+        feats = [_activation_features(m, graph, data) for m in members]
+        per_group = [[f[gi] for f in feats] for gi in range(len(graph.groups))]
+        for gi, st in enumerate(stats):
+            ref = similarity(torch.cat(per_group[gi]))
+            got = st.similarity() if isinstance(st, _Gram) else similarity(torch.cat(st))
+            torch.testing.assert_close(got, ref, rtol=0, atol=2e-5, msg=f"{arch} {graph.groups[gi].name}")
+        stats = zip_statistics(members, graph, data, budget=1 << 12)
+        for got, ref in zip(
+            zip_sources(graph, stats, 3, 0.3, 0.125), zip_sources(graph, per_group, 3, 0.3, 0.125)
+        ):
+            assert all(torch.equal(p, q) for p, q in zip(got, ref))
+    assert kinds == {_Gram, list}, "both ways of describing a group must be exercised"

@@ -194,3 +194,39 @@ def test_assignment_fast_path_is_the_exact_ot_optimum():
     # unequal widths still go through ot.emd: a soft plan whose rows are distributions
     plan = solve_plan(torch.rand(4, 6, generator=gen), "emd", 0.01)
     assert plan.shape == (4, 6) and torch.allclose(plan.sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_weight_cost_reuses_only_what_the_changed_plans_leave_intact(fusion_zoo):
+    """The coordinate descent's cost keeps per-layer terms and the member's unit norms between visits; after
+    any sequence of plan changes (permutations and a soft plan) it must equal a cost computed from scratch,
+    and it may answer "unchanged" only when no plan it depends on has changed."""
+    from fusion.methods.ot import WeightCost, dependencies
+
+    arch = "grouped"  # a residual stream, grouped and depthwise convolutions
+    x = fusion_zoo.example(arch)
+    a, b = fusion_zoo.member(arch, 0), fusion_zoo.member(arch, 1)
+    graph = fusion.channel_groups(a, x)
+    sa, sb = full_state(a), full_state(b)
+    n = len(graph.groups)
+    cost = WeightCost(graph, sa, sb, incoming_only=False)
+    assert any(keep for slots in cost._slots for *_, keep in slots), "the test must exercise kept terms"
+    plans, versions = [None] * n, [0] * n
+    gen = torch.Generator().manual_seed(0)
+    last_seen: dict[int, tuple] = {}
+    for step in range(8 * n):
+        gi = step % n
+        got = cost(gi, plans, versions)
+        key = tuple(versions[h] for h in sorted(dependencies(graph, gi, False)))
+        if got is None:
+            assert last_seen.get(gi) == key, f"group {gi} reported unchanged after a dependency changed"
+        else:
+            fresh = WeightCost(graph, sa, sb, incoming_only=False)(gi, plans, versions)
+            torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-3)
+        last_seen[gi] = key
+        h = int(torch.randint(n, (1,), generator=gen))  # change one plan
+        u = graph.groups[h].n_units
+        if step == 4 * n and all(s.positions.min() >= 0 for s in graph.groups[h].slots):
+            plans[h] = torch.softmax(torch.randn(u, u, generator=gen), 1)  # a soft plan (sinkhorn)
+        else:
+            plans[h] = torch.randperm(u, generator=gen)
+        versions[h] += 1

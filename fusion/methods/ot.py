@@ -58,6 +58,16 @@ def _check(models, anchor, ground_metric, solver, reg, data, max_iter):
 
 
 # ----------------------------------------------------------------------------- applying plans
+def _permutation_index(graph: ChannelGraph, gi: int, si: int, perm: torch.Tensor):
+    """(dst, src): along the slot's dimension, position ``dst[k]`` receives the old ``src[k]`` under ``perm``."""
+    pos = graph.groups[gi].slots[si].positions
+    dst, src = pos.reshape(-1), pos[perm.cpu()].reshape(-1)
+    valid = dst >= 0
+    if not torch.equal(valid, src >= 0):
+        raise FusionError(f"units of group {graph.groups[gi].name!r} differ in shape; cannot permute")
+    return dst[valid], src[valid]
+
+
 def transform_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, plans, skip: int | None = None):
     """``t`` with every group's plan applied along the dimensions the group occupies.
 
@@ -71,14 +81,9 @@ def transform_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, plans, ski
                 continue
             pos = graph.groups[gi].slots[si].positions
             if plan.dim() == 1:
-                dst, src = pos.reshape(-1), pos[plan.cpu()].reshape(-1)
-                valid = dst >= 0
-                if not torch.equal(valid, src >= 0):
-                    raise FusionError(
-                        f"units of group {graph.groups[gi].name!r} differ in shape; cannot permute"
-                    )
+                dst, src = _permutation_index(graph, gi, si, plan)
                 idx = torch.arange(t.shape[d])
-                idx[dst[valid]] = src[valid]
+                idx[dst] = src
                 t = t.index_select(d, idx.to(t.device))
             else:
                 if (pos < 0).any():
@@ -96,12 +101,37 @@ def transform_tensor(graph: ChannelGraph, name: str, t: torch.Tensor, plans, ski
 # ----------------------------------------------------------------------------- costs
 def _unit_features(t: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
     tm = t.movedim(dim, 0)
+    if positions.numel() == tm.shape[0] and torch.equal(positions.reshape(-1), torch.arange(tm.shape[0])):
+        return tm.reshape(positions.shape[0], -1).float()  # the group is the whole dimension, in order
     idx = positions.to(t.device)
     if (idx >= 0).all():
         return tm[idx].reshape(positions.shape[0], -1).float()
     rows = tm[idx.clamp(min=0)]  # [U, u, r, *rest]
     mask = (idx >= 0).reshape(*idx.shape, *([1] * (rows.dim() - 3)))
     return (rows * mask).reshape(positions.shape[0], -1).float()
+
+
+def _permuted_features(graph: ChannelGraph, t: torch.Tensor, gi: int, si: int, plans) -> torch.Tensor:
+    """Group ``gi``'s unit features in slot ``si`` of ``t`` once every other group's permutation is applied:
+    ``_unit_features(transform_tensor(..., skip=gi), ...)`` for permutation plans, in one copy of ``t``
+    (one ``index_select`` per other dimension, all of its groups' permutations in one index) instead of a
+    copy per group and another for the features."""
+    s = graph.groups[gi].slots[si]
+    tm = t.movedim(s.dim, 0)
+    for d, refs in graph.tensor_dims[s.tensor].items():
+        if d == s.dim:  # other groups on the slot's own dimension move only units outside this group
+            continue
+        idx = None
+        for h, hi in refs:
+            if h == gi or plans[h] is None:
+                continue
+            if idx is None:
+                idx = torch.arange(t.shape[d])
+            dst, src = _permutation_index(graph, h, hi, plans[h])
+            idx[dst] = src
+        if idx is not None:
+            tm = tm.index_select(d + 1 if d < s.dim else d, idx.to(t.device))
+    return _unit_features(tm, s.positions, 0)
 
 
 def _sq_distances(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
@@ -113,42 +143,99 @@ class WeightCost:
 
     ``incoming_only``: only the slices the group produces (Singh & Jaggi's incoming weights); otherwise its
     outgoing weights too, which makes the sum over groups Git Re-Basin's weight-matching objective, so that
-    re-solving one group with the others fixed never makes the total worse. A cost is recomputed only when
-    a plan it depends on has changed; the anchor's side never changes and is computed once.
+    re-solving one group with the others fixed never makes the total worse.
+
+    The cost is a sum over the group's slots of ``|a|^2 + |b|^2 - 2 <a, b>`` terms, and a slot's cross term
+    depends only on the plans of the groups on its tensor's other dimensions. Each slot's term is kept with
+    the plan versions it was computed at and recomputed only when one of those changed: when one layer's
+    input alignment changes, only that layer's product is redone, not the group's other layers (a residual
+    stream touches many). The anchor's side never changes and is computed once (shared by every member
+    through ``anchor_cache``); a member's unit norms are computed once while the other groups' plans are
+    permutations (which only reorder a unit's weights). A recomputation copies the member tensor once (all
+    its other groups' permutations in one index per dimension).
     """
 
-    def __init__(self, graph: ChannelGraph, anchor: dict, member: dict, incoming_only: bool):
+    def __init__(
+        self, graph: ChannelGraph, anchor: dict, member: dict, incoming_only: bool, anchor_cache=None
+    ):
         self.graph, self.anchor, self.member = graph, anchor, member
         self.incoming_only = incoming_only
-        self._anchor: dict[int, tuple[list, torch.Tensor]] = {}
+        self._anchor: dict[int, tuple[list, torch.Tensor]] = {} if anchor_cache is None else anchor_cache
+        # per (group, slot): (plan versions of the slot's other groups, cross term)
+        self._terms: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        # per (group, slot): the member's unit norms, which permutations of other groups do not change
+        self._norms: dict[tuple[int, int], torch.Tensor] = {}
         # per group: the plan versions of its dependencies when it was last costed and solved
         self._solved_at: dict[int, tuple] = {}
         self.deps = [dependencies(graph, gi, incoming_only) for gi in range(len(graph.groups))]
+        self._slots = [self._select(gi) for gi in range(len(graph.groups))]
+
+    def _select(self, gi):
+        """Per costed slot: (slot index, slot, the groups on its tensor's other dimensions, keep its term).
+
+        A term is kept (U x U floats) only where reusing it can pay: the group is revisited (weight
+        matching's objective, a cyclic coordinate descent), its slots do not all depend on the same groups,
+        and the slot's product is worth more than its storage (at least 16 features per unit).
+        """
+        chosen = []
+        for si, s in enumerate(self.graph.groups[gi].slots):
+            if is_float(self.anchor[s.tensor]) and (s.role == OUT or not self.incoming_only):
+                others = tuple(
+                    sorted(
+                        {h for refs in self.graph.tensor_dims[s.tensor].values() for h, _ in refs if h != gi}
+                    )
+                )
+                chosen.append((si, s, others))
+        mixed = len({others for _, _, others in chosen}) > 1
+        out = []
+        for si, s, others in chosen:
+            per_unit = self.anchor[s.tensor].numel() // max(1, s.positions.shape[0])
+            out.append((si, s, others, mixed and not self.incoming_only and per_unit >= 16))
+        return out
 
     def slots(self, gi):
-        return [
-            s
-            for s in self.graph.groups[gi].slots
-            if is_float(self.anchor[s.tensor]) and (s.role == OUT or not self.incoming_only)
-        ]
+        return [s for _, s, _, _ in self._slots[gi]]
+
+    def _member_side(self, gi: int, si: int, s, others, plans):
+        """The member's features for one slot under the current plans, and their squared norms."""
+        b = self.member[s.tensor]
+        if any(plans[h] is not None and plans[h].dim() != 1 for h in others):  # a soft plan mixes units
+            fb = _unit_features(transform_tensor(self.graph, s.tensor, b, plans, skip=gi), s.positions, s.dim)
+            return fb, (fb * fb).sum(1)
+        fb = _permuted_features(self.graph, b, gi, si, plans)
+        norms = self._norms.get((gi, si))
+        if norms is None:
+            norms = self._norms[(gi, si)] = (fb * fb).sum(1)
+        return fb, norms
 
     def __call__(self, gi: int, plans, versions) -> torch.Tensor | None:
         key = tuple(versions[h] for h in sorted(self.deps[gi]))
         if self._solved_at.get(gi) == key:
             return None  # unchanged since the group was last solved: so is its plan
-        slots = self.slots(gi)
+        slots = self._slots[gi]
         if not slots:
             raise FusionError(f"group {self.graph.groups[gi].name!r} has no weights to compare")
         if gi not in self._anchor:
-            feats = [_unit_features(self.anchor[s.tensor], s.positions, s.dim) for s in slots]
+            feats = [_unit_features(self.anchor[s.tensor], s.positions, s.dim) for _, s, _, _ in slots]
             self._anchor[gi] = (feats, sum((f * f).sum(1) for f in feats))
         feats, na = self._anchor[gi]
         cross, nb = None, None
-        for s, fa in zip(slots, feats):
-            b = transform_tensor(self.graph, s.tensor, self.member[s.tensor], plans, skip=gi)
-            fb = _unit_features(b, s.positions, s.dim)
-            cross = fa @ fb.T if cross is None else cross.add_(fa @ fb.T)
-            nb = (fb * fb).sum(1) if nb is None else nb + (fb * fb).sum(1)
+        for (si, s, others, keep), fa in zip(slots, feats):
+            slot_key = tuple(versions[h] for h in others)
+            cached = self._terms.get((gi, si))
+            if cached is not None and cached[0] == slot_key:
+                term, fresh = cached[1], False
+                norms = self._norms.get((gi, si))
+                if norms is None:  # a soft plan was involved: norms are not kept
+                    norms = self._member_side(gi, si, s, others, plans)[1]
+            else:
+                fb, norms = self._member_side(gi, si, s, others, plans)
+                term, fresh = fa @ fb.T, True
+                if keep:
+                    self._terms[(gi, si)], fresh = (slot_key, term), False
+            # the terms are summed in slot order whether kept or recomputed: the same cost either way
+            cross = (term if fresh else term.clone()) if cross is None else cross.add_(term)
+            nb = norms if nb is None else nb + norms
         cost = na[:, None] + nb[None, :] - 2 * cross
         self._solved_at[gi] = key
         return cost
@@ -181,42 +268,62 @@ def topological_order(deps: list[set[int]], preferred: list[int]) -> list[int] |
     return order
 
 
-def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[torch.Tensor | None]:
-    """Per group: unit features from the outputs of the conv / linear layers that produce the group."""
-    skeleton = meta_copy(model).eval()
-    modules = dict(skeleton.named_modules())
-    wanted = {}
+def _producers(graph: ChannelGraph) -> dict[str, list[tuple[int, object]]]:
+    """Per conv / linear layer that produces channels of a group: the (group index, slot) it produces."""
+    wanted: dict[str, list] = {}
     for gi, g in enumerate(graph.groups):
         for s in g.slots:
             if s.role == OUT and s.is_weight and s.kind in ("conv", "linear"):
                 wanted.setdefault(s.layer, []).append((gi, s))
-    outputs = {}
+    return wanted
 
-    def hook(name):
-        def fn(_mod, _inp, out):
-            outputs[name] = out.detach().clone()  # a later in-place activation must not rewrite it
 
-        return fn
+class _Observer:
+    """Runs a member on inputs with forward hooks at the given layers; ``run`` returns their outputs."""
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in wanted]
-    try:
-        state = full_state(model)
-        device = next(iter(state.values())).device
-        with torch.no_grad():
-            torch.func.functional_call(
-                skeleton, state, map_inputs(data, lambda t: t.to(device)), strict=False
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    def __init__(self, model: nn.Module, layers):
+        self.skeleton = meta_copy(model).eval()
+        self.modules = dict(self.skeleton.named_modules())
+        self.layers = list(layers)
+        self.state = full_state(model)
+        self.device = next(iter(self.state.values())).device
+
+    def channel_dim(self, name: str, out: torch.Tensor) -> int:
+        return out.dim() - 1 if isinstance(self.modules[name], nn.Linear) else 1
+
+    def run(self, inputs) -> dict[str, torch.Tensor]:
+        outputs = {}
+
+        def hook(name):
+            def fn(_mod, _inp, out):
+                outputs[name] = out.detach().clone()  # a later in-place activation must not rewrite it
+
+            return fn
+
+        handles = [self.modules[name].register_forward_hook(hook(name)) for name in self.layers]
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(
+                    self.skeleton, self.state, map_inputs(inputs, lambda t: t.to(self.device)), strict=False
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+
+def _activation_features(model: nn.Module, graph: ChannelGraph, data) -> list[torch.Tensor | None]:
+    """Per group: unit features from the outputs of the conv / linear layers that produce the group."""
+    wanted = _producers(graph)
+    observer = _Observer(model, wanted)
+    outputs = observer.run(data)
     feats: list[torch.Tensor | None] = [None] * len(graph.groups)
     for name, entries in wanted.items():
-        out = outputs.get(name)
+        out = outputs.pop(name, None)  # each layer's output is released once its groups have read it
         if out is None:
             continue
-        channel_dim = out.dim() - 1 if isinstance(modules[name], nn.Linear) else 1
         for gi, s in entries:
-            f = _unit_features(out, s.positions, channel_dim)
+            f = _unit_features(out, s.positions, observer.channel_dim(name, out))
             feats[gi] = f if feats[gi] is None else torch.cat([feats[gi], f], dim=1)
     return feats
 
@@ -294,8 +401,10 @@ def align(
     max_iter: int,
     anchor_feats=None,
     member_feats=None,
+    anchor_cache=None,
 ):
-    """Plans that align ``member`` to ``anchor``, one per group.
+    """Plans that align ``member`` to ``anchor``, one per group. ``anchor_cache``: a dict kept across the
+    members aligned to one anchor (its features are computed once).
 
     Weights: when no group's incoming weights depend on a later group (chains, VGG, MLPs), one pass in that
     order is exactly Singh & Jaggi's layer-wise OT fusion. When they form a cycle (a residual stream read and
@@ -311,7 +420,7 @@ def align(
     versions = [0] * len(graph.groups)
     incoming = [dependencies(graph, gi, True) for gi in range(len(graph.groups))]
     acyclic = topological_order(incoming, order)
-    cost = WeightCost(graph, anchor, member, incoming_only=acyclic is not None)
+    cost = WeightCost(graph, anchor, member, incoming_only=acyclic is not None, anchor_cache=anchor_cache)
     sweeps = 1 if acyclic is not None else max_iter
     for _ in range(sweeps):
         changed = False
@@ -351,6 +460,7 @@ def ot_plans(
         _activation_features(models[anchor], graph, data) if ground_metric == "activations" else None
     )
     member_plans: list = [None] * len(models)
+    anchor_cache: dict = {}
     with torch.no_grad():
         for i, model in enumerate(models):
             if i == anchor:
@@ -366,6 +476,7 @@ def ot_plans(
                 max_iter,
                 anchor_feats,
                 member_feats,
+                anchor_cache,
             )
     return graph, member_plans
 

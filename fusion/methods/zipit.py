@@ -38,8 +38,8 @@ from ..groups import ChannelGraph, mean_tensor
 from ..layers import OUT, is_float
 from ..provenance import Provenance, attach
 from ..registry import register
-from ..trace import channel_groups, full_state
-from .ot import _activation_features
+from ..trace import channel_groups, full_state, map_inputs
+from .ot import _Observer, _producers, _unit_features
 
 
 def _check(alpha, beta, data):
@@ -61,6 +61,115 @@ def similarity(feats: torch.Tensor) -> torch.Tensor:
     sq = (f * f).sum(1)
     dist = (f @ f.T).mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0)
     return sim.sub_(dist.mul_(1e-3 / float(dist.max().clamp(min=1e-30))))
+
+
+GRAM_BUDGET = 32 * 2**20  # bytes: all members' features of one chunk of the batch, for the Gram groups
+
+
+class _Gram:
+    """Centred Gram matrix of ``n`` units' activations, accumulated over sample chunks in float64.
+
+    Columns are shifted by the first chunk's per-unit means before they are multiplied (the shifted-data
+    algorithm): subtracting the mean at the end then cancels only the small remainder, not the raw second
+    moments. ``similarity`` gives :func:`similarity`'s matrix (correlation, ties broken by raw distance)
+    from these statistics, without the features.
+    """
+
+    def __init__(self) -> None:
+        self.shift = self.gram = self.sums = None
+        self.count = 0
+
+    def add(self, f: torch.Tensor) -> None:
+        f = f.double()
+        if self.shift is None:
+            self.shift = f.mean(1, keepdim=True)
+            self.gram = torch.zeros(f.shape[0], f.shape[0], dtype=torch.float64, device=f.device)
+            self.sums = torch.zeros(f.shape[0], dtype=torch.float64, device=f.device)
+        f = f - self.shift
+        self.gram.addmm_(f, f.T)
+        self.sums += f.sum(1)
+        self.count += f.shape[1]
+
+    def similarity(self) -> torch.Tensor:
+        """Consumes the statistics (works in the Gram matrix's memory)."""
+        g = self.gram.sub_(torch.outer(self.sums, self.sums).div_(self.count))  # sum (x - mean)(y - mean)
+        var = g.diagonal().clone()
+        norm = var.clamp(min=0).sqrt().clamp(min=1e-12)
+        mean = self.shift.reshape(-1) + self.sums / self.count
+        # |x - y|^2 = |(x - mean_x) - (y - mean_y)|^2 + count (mean_x - mean_y)^2 over the columns
+        dist = (mean[:, None] - mean[None, :]).square_().mul_(self.count)
+        dist.add_(var[:, None]).add_(var[None, :]).sub_(g, alpha=2).clamp_(min=0)
+        dist = dist.float()
+        sim = g.div_(norm[:, None]).div_(norm[None, :]).float()
+        self.gram = None
+        return sim.sub_(dist.mul_(1e-3 / float(dist.max().clamp(min=1e-30))))
+
+
+def _batch_size(data) -> int:
+    sizes = []
+    map_inputs(data, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
+    if not sizes:
+        raise FusionError("zipit: data holds no batched tensor to observe the members on")
+    return sizes[0]
+
+
+def zip_statistics(models, graph: ChannelGraph, data, budget: int = GRAM_BUDGET):
+    """Per group: what :func:`zip_sources` needs to compare all members' units, or None (no producing conv /
+    linear to observe).
+
+    A group whose features over the batch are smaller than a Gram matrix of all members' units (few
+    columns: deep layers, small spatial maps) keeps its features, per member ([U, columns]); the others
+    (wide spatial maps) accumulate a centred Gram matrix of all N x U units over chunks of the batch
+    (:class:`_Gram`), so that no member's features for the whole batch, nor every member's features at
+    once, are ever held. Chunks are sized so that all members' features of one chunk fit in ``budget``
+    bytes. The members run once per chunk.
+    """
+    wanted = _producers(graph)
+    observers = [_Observer(m, wanted) for m in models]
+    n_members = len(models)
+    total = _batch_size(data)
+
+    def group_features(outputs, gi_filter=None):
+        feats: dict[int, torch.Tensor] = {}
+        for name, entries in wanted.items():
+            out = outputs.pop(name, None)
+            if out is None:
+                continue
+            for gi, s in entries:
+                if gi_filter is not None and gi not in gi_filter:
+                    continue
+                f = _unit_features(out, s.positions, observers[0].channel_dim(name, out))
+                feats[gi] = f if gi not in feats else torch.cat([feats[gi], f], dim=1)
+        return feats
+
+    # columns per sample of each group, from one sample
+    probe = group_features(observers[0].run(map_inputs(data, lambda t: t[:1] if t.dim() else t)))
+    per_sample = {gi: f.shape[1] for gi, f in probe.items()}
+    del probe
+    gram = {
+        gi: _Gram()
+        for gi, c in per_sample.items()
+        if c * total > 2 * n_members * graph.groups[gi].n_units  # features bigger than a float64 Gram
+    }
+    kept = {gi: [[] for _ in models] for gi in per_sample if gi not in gram}
+    chunk_bytes = 4 * n_members * sum(per_sample[gi] * graph.groups[gi].n_units for gi in gram)
+    step = max(1, min(total, budget // max(1, chunk_bytes)))
+    for start in range(0, total, step):
+        rows = slice(start, start + step)
+        inputs = map_inputs(data, lambda t, rows=rows: t[rows] if t.dim() else t)
+        chunk = {gi: [] for gi in gram}
+        for m, observer in enumerate(observers):
+            for gi, f in group_features(observer.run(inputs)).items():
+                (chunk[gi] if gi in gram else kept[gi][m]).append(f)
+        for gi, fs in chunk.items():
+            gram[gi].add(torch.cat(fs))
+        del chunk
+    stats: list = [None] * len(graph.groups)
+    for gi, per_member in kept.items():
+        stats[gi] = [torch.cat(fs, dim=1) if len(fs) > 1 else fs[0] for fs in per_member]
+    for gi, g in gram.items():
+        stats[gi] = g
+    return stats
 
 
 def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alpha: float, beta: float):
@@ -151,19 +260,21 @@ def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alp
     return torch.from_numpy(rank[label])
 
 
-def zip_sources(graph: ChannelGraph, feats, alpha: float, beta: float):
-    """Per group, the merge as provenance entries (fused unit, member, member unit, 1 / cluster size)."""
-    n_members = len(feats)
+def zip_sources(graph: ChannelGraph, stats, n_members: int, alpha: float, beta: float):
+    """Per group, the merge as provenance entries (fused unit, member, member unit, 1 / cluster size), from
+    :func:`zip_statistics`'s per-group statistics (consumed: each group's are released once it is zipped)."""
     sources = []
     for gi, g in enumerate(graph.groups):
         u = g.n_units
         members = torch.arange(n_members).repeat_interleave(u)
         units = torch.arange(u).repeat(n_members)
-        per = [f[gi] for f in feats]
-        if any(f is None for f in per):  # no producing conv / linear to observe: averaging
+        st = stats[gi]
+        if st is None:  # no producing conv / linear to observe: averaging
             cluster = units.clone()
         else:
-            cluster = zip_clusters(similarity(torch.cat(per)), members, n_members, float(alpha), float(beta))
+            sim = st.similarity() if isinstance(st, _Gram) else similarity(torch.cat(st))
+            cluster = zip_clusters(sim, members, n_members, float(alpha), float(beta))
+            stats[gi] = sim = None
         size = torch.bincount(cluster, minlength=u).float()
         sources.append((cluster, members, units, 1.0 / size[cluster]))
     return sources
@@ -201,7 +312,7 @@ def zipit(models, *, example_inputs=None, data=None, alpha=0.3, beta=0.125, veri
     graph = channel_groups(models[0], inputs, verify=verify)
     n = len(models)
     with torch.no_grad():
-        sources = zip_sources(graph, [_activation_features(m, graph, data) for m in models], alpha, beta)
+        sources = zip_sources(graph, zip_statistics(models, graph, data), n, alpha, beta)
         states = [full_state(m) for m in models]
         fused_state = {}
         for name, ref in states[0].items():
