@@ -414,9 +414,8 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: st
         comps.setdefault(find(r), []).append(r)
     units = sorted(comps.values())
     n_units, k = len(units), len(units[0])
-    roots = (
-        torch.arange(n_root).reshape(k, n_units).T if n_root % n_units == 0 else None
-    )  # [U, k] strided parts
+    # [U, k] strided parts; components of unequal sizes (k * U != the root's channels) are no such layout
+    roots = torch.arange(n_root).reshape(k, n_units).T if n_root == k * n_units else None
     if n_units < 2 or roots is None or units != roots.tolist():
         raise FusionError(
             refusal or f"the channels of the group rooted at {root_name!r} meet; fusion refused"
