@@ -2,7 +2,9 @@
 
 Every case runs in fresh child processes (``bench.measure.peak_rss_beyond_baseline``) that receive the
 members and take their baseline RSS once they are loaded; the reported memory is the peak RSS beyond that
-baseline, i.e. what fusion needs on top of its inputs (CPU), or the CUDA allocator's peak beyond what was
+baseline, i.e. what fusion needs on top of its inputs (CPU; measured in processes of their own, since the
+allocator setting that makes RSS peaks honest slows large temporaries down; times come from processes that
+allocate as a user's does), or the CUDA allocator's peak beyond what was
 allocated before (GPU). "first": the first fusion of an architecture in a process, which includes tracing the
 channel groups and the permutation self-check (cached per architecture afterwards), with an empty trace cache
 on disk; "cached": the first fusion in a fresh process whose disk cache holds the architecture's verified
@@ -94,10 +96,10 @@ def _fuse_repeatedly(members, method, example, repeats, data=None):
 
 
 def run_case(case: Case, device: str, repeats: int) -> dict:
-    """Three fresh processes per case: a *cold* one (the first fusion of the architecture, which traces the
-    channel groups and runs the permutation self-check; the disk's trace cache is empty), a *warm* one (traced
-    once, unmeasured, then ``repeats`` fusions; time is their median, memory their peak) and a *cached* one (a
-    first fusion that finds the verified trace the cold one stored)."""
+    """Fresh processes per case (on the CPU; see ``_measure``): *cold* ones (the first fusion of the
+    architecture, which traces the channel groups and runs the permutation self-check; the disk's trace cache
+    is empty), *warm* ones (traced once, unmeasured, then ``repeats`` fusions; time is their median, memory
+    their peak) and a *cached* one (a first fusion that finds the verified trace the cold one stored)."""
     members, x = build_members(case.arch, case.width, case.n, device)
     data = method_data(case.method, x)
     with tempfile.TemporaryDirectory(prefix="fusebench-perf-traces-") as traces:
@@ -118,6 +120,12 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
         "model_mb": model_mb,
         "extra_per_model": warm_mb / model_mb if model_mb else float("nan"),
     }
+
+
+def _in_fresh_cache(fn, *args, **kwargs):
+    """``fn`` with an empty trace cache of its own (a cold first call), the current one restored after."""
+    with tempfile.TemporaryDirectory(prefix="fusebench-perf-traces-") as folder, _trace_cache(folder):
+        return fn(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -155,15 +163,19 @@ def _measure(members, method, x, data, device, repeats, cold_only=False):
         )
         trace._CACHE.clear()
     else:
+        # time and memory from separate fresh processes: the memory child fixes glibc's mmap threshold (see
+        # bench.measure), which costs fresh pages for every large temporary; timing children allocate as a
+        # user's process does
         preload = ("fusion", "torch_pruning", "ot")
-        cold, cold_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, method, x, 1, data, preload=preload
-        )
+        run = (_fuse_repeatedly, members, method, x)
+        cold, _, _ = peak_rss_beyond_baseline(*run, 1, data, preload=preload, fixed_mmap_threshold=False)
         if cold_only:
-            return cold, cold_mb, None, None
-        warm, warm_mb, _ = peak_rss_beyond_baseline(
-            _fuse_repeatedly, members, method, x, repeats, data, preload=preload, warmup=True
+            return cold, None, None, None
+        _, cold_mb, _ = _in_fresh_cache(peak_rss_beyond_baseline, *run, 1, data, preload=preload)
+        warm, _, _ = peak_rss_beyond_baseline(
+            *run, repeats, data, preload=preload, warmup=True, fixed_mmap_threshold=False
         )
+        _, warm_mb, _ = peak_rss_beyond_baseline(*run, repeats, data, preload=preload, warmup=True)
     return cold, cold_mb, warm, warm_mb
 
 
