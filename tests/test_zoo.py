@@ -68,7 +68,10 @@ def test_table_counts_and_reason_classes(tmp_path):
     }  # fmt: skip
     text = write_table(rows, tmp_path / "t.md")
     assert "| fused | 2 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
-    assert "Of the 4 models torch-pruning builds a dependency graph for, 2 fuse (50.0 %; 1 of them only at the members' width" in text
+    assert (
+        "Of the 4 models torch-pruning builds a dependency graph for, 2 fuse (50.0 %; 1 of them only at the members' width"
+        in text
+    )
     assert "| e | — | fused | not possible, NT cannot widen it: x |" in text
     # one refusal class for both models: names and sizes are not part of the class
     assert "| refused | channel tracing is inconsistent for '…' (dimension N of size N) | 2 |" in text
