@@ -3,6 +3,7 @@
 For every timm model up to a parameter budget (counted on the meta device, no weights) the walk runs,
 in a worker process with a time limit per model:
 
+0. the model itself on the walk's input (a model that does not run at that size is "skipped");
 1. torch-pruning's dependency graph on the model, as fusion builds it (if it cannot be built: "not traceable");
 2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
 3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
@@ -108,6 +109,12 @@ def check_model(name: str) -> dict:
                     mod.running_var.uniform_(0.5, 1.5, generator=gen)
     result["params"] = sum(p.numel() for p in members[0].parameters())
     x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
+    try:
+        with torch.no_grad():
+            members[0](x)
+    except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: nothing to judge at this size
+        reason = f"the model does not run at {INPUT_SIZE}px: {type(exc).__name__}: {exc}"
+        return {**result, "status": "skipped", "reason": reason[:300]}
     try:
         t = time.perf_counter()
         try:

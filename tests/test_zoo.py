@@ -31,6 +31,11 @@ def test_a_model_with_fixed_split_sizes_fuses_at_the_members_width_only(one_thre
     assert res["ensemble_check"].startswith("not possible, NT cannot widen it: the fused model does not run")
 
 
+def test_a_model_that_does_not_run_at_the_walks_input_size_is_skipped_not_called_untraceable(one_thread):
+    res = check_model("inception_v3")  # its stem needs more than 64 px
+    assert res["status"] == "skipped" and res["reason"].startswith("the model does not run at 64px"), res
+
+
 def test_unknown_model_is_skipped_with_the_reason():
     res = check_model("no_such_model_xyz")
     assert res["status"] == "skipped" and "timm cannot build it" in res["reason"]
