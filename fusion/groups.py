@@ -367,9 +367,20 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
 
 
 def _chunked_power_sums(t, step, p, rows_sum, cols) -> None:
+    # rows and input channels of a conv / linear weight: the kernel positions are summed first (contiguous),
+    # and both sums come from that small [rows, channels] matrix instead of two passes over the chunk
+    rows_and_channels = t.dim() >= 2 and list(cols) == [1]
     for start in range(0, t.shape[0], step):
         chunk = t[start : start + step]
         powered = chunk.square() if p == 2 else chunk.abs().pow(p)
+        if rows_and_channels:
+            per_channel = powered.reshape(powered.shape[0], t.shape[1], -1)
+            per_channel = per_channel.sum(2) if per_channel.shape[2] > 1 else per_channel.squeeze(2)
+            if rows_sum is not None:
+                torch.sum(per_channel, dim=1, out=rows_sum[start : start + step])
+            part = per_channel.sum(0)
+            cols[1] = part if cols[1] is None else cols[1].add_(part)
+            continue
         if rows_sum is not None:
             torch.sum(powered.reshape(powered.shape[0], -1), dim=1, out=rows_sum[start : start + step])
         for d in cols:
