@@ -264,3 +264,17 @@ def test_zipit_statistics_over_chunks_equal_the_features_similarity():
         ):
             assert all(torch.equal(p, q) for p, q in zip(got, ref))
     assert kinds == {_Gram, list}, "both ways of describing a group must be exercised"
+
+
+def test_zipit_gram_similarity_in_row_blocks_equals_the_features_one():
+    """Wide groups (16 members x 512 units) are turned into similarities block by block: the same matrix as
+    from all the features, here with 2,048 units, i.e. four row blocks, and offset means (the tie-breaking
+    distance must see them)."""
+    from fusion.methods.zipit import _Gram, similarity
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2048, 40, generator=g) + torch.randn(2048, 1, generator=g) * 3
+    gram = _Gram()
+    for chunk in feats.split(7, dim=1):
+        gram.add(chunk)
+    torch.testing.assert_close(gram.similarity(), similarity(feats), rtol=0, atol=2e-5)

@@ -58,9 +58,21 @@ def similarity(feats: torch.Tensor) -> torch.Tensor:
     centred = f - f.mean(1, keepdim=True)
     centred = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
     sim = centred @ centred.T
+    del centred
     sq = (f * f).sum(1)
-    dist = (f @ f.T).mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0)
-    return sim.sub_(dist.mul_(1e-3 / float(dist.max().clamp(min=1e-30))))
+    n = f.shape[0]
+    blocks = [slice(i, min(n, i + _ROWS)) for i in range(0, n, _ROWS)]
+
+    def dist(rows: slice) -> torch.Tensor:  # one row block: the only other n-wide temporary
+        return (f[rows] @ f.T).mul_(-2).add_(sq[rows, None]).add_(sq[None, :]).clamp_(min=0)
+
+    scale = 1e-3 / max(max((float(dist(b).max()) for b in blocks), default=0.0), 1e-30)
+    for b in blocks:
+        sim[b].sub_(dist(b).mul_(scale))
+    return sim
+
+
+_ROWS = 512  # rows per block of the tie-breaking distances
 
 
 GRAM_BUDGET = 32 * 2**20  # bytes: all members' features of one chunk of the batch, for the Gram groups
@@ -91,18 +103,28 @@ class _Gram:
         self.count += f.shape[1]
 
     def similarity(self) -> torch.Tensor:
-        """Consumes the statistics (works in the Gram matrix's memory)."""
-        g = self.gram.sub_(torch.outer(self.sums, self.sums).div_(self.count))  # sum (x - mean)(y - mean)
+        """Consumes the statistics. Works in the Gram matrix's memory plus the float32 result: two passes over
+        row blocks (the largest tie-breaking distance, then the result), no other n x n temporary."""
+        g = self.gram.addr_(self.sums, self.sums, alpha=-1.0 / self.count)  # sum (x - mean)(y - mean)
+        self.gram = None
         var = g.diagonal().clone()
         norm = var.clamp(min=0).sqrt().clamp(min=1e-12)
         mean = self.shift.reshape(-1) + self.sums / self.count
-        # |x - y|^2 = |(x - mean_x) - (y - mean_y)|^2 + count (mean_x - mean_y)^2 over the columns
-        dist = (mean[:, None] - mean[None, :]).square_().mul_(self.count)
-        dist.add_(var[:, None]).add_(var[None, :]).sub_(g, alpha=2).clamp_(min=0)
-        dist = dist.float()
-        sim = g.div_(norm[:, None]).div_(norm[None, :]).float()
-        self.gram = None
-        return sim.sub_(dist.mul_(1e-3 / float(dist.max().clamp(min=1e-30))))
+
+        def dist(rows: slice) -> torch.Tensor:
+            # |x - y|^2 = |(x - mean_x) - (y - mean_y)|^2 + count (mean_x - mean_y)^2 over the columns
+            d = (mean[rows, None] - mean[None, :]).square_().mul_(self.count)
+            return d.add_(var[rows, None]).add_(var[None, :]).sub_(g[rows], alpha=2).clamp_(min=0)
+
+        n = g.shape[0]
+        step = max(1, (8 * 2**20) // (8 * n))  # row blocks of 8 MB in float64
+        blocks = [slice(i, min(n, i + step)) for i in range(0, n, step)]
+        scale = 1e-3 / max(max((float(dist(b).max()) for b in blocks), default=0.0), 1e-30)
+        out = torch.empty(n, n, dtype=torch.float32, device=g.device)
+        for b in blocks:
+            sim = g[b].div(norm[b, None]).div_(norm[None, :])
+            out[b] = sim.sub_(dist(b).mul_(scale))
+        return out
 
 
 def _batch_size(data) -> int:
@@ -213,7 +235,7 @@ def zip_clusters(sim: torch.Tensor, member_of: torch.Tensor, n_members: int, alp
     arg = np.empty(n, dtype=np.int64)
 
     def refresh(rows: np.ndarray) -> None:
-        for chunk in np.array_split(rows, max(1, rows.size * n // (1 << 24))):  # bounded temporaries
+        for chunk in np.array_split(rows, max(1, rows.size * n // (1 << 22))):  # bounded temporaries
             s = effective(chunk)
             arg[chunk] = s.argmax(1)
             best[chunk] = s[np.arange(chunk.size), arg[chunk]]
