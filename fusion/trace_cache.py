@@ -71,10 +71,12 @@ def _environment() -> str:
 
 
 def key(model: nn.Module, fingerprint: tuple) -> str | None:
-    """The cache key of ``model``'s verified trace, or None when its classes' sources cannot be read."""
-    classes = sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__))
+    """The cache key of ``model``'s verified trace, or None when the cache is off or its classes' sources
+    cannot be read."""
+    if cache_dir() is None:
+        return None  # nothing to read or write: no source file is hashed
     files = set()
-    for cls in classes:
+    for cls in {type(m) for m in model.modules()}:
         try:
             files.add(inspect.getsourcefile(cls))
         except TypeError:

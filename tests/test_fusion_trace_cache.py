@@ -148,7 +148,7 @@ def test_a_second_process_reuses_the_first_ones_trace(cache):
     assert [r.stdout.strip() for r in runs] == ["1", "0"]
 
 
-def test_editing_a_model_class_source_changes_the_key(tmp_path, monkeypatch):
+def test_editing_a_model_class_source_changes_the_key(cache, tmp_path, monkeypatch):
     import importlib
 
     source = tmp_path / "edited_model.py"
@@ -164,3 +164,11 @@ def test_editing_a_model_class_source_changes_the_key(tmp_path, monkeypatch):
     os.utime(source, ns=(1, 1))  # a different modification time, whatever the clock's resolution
     module = importlib.reload(module)
     assert trace_cache.key(module.M(), fingerprint) != before
+
+
+def test_with_the_cache_off_no_key_is_made(monkeypatch):
+    """``off`` skips the cache's own work too: no class source file is read or hashed."""
+    monkeypatch.setenv(trace_cache.ENV, "off")
+    monkeypatch.setattr(trace_cache, "_file_digest", lambda path: (_ for _ in ()).throw(AssertionError(path)))
+    model = make_fusion_member("mlp", 0)
+    assert trace_cache.key(model, trace._fingerprint(model, fusion_example_input("mlp"), None)) is None
