@@ -54,9 +54,8 @@ class ChannelGroup:
     name: str  # the module whose output channels root the group
     n_units: int
     slots: list[Slot]
-    unit_kind: str = (
-        "channel"  # "channel", "conv-block", "head" or "coupled channels" (equal parts that meet)
-    )
+    # "channel", "conv-block", "head" or "coupled channels" (equal parts that meet)
+    unit_kind: str = "channel"
 
     @property
     def layers(self) -> list[str]:
@@ -205,31 +204,32 @@ class ChannelGraph:
 def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """One tensor of the new model from the members' ``tensors``: member m writes its entries ``picks[m]``
     (per slotted dimension: destination and source positions); entries between two members stay zero."""
-    slotted = sorted(index for member in picks if member is not None for index in member)
-    slotted = sorted(set(slotted))
+    slotted = sorted({d for member in picks if member is not None for d in member})
     live = [(t, member) for t, member in zip(tensors, picks) if member is not None]
+    # per live member and slotted dimension: its destination positions as a slice when they are one run
+    runs = [{d: _as_range(dst) for d, (dst, _) in member.items()} for _, member in live]
+    blocks = all(r.get(0) is not None and r.get(1) is not None for r in runs)  # rows x columns, both runs
     if len(slotted) == 1 or len(tensors) == 1:
         # every entry is written: each slice along the one slotted dimension comes whole from one member,
         # or a single member fills everything
         out = ref.new_empty(shape, dtype=dtype)
     elif (
         slotted == [0, 1]
-        and all(_as_range(m[0][0]) and _as_range(m[1][0]) for _, m in live)
+        and blocks
         and sum(m[0][0].numel() for _, m in live) == shape[0]  # every row belongs to a member with columns
     ):
         # the members' rows x columns blocks (NT keeps concatenation order); only the rest is zeroed
         out = ref.new_empty(shape, dtype=dtype)
-        for _, member in live:
-            rows, cols = _as_range(member[0][0]), _as_range(member[1][0])
-            out[rows, : cols.start].zero_()
-            out[rows, cols.stop :].zero_()
+        for r in runs:
+            out[r[0], : r[1].start].zero_()
+            out[r[0], r[1].stop :].zero_()
     else:
         out = ref.new_zeros(shape, dtype=dtype)
     last = slotted[-1]
-    for t, member in live:
+    for (t, member), r in zip(live, runs):
         if len(member) == 1:
             ((d, (dst, src)),) = member.items()
-            run = _as_range(dst)
+            run = r[d]
             if run is not None and d == 0 and scale == 1.0 and _as_range(src) is None and t.dtype == dtype:
                 torch.index_select(t, 0, src, out=out.narrow(0, run.start, run.stop - run.start))
                 continue
@@ -240,10 +240,9 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtyp
                 out.narrow(d, run.start, run.stop - run.start).copy_(sub)
             else:
                 out.index_copy_(d, dst, sub.to(dtype))
-        elif sorted(member) == [0, 1] and _as_range(member[0][0]) and _as_range(member[1][0]):
+        elif sorted(member) == [0, 1] and r[0] is not None and r[1] is not None:
             # rows x columns into a block of the output, gathered straight into place
-            (dst0, src0), (dst1, src1) = member[0], member[1]
-            _gather_block(out[_as_range(dst0), _as_range(dst1)], t, src0, src1, scale)
+            _gather_block(out[r[0], r[1]], t, member[0][1], member[1][1], scale)
         elif len(member) == 2 and sorted(member)[1] == sorted(member)[0] + 1:
             # one gather and one scatter of the member's block (rows x columns), no zero padding
             d0, d1 = sorted(member)
@@ -319,9 +318,8 @@ def _as_range(index: torch.Tensor) -> slice | None:
     return None
 
 
-_SERIAL_ELEMENTS = (
-    1 << 16
-)  # a chunk of a tensor read piece by piece: 256 KB of float32, resident in the cache
+# a chunk of a tensor read piece by piece: 256 KB of float32, resident in the cache
+_SERIAL_ELEMENTS = 1 << 16
 
 
 @contextlib.contextmanager
