@@ -102,6 +102,62 @@ def test_self_check_falls_back_to_model_precision_with_a_reason():
         verify_permutation_invariance(_gated(1.0, cast=True), graph, x)
 
 
+class TanhRollGate(nn.Module):
+    """A gate on (B, C) features that reads the neighbouring channel (``roll``): a missed coupling."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * (1 + self.eps * torch.tanh(torch.roll(x, 1, dims=1)))
+
+
+class Cancelling(nn.Module):
+    """A badly conditioned MLP, like a deep random net whose activations grow: hidden units of about 1e6
+    come in equal pairs that the output layer subtracts, leaving about 1e-7 of them. Reassociating its
+    sums moves the output by far more than 1e-9 of its scale, even in float64 (``delta``: how closely the
+    pairs cancel)."""
+
+    def __init__(self, eps: float, delta: float = 1e-7):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(8, 64), TanhRollGate(eps), nn.Linear(64, 3)
+        with torch.no_grad():
+            self.fc1.weight.mul_(1e6)
+            self.fc1.bias.zero_()
+            self.fc1.weight[32:] = self.fc1.weight[:32]
+            self.fc2.weight[:, 32:] = -self.fc2.weight[:, :32] * (1 + delta * torch.rand(3, 32))
+            self.fc2.bias.zero_()
+
+    def forward(self, x):
+        return self.fc2(self.gate(torch.relu(self.fc1(x))))
+
+
+def test_self_check_tolerance_follows_measured_rounding_noise():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = Cancelling(0.0).eval()
+    graph = _trace(model, x, None)
+    state64 = {k: v.double() for k, v in full_state(model).items()}
+    ref = torch.func.functional_call(model, state64, (x.double(),))
+    perm = graph.assemble(
+        [full_state(model)], graph.random_permutation(torch.Generator().manual_seed(0)), dtype=torch.float64
+    )
+    err = _rel(torch.func.functional_call(model, perm, (x.double(),)).detach(), ref.detach())
+    assert err > 1e-9  # a fixed float64 tolerance of 1e-9 would refuse this correct trace
+    verify_permutation_invariance(model, graph, x)
+    assert graph.check_precision.startswith("float64, tolerance")
+    # the noise-scaled tolerance still refuses a real missed coupling on the same badly conditioned model
+    coupled = Cancelling(1e-6).eval()
+    coupled.load_state_dict(model.state_dict())
+    with pytest.raises(fusion.FusionError, match=r"rooted at 'fc1'.*not traced completely"):
+        verify_permutation_invariance(coupled, _trace(coupled, x, None), x)
+    # where the outputs are rounding noise even in float64's view, nothing can be verified: refused by name
+    noise = Cancelling(0.0, delta=1e-9).eval()  # the pairs cancel exactly in float32
+    with pytest.raises(fusion.FusionError, match="rounding noise"):
+        verify_permutation_invariance(noise, _trace(noise, x, None), x)
+
+
 # ---------------------------------------------------------------------------- GroupNorm
 class GNNet(nn.Module):
     """conv -> GroupNorm(g1) -> conv -> GroupNorm(g2) -> 1x1 conv + skip -> classifier."""
