@@ -3,7 +3,8 @@
 For every timm model up to a parameter budget (counted on the meta device, no weights) the walk runs,
 in a worker process with a time limit per model:
 
-0. the model itself on the walk's input (a model that does not run at that size is "skipped");
+0. the model itself on the walk's input; a model that does not run at that size is walked at the input size
+   of its own pretrained config (recorded as ``input``), and "skipped" if it does not run there either;
 1. torch-pruning's dependency graph on the model, as fusion builds it (if it cannot be built: "not traceable");
 2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
 3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
@@ -48,16 +49,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- one model
-def _create(name: str, device: str = "cpu"):
+def _create(name: str, device: str = "cpu", size: int = INPUT_SIZE):
     import timm
     import torch
 
     kwargs = {"pretrained": False, "num_classes": NUM_CLASSES}
     with torch.device(device):
         try:
-            return timm.create_model(name, img_size=INPUT_SIZE, **kwargs)
+            return timm.create_model(name, img_size=size, **kwargs)
         except TypeError:
             return timm.create_model(name, **kwargs)
+
+
+def _native_size(model) -> int | None:
+    """The input size the model was made for (its pretrained config), if it is square and known."""
+    shape = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(shape[-1]) if shape and len(shape) == 3 and shape[1] == shape[2] else None
 
 
 def count_params(name: str) -> int | None:
@@ -84,37 +91,77 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def check_model(name: str) -> dict:
-    """The walk's checks on one model (see the module docstring): a JSON-able result."""
+def _ensemble_err(wide, members, x) -> float:
+    """NT at sparsity 0 against the output ensemble, in float64 where the model runs in it: a deep random
+    member's float32 output can be mostly rounding (efficientnetv2_s: 49 % off its float64 value), which
+    would read as a wrong fusion."""
+    import copy
+
     import torch
 
     import fusion
 
-    torch.manual_seed(0)
-    result: dict = {"model": name}
     try:
-        members = [_create(name).eval() for _ in range(2)]
-    except Exception as exc:  # noqa: BLE001
-        return {
-            **result,
-            "status": "skipped",
-            "reason": f"timm cannot build it at {INPUT_SIZE}px: {exc}"[:300],
-        }
-    with torch.no_grad():  # distinct members, with non-trivial normalization statistics
+        wide64, members64 = copy.deepcopy(wide).double(), [copy.deepcopy(m).double() for m in members]
+        out = wide64(x.double())
+        if out.dtype == torch.float64:
+            return _rel_err(out, fusion.ensemble(members64)(x.double()))
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 is compared in its own precision
+        pass
+    return _rel_err(wide(x), fusion.ensemble(members)(x))
+
+
+def _members(name: str, size: int) -> list:
+    """Two random members at ``size`` px, with distinct, non-trivial normalization statistics."""
+    import torch
+
+    torch.manual_seed(0)
+    members = [_create(name, size=size).eval() for _ in range(2)]
+    with torch.no_grad():
         for seed, m in enumerate(members):
             gen = torch.Generator().manual_seed(seed)
             for mod in m.modules():
                 if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
                     mod.running_mean.normal_(0, 0.1, generator=gen)
                     mod.running_var.uniform_(0.5, 1.5, generator=gen)
-    result["params"] = sum(p.numel() for p in members[0].parameters())
-    x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
+    return members
+
+
+def check_model(name: str) -> dict:
+    """The walk's checks on one model (see the module docstring): a JSON-able result."""
+    import torch
+
+    import fusion
+
+    result: dict = {"model": name}
+    size = INPUT_SIZE
+    try:
+        members = _members(name, size)
+    except Exception as exc:  # noqa: BLE001
+        return {
+            **result,
+            "status": "skipped",
+            "reason": f"timm cannot build it at {INPUT_SIZE}px: {exc}"[:300],
+        }
+    x = torch.randn(2, 3, size, size)
     try:
         with torch.no_grad():
             members[0](x)
-    except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: nothing to judge at this size
-        reason = f"the model does not run at {INPUT_SIZE}px: {type(exc).__name__}: {exc}"
-        return {**result, "status": "skipped", "reason": reason[:300]}
+    except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: try the size it was made for
+        native = _native_size(members[0])
+        reason = f"the model does not run at {size}px: {type(exc).__name__}: {exc}"
+        if native is None or native == size:
+            return {**result, "status": "skipped", "reason": reason[:300]}
+        size = result["input"] = native
+        try:
+            members = _members(name, size)
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                members[0](x)
+        except Exception as exc2:  # noqa: BLE001
+            reason += f"; nor at its own {size}px: {type(exc2).__name__}: {exc2}"
+            return {**result, "status": "skipped", "reason": reason[:300]}
+    result["params"] = sum(p.numel() for p in members[0].parameters())
     try:
         t = time.perf_counter()
         try:
@@ -143,7 +190,7 @@ def check_model(name: str) -> dict:
                     result["width"] = "members' only"
                     result["ensemble_check"] = f"not possible, NT cannot widen it: {str(exc)[:200]}"
                 if wide is not None:
-                    err = _rel_err(wide(x), fusion.ensemble(members)(x))
+                    err = _ensemble_err(wide, members, x)
                     result["ensemble_rel_err"] = err
                     if not err < 1e-3:
                         return {
@@ -153,7 +200,7 @@ def check_model(name: str) -> dict:
                         }
             for method in ("nt", "avg"):
                 fused = fusion.fuse(members, method, example_inputs=x)
-                fresh = _create(name).eval()
+                fresh = _create(name, size=size).eval()
                 fresh.load_state_dict(fused.state_dict(), strict=True)
                 fresh(x)
     except fusion.FusionError as exc:
@@ -248,7 +295,9 @@ def write_table(rows: dict[str, dict], path: Path) -> str:
     lines = [
         "# Architecture support (generated by `fusebench zoo`)",
         "",
-        f"timm models walked: {len(rows)} (input {INPUT_SIZE}x{INPUT_SIZE}, {NUM_CLASSES} classes, two random members).",
+        f"timm models walked: {len(rows)} (input {INPUT_SIZE}x{INPUT_SIZE}, {NUM_CLASSES} classes, two random members; "
+        f"{sum(1 for r in rows.values() if r.get('input'))} models that do not run at {INPUT_SIZE}px at the input "
+        "size of their own pretrained config, marked below).",
         "",
         "| status | models |",
         "|---|---|",
@@ -275,7 +324,8 @@ def write_table(rows: dict[str, dict], path: Path) -> str:
         r = rows[name]
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "—"
         why = (r.get("reason") or r.get("ensemble_check") or "").replace("|", "\\|")
-        lines.append(f"| {name} | {params} | {r['status']} | {why} |")
+        status = f"{r['status']} (at {r['input']}px)" if r.get("input") else r["status"]
+        lines.append(f"| {name} | {params} | {status} | {why} |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
-from bench import cli
+from bench import cli, zoo
 from bench.zoo import check_model, load_results, write_table
 
 
@@ -31,9 +35,59 @@ def test_a_model_with_fixed_split_sizes_fuses_at_the_members_width_only(one_thre
     assert res["ensemble_check"].startswith("not possible, NT cannot widen it: the fused model does not run")
 
 
-def test_a_model_that_does_not_run_at_the_walks_input_size_is_skipped_not_called_untraceable(one_thread):
-    res = check_model("inception_v3")  # its stem needs more than 64 px
-    assert res["status"] == "skipped" and res["reason"].startswith("the model does not run at 64px"), res
+class _SizedNet(nn.Module):
+    """A small CNN that only runs at ``size`` px (as inception_v3's stem needs more than 64), and whose
+    pretrained config names ``native`` px."""
+
+    def __init__(self, size: int, native: int):
+        super().__init__()
+        self.size, self.pretrained_cfg = size, {"input_size": (3, native, native)}
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        if x.shape[-1] != self.size:
+            raise RuntimeError(f"needs {self.size} px")
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_model_that_does_not_run_at_the_walks_input_size_is_walked_at_its_own(monkeypatch, one_thread):
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _SizedNet(32, 32))
+    res = check_model("sized")
+    assert res["status"] == "fused" and res["input"] == 32, res
+    assert res["ensemble_rel_err"] < 1e-6
+    table = zoo.write_table({"sized": {**res, "params": 1}}, Path(tempfile.mkdtemp()) / "t.md")
+    assert "| sized | 0.0 | fused (at 32px) |" in table
+
+
+def test_the_ensemble_oracle_is_not_fooled_by_float32_rounding():
+    """A badly conditioned member (hidden units of 1e6 in pairs that the output layer nearly cancels) and the
+    same function with its hidden units reversed: in float32 the two differ by rounding of the order of the
+    output itself, in float64 they agree -- the walk must not call that a wrong fusion."""
+    torch.manual_seed(0)
+    member = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    with torch.no_grad():
+        member[0].weight.mul_(1e6)
+        member[0].weight[32:], member[0].bias[32:] = member[0].weight[:32], member[0].bias[:32]
+        member[2].weight[:, 32:] = -member[2].weight[:, :32] * (1 + 1e-7 * torch.rand(3, 32))
+    reversed_ = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    with torch.no_grad():
+        reversed_[0].weight.copy_(member[0].weight.flip(0))
+        reversed_[0].bias.copy_(member[0].bias.flip(0))
+        reversed_[2].weight.copy_(member[2].weight.flip(1))
+        reversed_[2].bias.copy_(member[2].bias)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert zoo._rel_err(reversed_(x), member(x)) > 1e-3  # float32: mostly rounding
+        assert zoo._ensemble_err(reversed_, [member, member], x) < 1e-6
+
+
+def test_a_model_that_runs_at_no_size_is_skipped_not_called_untraceable(monkeypatch, one_thread):
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _SizedNet(48, 32))
+    res = check_model("sized")
+    assert res["status"] == "skipped", res
+    assert (
+        res["reason"].startswith("the model does not run at 64px") and "nor at its own 32px" in res["reason"]
+    )
 
 
 def test_unknown_model_is_skipped_with_the_reason():
