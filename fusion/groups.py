@@ -161,22 +161,34 @@ class ChannelGraph:
         return torch.cat(pos_parts), torch.cat(mem_parts)
 
     def assemble(
-        self, states: list[dict[str, torch.Tensor]], selection: Selection, dtype: torch.dtype | None = None
+        self,
+        states: list[dict[str, torch.Tensor]],
+        selection: Selection,
+        dtype: torch.dtype | None = None,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The new model's tensors (see the module docstring). Members' tensors are only read. ``dtype``: the
-        new float tensors' type, written as they are gathered (the self-check's float64 copy), else the members'."""
+        new float tensors' type, written as they are gathered (the self-check's float64 copy), else the members'.
+        ``into``: tensors of the new model's shapes and types to overwrite instead of allocating (the
+        self-check's reference copy: fresh memory's page faults cost as much as the copy itself)."""
         n = len(states)
         new: dict[str, torch.Tensor] = {}
         for name, ref in states[0].items():
             dims = self.tensor_dims.get(name)
+            target = into.get(name) if into is not None else None
             if not dims or not is_float(ref):
                 if not is_float(ref):
                     new[name] = ref.clone()
+                elif n == 1 and target is not None:
+                    new[name] = target.copy_(ref)
                 elif n == 1 and dtype not in (None, ref.dtype):
                     new[name] = ref.to(dtype)
                 else:
                     mean = mean_tensor([s[name] for s in states])
-                    new[name] = mean if dtype is None else mean.to(dtype)
+                    if target is not None:
+                        new[name] = target.copy_(mean)
+                    else:
+                        new[name] = mean if dtype is None else mean.to(dtype)
                 continue
             index = {d: self._dim_index(refs, selection) for d, refs in dims.items()}
             shape = list(ref.shape)
@@ -195,15 +207,25 @@ class ChannelGraph:
                         break
                     member[d] = (dst.to(device), pos[dst].to(device))
                 picks.append(member)
+            if target is not None and (list(target.shape) != shape or target.dtype != (dtype or ref.dtype)):
+                raise ValueError(f"assemble: {name!r} in 'into' has the wrong shape or type")
             new[name] = _assemble_tensor(
-                ref, shape, [s[name] for s in states], picks, scale, dtype or ref.dtype
+                ref, shape, [s[name] for s in states], picks, scale, dtype or ref.dtype, target
             )
         return new
 
 
-def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtype, into=None) -> torch.Tensor:
     """One tensor of the new model from the members' ``tensors``: member m writes its entries ``picks[m]``
-    (per slotted dimension: destination and source positions); entries between two members stay zero."""
+    (per slotted dimension: destination and source positions); entries between two members stay zero.
+    ``into``: the tensor to write (of ``shape`` and ``dtype``), else a new one."""
+
+    def empty():
+        return ref.new_empty(shape, dtype=dtype) if into is None else into
+
+    def zeros():
+        return ref.new_zeros(shape, dtype=dtype) if into is None else into.zero_()
+
     slotted = sorted({d for member in picks if member is not None for d in member})
     live = [(t, member) for t, member in zip(tensors, picks) if member is not None]
     # per live member and slotted dimension: its destination positions as a slice when they are one run
@@ -212,19 +234,19 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtyp
     if len(slotted) == 1 or len(tensors) == 1:
         # every entry is written: each slice along the one slotted dimension comes whole from one member,
         # or a single member fills everything
-        out = ref.new_empty(shape, dtype=dtype)
+        out = empty()
     elif (
         slotted == [0, 1]
         and blocks
         and sum(m[0][0].numel() for _, m in live) == shape[0]  # every row belongs to a member with columns
     ):
         # the members' rows x columns blocks (NT keeps concatenation order); only the rest is zeroed
-        out = ref.new_empty(shape, dtype=dtype)
+        out = empty()
         for r in runs:
             out[r[0], : r[1].start].zero_()
             out[r[0], r[1].stop :].zero_()
     else:
-        out = ref.new_zeros(shape, dtype=dtype)
+        out = zeros()
     last = slotted[-1]
     for (t, member), r in zip(live, runs):
         if len(member) == 1:

@@ -1230,20 +1230,23 @@ def _to_float64(state: dict) -> dict:
 
 
 def _float64_reference(model: nn.Module, state: dict, inputs):
-    """``(skeleton, inputs, reference outputs)`` in float64, or a reason why the model cannot run in it. The
-    float64 copy of the state lives only during this forward."""
+    """``(skeleton, inputs, reference outputs, state)`` in float64, or a reason why the model cannot run in it.
+    The float64 copy of the state is returned to be overwritten by the permuted states (see ``assemble``'s
+    ``into``)."""
     if not state or not any(t.is_floating_point() for t in state.values()):
         return None, "the model has no float tensors"
     skeleton = meta_copy(model).eval()
     _float64_attributes(skeleton)
     inputs64 = map_inputs(inputs, lambda t: t.double() if t.is_floating_point() else t)
+    state64 = _to_float64(state)
     try:
-        reference = _outputs(skeleton, _to_float64(state), inputs64)
+        reference = _outputs(skeleton, state64, inputs64)
     except Exception as exc:  # noqa: BLE001 - e.g. a layer that casts to float32 inside its forward
         return None, f"it fails in float64 ({type(exc).__name__}: {str(exc)[:120]})"
     if not _all_float64(reference):
         return None, "its outputs are not float64 when its state and inputs are (it casts inside its forward)"
-    return (skeleton, inputs64, reference), None
+    reference = map_inputs(reference, torch.clone)  # an output may alias the state that is overwritten next
+    return (skeleton, inputs64, reference, state64), None
 
 
 def verify_permutation_invariance(
@@ -1262,12 +1265,13 @@ def verify_permutation_invariance(
     inputs = inputs32 = map_inputs(example_inputs, lambda t: t.to(device))
     ready, why = _float64_reference(model, state, inputs)
     if ready is not None:
-        skeleton, inputs, reference = ready
+        skeleton, inputs, reference, state64 = ready
         tol, floor = TOL_FLOAT64, 0.0  # relative to the output's own scale, however small
         graph.check_precision = "float64"
 
         def run(selection):
-            return _outputs(skeleton, graph.assemble([state], selection, dtype=torch.float64), inputs)
+            permuted = graph.assemble([state], selection, dtype=torch.float64, into=state64)
+            return _outputs(skeleton, permuted, inputs)
     else:
         skeleton = meta_copy(model).eval()
         try:

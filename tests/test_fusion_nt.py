@@ -179,6 +179,25 @@ def test_assemble_writes_every_entry_even_when_a_member_loses_a_whole_group(monk
     assert_weights(model, keep(concatenate([HAND["A"], HAND["B"]]), [0, 1, 2], [0, 4, 5]))
 
 
+def test_assemble_into_given_tensors_overwrites_every_entry():
+    """``assemble(..., into=)`` (the self-check's reuse of its float64 copy) writes the given tensors, and every
+    entry of them: filled with NaN first, the result equals a fresh assembly."""
+    models = [hand_mlp("A"), hand_mlp("B")]
+    g = fusion.channel_groups(models[0], X4)
+    states = [fusion.trace.full_state(m) for m in models]
+    by_root = {grp.name: gi for gi, grp in enumerate(g.groups)}
+    selection = [None, None]
+    selection[by_root["0"]] = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]))
+    selection[by_root["2"]] = (torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]))
+    fresh = g.assemble(states, selection, dtype=torch.float64)
+    into = {k: torch.full_like(v, float("nan")) for k, v in fresh.items()}
+    out = g.assemble(states, selection, dtype=torch.float64, into=into)
+    for name, t in out.items():
+        assert t.data_ptr() == into[name].data_ptr() and torch.equal(t, fresh[name]), name
+    with pytest.raises(ValueError, match="wrong shape or type"):
+        g.assemble(states, selection, dtype=torch.float64, into={k: v.float() for k, v in into.items()})
+
+
 def test_hand_mlp_joint_three_members():
     # layer 1 (A0..A2 B0..B2 C0..C2): 3, 5, 4, 2.5, 3.5, 9, 8.5, 2.5, 7.5 -> keep [5, 6, 8]
     # layer 2 (classifier columns / 3): A: (4+4/9)/2, (1+4/9)/2, (5+16/9)/2 = 2.22, 0.72, 3.39;
