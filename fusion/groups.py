@@ -18,6 +18,7 @@ output average of the members. With a single member, ``assemble`` permutes (or p
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -297,13 +298,14 @@ def _gather_block(
     dst: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float
 ) -> None:
     """``dst[:] = t[rows][:, cols] * scale`` without a temporary of the block's size: a few rows at a time, each
-    piece small enough to stay in the cache, serially (see :func:`serial`). A large temporary is fresh memory
-    whose page faults cost as much as the copy itself."""
+    piece small enough to stay in the cache, in one row part per thread (see :func:`in_row_parts`). A large
+    temporary is fresh memory whose page faults cost as much as the copy itself."""
     step = max(1, _SERIAL_ELEMENTS // max(1, dst[0].numel()))
     run, cols_run = _as_range(rows), _as_range(cols)
-    with serial():
-        for start in range(0, rows.numel(), step):
-            n = min(step, rows.numel() - start)
+
+    def part_rows(first: int, stop: int) -> None:
+        for start in range(first, stop, step):
+            n = min(step, stop - start)
             part = (
                 t.narrow(0, run.start + start, n)
                 if run is not None
@@ -318,6 +320,8 @@ def _gather_block(
                 target.copy_(part * scale)
             else:
                 target.copy_(part)
+
+    in_row_parts(part_rows, rows.numel(), step, dst.numel())
 
 
 def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -361,6 +365,31 @@ def serial():
         torch.set_num_threads(before)
 
 
+# a loop over fewer elements than this runs on the calling thread alone (threads cost ~0.1 ms to start)
+_PARALLEL_ELEMENTS = 1 << 22
+
+
+def in_row_parts(fn, n_rows: int, step: int, elements: int) -> None:
+    """``fn(first, stop)`` over ``range(n_rows)`` cut into one part per thread torch may use (at multiples of
+    ``step``), each part in a Python thread of its own that runs torch serially: both cores do the work of a
+    chunk loop, and no operation waits at a thread barrier (see :func:`serial`). ``fn`` must write disjoint
+    outputs per part. Small loops (``elements`` below ``_PARALLEL_ELEMENTS``) run serially here."""
+    n_steps = -(-n_rows // step)
+    k = min(torch.get_num_threads(), n_steps) if elements >= _PARALLEL_ELEMENTS else 1
+    if k <= 1:
+        with serial():
+            fn(0, n_rows)
+        return
+    bounds = [min(n_rows, (n_steps * i // k) * step) for i in range(k + 1)]
+
+    def work(i: int) -> None:
+        torch.set_num_threads(1)  # this worker thread's own OpenMP / MKL setting, not the caller's
+        fn(bounds[i], bounds[i + 1])
+
+    with ThreadPoolExecutor(k) as pool:
+        list(pool.map(work, range(k)))  # list(): re-raises a worker's exception here
+
+
 def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Tensor]:
     """``sum |t|^p`` over every dimension but ``d``, for each ``d`` in ``dims``: one value per position along
     ``d`` (float32), all from one read of ``t``.
@@ -368,7 +397,8 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
     Rows are contiguous: the leading dimension alone is one norm per row. Otherwise ``t`` is read in chunks of
     rows small enough that the chunk's powers stay in the CPU cache while every dimension's sums are taken
     from them (a norm along a strided dimension is many times slower, and a whole-tensor power a second pass
-    through memory). The chunks run serially (see :func:`serial`).
+    through memory). The chunks run in one row part per thread (see :func:`in_row_parts`), each part's sums
+    added in a fixed order.
     """
     t = t.float()
     if t.dim() == 1:
@@ -376,33 +406,48 @@ def power_sums(t: torch.Tensor, dims: list[int], p: float) -> dict[int, torch.Te
     if list(dims) == [0]:
         return {0: torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1).pow(p)}
     rows_sum = t.new_empty(t.shape[0]) if 0 in dims else None
-    cols = {d: None for d in dims if d != 0}
+    parts: dict[int, dict] = {}  # per row part: its sums over the other dimensions, added up below
     step = max(1, _SERIAL_ELEMENTS // max(1, t[0].numel()))
-    with serial():
-        _chunked_power_sums(t, step, p, rows_sum, cols)
-    out = dict(cols)
+
+    def part_sums(first: int, stop: int) -> None:
+        cols = {d: None for d in dims if d != 0}
+        _chunked_power_sums(t, first, stop, step, p, rows_sum, cols)
+        parts[first] = cols
+
+    in_row_parts(part_sums, t.shape[0], step, t.numel())
+    ordered = [parts[first] for first in sorted(parts)]  # a fixed order: the same sums on every call
+    out = {d: sum_parts([c[d] for c in ordered]) for d in dims if d != 0}
     if rows_sum is not None:
         out[0] = rows_sum
     return out
 
 
-def _chunked_power_sums(t, step, p, rows_sum, cols) -> None:
+def sum_parts(tensors: list) -> torch.Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def _chunked_power_sums(t, first, stop, step, p, rows_sum, cols) -> None:
     # rows and input channels of a conv / linear weight: the kernel positions are summed first (contiguous),
     # and both sums come from that small [rows, channels] matrix instead of two passes over the chunk
     rows_and_channels = t.dim() >= 2 and list(cols) == [1]
-    for start in range(0, t.shape[0], step):
-        chunk = t[start : start + step]
+    for start in range(first, stop, step):
+        chunk = t[start : min(start + step, stop)]
         powered = chunk.square() if p == 2 else chunk.abs().pow(p)
         if rows_and_channels:
             per_channel = powered.reshape(powered.shape[0], t.shape[1], -1)
             per_channel = per_channel.sum(2) if per_channel.shape[2] > 1 else per_channel.squeeze(2)
             if rows_sum is not None:
-                torch.sum(per_channel, dim=1, out=rows_sum[start : start + step])
+                torch.sum(per_channel, dim=1, out=rows_sum[start : start + chunk.shape[0]])
             part = per_channel.sum(0)
             cols[1] = part if cols[1] is None else cols[1].add_(part)
             continue
         if rows_sum is not None:
-            torch.sum(powered.reshape(powered.shape[0], -1), dim=1, out=rows_sum[start : start + step])
+            torch.sum(
+                powered.reshape(powered.shape[0], -1), dim=1, out=rows_sum[start : start + chunk.shape[0]]
+            )
         for d in cols:
             part = powered.sum(dim=[o for o in range(t.dim()) if o != d])
             cols[d] = part if cols[d] is None else cols[d].add_(part)

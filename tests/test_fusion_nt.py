@@ -147,6 +147,36 @@ def test_power_sums_read_once_equal_the_definition(shape, dims, p):
         torch.testing.assert_close(got[d], want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_chunk_loops_in_row_parts_on_threads_equal_the_definition(monkeypatch, threads):
+    """With several threads (forced: the tests run on one, and the loops only go parallel above 4 M
+    elements) importance sums and block gathers split into row parts, one thread each: same values as the
+    definition, the same bits on every call, and the caller's thread setting untouched."""
+    from fusion import groups
+
+    monkeypatch.setattr(groups, "_PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(groups, "_SERIAL_ELEMENTS", 256)  # many chunks per part
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        t = torch.randn(97, 13, 3, 3, generator=gen)
+        got = groups.power_sums(t, [0, 1], 2.0)
+        again = groups.power_sums(t, [0, 1], 2.0)
+        for d in (0, 1):
+            other = [o for o in range(4) if o != d]
+            torch.testing.assert_close(got[d], t.square().sum(dim=other), rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[d], again[d])
+        w = torch.randn(120, 50, generator=gen)
+        rows, cols = torch.randperm(120, generator=gen)[:77], torch.randperm(50, generator=gen)[:31]
+        dst = torch.full((77, 31), float("nan"), dtype=torch.float64)
+        groups._gather_block(dst, w, rows, cols, 0.5)
+        assert torch.equal(dst, (w[rows][:, cols] * 0.5).double())
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_hand_mlp_joint_two_members():
     # concatenated layer 1 (A0 A1 A2 B0 B1 B2): 3, 5, 4, 2.5, 3.5, 9   -> keep B2, A1, A2: [1, 2, 5]
     # concatenated layer 2:                    2.5, 1, 4.5, 1.5, 5, 6.5 -> keep B2, B1, A2: [2, 4, 5]
