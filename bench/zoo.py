@@ -112,7 +112,9 @@ def _ensemble_err(wide, members, x) -> float:
 
 
 def _members(name: str, size: int) -> list:
-    """Two random members at ``size`` px, with distinct, non-trivial normalization statistics."""
+    """Two random members at ``size`` px, with distinct, non-trivial normalization statistics, and no all-zero
+    parameter: a fresh timm ResNet's zero-initialised last BatchNorm scale switches its residual branches off,
+    which would make the ensemble oracle blind to them."""
     import torch
 
     torch.manual_seed(0)
@@ -124,6 +126,12 @@ def _members(name: str, size: int) -> list:
                 if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
                     mod.running_mean.normal_(0, 0.1, generator=gen)
                     mod.running_var.uniform_(0.5, 1.5, generator=gen)
+            for p in m.parameters():
+                if p.is_floating_point() and p.numel() and not p.any():
+                    if p.dim() >= 2:
+                        p.normal_(0, max(1, p[0].numel()) ** -0.5, generator=gen)
+                    else:
+                        p.uniform_(0.5, 1.5, generator=gen)
     return members
 
 
