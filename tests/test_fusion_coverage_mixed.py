@@ -274,6 +274,10 @@ def _attention(kind: str, dim: int, heads: int) -> nn.Module:
         from timm.models import visformer
 
         return visformer.Attention(dim, heads)
+    if kind == "cross":  # wq, wk and wv Linears, q from the class token only (CrossViT)
+        from timm.models import crossvit
+
+        return crossvit.CrossAttention(dim, heads, qkv_bias=True)
     return xcit.ClassAttn(dim, heads, qkv_bias=True)  # q, k and v Linears
 
 
@@ -289,7 +293,7 @@ class AttnNet(nn.Module):
         x = self.embed(x)
         if self.kind == "pvt":
             y = self.attn(x, (4, 4))
-        elif self.kind == "cls":
+        elif self.kind in ("cls", "cross"):
             y = torch.cat([self.attn(x), x[:, 1:]], dim=1)
         elif self.kind == "conv":  # tokens as a 4x4 map
             y = self.attn(x.transpose(1, 2).reshape(x.shape[0], -1, 4, 4)).flatten(2).transpose(1, 2)
@@ -310,7 +314,7 @@ def _attn_member(kind: str, seed: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2"])
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2", "cross"])
 def test_attention_layouts_move_whole_heads(kind):
     x = torch.randn(2, 16, 8)
     members = [_attn_member(kind, seed) for seed in range(2)]
