@@ -65,9 +65,11 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     for name, module in model.named_modules():
         resize_module(module, name)
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
-            module.num_heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
+            heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
+            # the head count under the name the module keeps it (Hiera: ``heads``)
+            setattr(module, "num_heads" if hasattr(module, "num_heads") else "heads", heads)
             if isinstance(getattr(module, "attn_dim", None), int):
-                module.attn_dim = module.num_heads * widths[name]
+                module.attn_dim = heads * widths[name]
     for fix in ATTRIBUTE_FIXERS:
         fix(model)
     return model.eval()

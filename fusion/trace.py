@@ -171,7 +171,8 @@ def _fingerprint(model: nn.Module, inputs, output_layers) -> tuple:
     """What a trace depends on: every module's name, type and settings (parameter-free ones included, since
     they can move channels), every tensor's name, shape and dtype, and the inputs' shapes."""
     modules = tuple(
-        (n, type(m).__module__, type(m).__qualname__, m.extra_repr()) for n, m in model.named_modules()
+        (n, type(m).__module__, type(m).__qualname__, m.extra_repr(), _scalar_settings(m))
+        for n, m in model.named_modules()
     )
     shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in full_state(model).items())
     ins = []
@@ -183,6 +184,24 @@ def _fingerprint(model: nn.Module, inputs, output_layers) -> tuple:
         shapes,
         tuple(ins),
         tuple(output_layers or ()),
+    )
+
+
+def _scalar_settings(module: nn.Module) -> tuple:
+    """A module's own plain settings (ints, floats, bools, strings and tuples of them) that ``extra_repr``
+    may not show but its forward reads: MaxViT's ``head_first`` decides how its qkv rows form heads, so two
+    models alike in every shape can need different traces. The training flag is left out (tracing runs in
+    eval mode)."""
+
+    def plain(v) -> bool:
+        if isinstance(v, tuple):
+            return all(plain(x) for x in v)
+        return isinstance(v, (bool, int, float, str, type(None)))
+
+    return tuple(
+        sorted(
+            (k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training" and plain(v)
+        )
     )
 
 
@@ -306,6 +325,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if name not in modules:
             raise FusionError(f"output layer {name!r} is not a module of {type(model).__name__}")
     dg = _build_dependency_graph(skeleton, meta_inputs)
+    head_first = _cut_attention_internals(dg, skeleton)
 
     module_names = {m: n for n, m in skeleton.named_modules()}
     param_names = {p: n for n, p in skeleton.named_parameters()}
@@ -353,7 +373,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
-    groups = _attention_heads(skeleton, _merge_units(raw) + paired)
+    groups = _attention_heads(skeleton, _merge_units(raw) + paired, head_first)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
@@ -1003,7 +1023,7 @@ def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int]
     window attention, XCiT's and EdgeNeXt's cross-covariance attention, DaViT's channel attention, VOLO keep
     only ``num_heads``).
     """
-    proj, heads = _pointwise(getattr(module, "proj", None)), getattr(module, "num_heads", None)
+    proj, heads = _pointwise(getattr(module, "proj", None)), _head_count(module)
     if proj is None or not isinstance(heads, int) or heads <= 0:
         return None
     for producers in _QKV_LAYOUTS:
@@ -1020,6 +1040,99 @@ def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int]
             return None
         return heads, head_dim, producers
     return None
+
+
+def _head_count(module: nn.Module):
+    """An attention module's head count: ``num_heads`` (timm's ViT, Swin, MaxViT...) or ``heads`` (Hiera)."""
+    heads = getattr(module, "num_heads", None)
+    return getattr(module, "heads", None) if heads is None else heads
+
+
+def _cut_attention_internals(dg, skeleton: nn.Module) -> frozenset:
+    """Cut torch-pruning's graph inside every attention :func:`attention_layout` recognises: between its q/k/v
+    producers and what reads their outputs, and between ``proj`` and what feeds it. Returns the producers
+    whose rows are ordered head by head (see :func:`_producer_row_order`).
+
+    Between those layers the channels are reshaped into heads and moved next to the spatial positions
+    (``view(B, heads, 3 * head_dim, H * W)`` of a 1x1-conv qkv in MaxViT / CoAtNet, ``reshape(B, T, N, 3, heads,
+    head_dim)`` in NesT, mask units in Hiera); torch-pruning maps each channel there to thousands of
+    (channel, position) indices and the walk explodes. What couples those channels is known without the walk:
+    :func:`_attention_heads` builds the whole head group (q/k/v rows, ``proj``'s columns, the per-head
+    parameters) from the layout, and the self-check verifies it. A coupling the cut hides (a producer's output
+    also read outside the attention, a normalization between the heads and ``proj``) leaves a tensor that a
+    permutation of the heads does not follow, which the self-check refuses."""
+    head_first = set()
+    for name, module in skeleton.named_modules():
+        layout = attention_layout(module)
+        if layout is None:
+            continue
+        heads, hd, producers = layout
+        for attr, n in producers:
+            node = dg.module2node.get(getattr(module, attr))
+            if node is None:
+                continue
+            if _producer_row_order(node, getattr(module, attr), heads, hd, n) == "head-first":
+                head_first.add((name, attr))
+            _cut_edges(node, node.outputs)
+        node = dg.module2node.get(module.proj)
+        if node is not None:
+            _cut_edges(node, node.inputs)
+    return frozenset(head_first)
+
+
+def _cut_edges(node, others) -> None:
+    """Remove the dependencies between ``node`` and each of ``others``, both ways."""
+    others = {id(o) for o in others}
+    node.dependencies = [d for d in node.dependencies if id(d.target) not in others]
+    for other in node.inputs + node.outputs:
+        if id(other) in others:
+            other.dependencies = [d for d in other.dependencies if d.target is not node]
+
+
+def _producer_row_order(node, layer: nn.Module, heads: int, hd: int, n: int) -> str | None:
+    """How the reshape right after a q/k/v producer splits its ``n * heads * hd`` output channels, from the
+    shapes autograd recorded: ``"role-first"`` (factors ``n, heads, hd``: ViT's ``(B, N, 3, heads, hd)``),
+    ``"head-first"`` (``heads, n * hd`` or ``heads, n, hd``: MaxViT's ``view(B, heads, 3 * hd, H * W)``), None
+    when no reshape reads it directly or the split is neither (role-first is then assumed; the self-check
+    judges). Where both match (n == heads) role-first is kept, the order every earlier trace assumed."""
+    channel = -1 if isinstance(layer, nn.Linear) else 1
+    for other in node.outputs:
+        gf = other.grad_fn
+        if other.type != tp.ops.OPTYPE.RESHAPE or gf is None:
+            continue
+        ins = getattr(gf, "_saved_self_sym_sizes", None)
+        out = _out_shape(gf, 0)
+        if ins is None or out is None:
+            continue
+        factors = _axis_factors([int(s) for s in ins], [int(s) for s in out], channel % len(ins))
+        if factors is None:
+            continue
+        if factors == [f for f in (n, heads, hd) if f != 1]:
+            return "role-first"
+        if factors in ([f for f in (heads, n * hd) if f != 1], [f for f in (heads, n, hd) if f != 1]):
+            return "head-first"
+    return None
+
+
+def _axis_factors(ins: list[int], out: list[int], axis: int) -> list[int] | None:
+    """The dimensions (sizes > 1) of a reshape's output ``out`` that axis ``axis`` of its input ``ins`` becomes,
+    or None when that axis is merged with a neighbour (its elements are not a run of whole output dims)."""
+    lead = 1
+    for s in ins[:axis]:
+        lead *= s
+    prod, i = 1, 0
+    while i < len(out) and prod < lead:
+        prod *= out[i]
+        i += 1
+    if prod != lead:
+        return None
+    factors, total = [], 1
+    while i < len(out) and total < ins[axis]:
+        total *= out[i]
+        if out[i] != 1:
+            factors.append(out[i])
+        i += 1
+    return factors if total == ins[axis] else None
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -1049,13 +1162,17 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
     return out
 
 
-def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+def _attention_heads(
+    skeleton: nn.Module, groups: list[ChannelGroup], head_first: frozenset = frozenset()
+) -> list[ChannelGroup]:
     """Replace the group of every attention's q/k/v outputs by one group whose units are whole heads.
 
     torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
     product: only whole heads (their q, k, v rows, the projection's input columns and the module's per-head
     parameters) may move. Whole heads are also a symmetry of attention across channels within a head
-    (XCiT's cross-covariance attention).
+    (XCiT's cross-covariance attention). A producer in ``head_first`` (``(module name, attribute)``, see
+    :func:`_cut_attention_internals`) orders its rows head by head (all ``n * head_dim`` rows of head 0, then
+    head 1...): its slot has one run of rows per head, so that a new model keeps that order.
     """
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
@@ -1093,10 +1210,14 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
         dim = heads * hd
         slots = []
         for attr, n in producers:
-            h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(n), indexing="ij")
-            pos = (
-                r * dim + h * hd + j
-            )  # [heads, head_dim, n]: the rows of one head in each of q, k, v made here
+            if (name, attr) in head_first:
+                # [heads, n * head_dim, 1]: one run of rows per head, which assembly writes head after head
+                pos = (torch.arange(heads)[:, None] * n * hd + torch.arange(n * hd))[:, :, None]
+            else:
+                h, j, r = torch.meshgrid(
+                    torch.arange(heads), torch.arange(hd), torch.arange(n), indexing="ij"
+                )
+                pos = r * dim + h * hd + j  # [heads, head_dim, n]: the rows of one head in each of q, k, v
             layer = getattr(module, attr)
             kind = "linear" if isinstance(layer, nn.Linear) else "conv"
             slots.append(Slot(f"{name}.{attr}.weight", 0, OUT, kind, True, f"{name}.{attr}", pos))

@@ -1,0 +1,194 @@
+"""Attention over flattened spatial positions (MaxViT / CoAtNet's ``Attention2d``, NesT, Hiera): q, k and v
+come from a 1x1 convolution (or a Linear over a token tensor with extra axes) and are reshaped into heads next
+to the positions. torch-pruning maps every channel there to thousands of (channel, position) indices; fusion
+cuts its graph inside a recognised attention and builds the head group from the layout (heads first or roles
+first, read from the reshape autograd recorded). Oracles on small hand-written modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusion
+import fusion.trace as trace
+from fusion.build import build_model
+from fusion.trace import full_state
+
+
+class ConvAttention(nn.Module):
+    """A 1x1-conv qkv read as ``view(B, heads, 3 * dim_head, H * W)`` (``head_first``, MaxViT's default) or as
+    ``reshape(B, 3, heads, dim_head, H * W)``, with a per-head bias over position pairs."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, positions: int, head_first: bool):
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = heads, dim_head, head_first
+        self.qkv = nn.Conv2d(dim, 3 * heads * dim_head, 1)
+        self.bias = nn.Parameter(torch.randn(heads, positions, positions))
+        self.proj = nn.Conv2d(heads * dim_head, dim, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.head_first:
+            q, k, v = self.qkv(x).view(B, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+        else:
+            q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.dim_head, -1).unbind(1)
+        attn = (q.transpose(-2, -1) @ k) * self.dim_head**-0.5 + self.bias
+        out = (v @ attn.softmax(-1).transpose(-2, -1)).reshape(B, -1, H, W)
+        return self.proj(out)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, head_first: bool, dim: int = 8, heads: int = 2, dim_head: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.attn = ConvAttention(dim, heads, dim_head, 16, head_first)
+        self.norm = nn.BatchNorm2d(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.norm(x + self.attn(x))
+        return self.head(x.mean((2, 3)))
+
+
+class BlockAttention(nn.Module):
+    """NesT's attention: a Linear qkv over tokens ``(B, T, N, C)`` grouped in image blocks."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).permute(0, 2, 3, 1, 4).reshape(B, T, N, C))
+
+
+class BlockNet(nn.Module):
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.attn = BlockAttention(dim, heads)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):  # x: (B, 3, 8, 8) -> 4 blocks of 4x4 positions
+        B = x.shape[0]
+        t = x.reshape(B, 3, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(B, 4, 16, 3)
+        t = self.embed(t)
+        t = t + self.attn(t)
+        return self.head(t.mean((1, 2)))
+
+
+def _members(make, n: int = 2):
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        m = make().eval()
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.normal_(0, 0.1)
+                    mod.running_var.uniform_(0.5, 1.5)
+        out.append(m)
+    return out
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+CASES = {
+    "conv head-first": (lambda: ConvNet(True), (2, 3, 4, 4)),
+    "conv role-first": (lambda: ConvNet(False), (2, 3, 4, 4)),
+    "token blocks": (lambda: BlockNet(), (2, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_heads_are_units_and_a_permutation_keeps_the_function(case):
+    make, shape = CASES[case]
+    a, b = _members(make)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    graph = fusion.channel_groups(a, x)  # the float64 self-check passes
+    heads = [g for g in graph.groups if g.unit_kind == "head"]
+    assert [g.name for g in heads] == ["attn.qkv"] and heads[0].n_units == a.attn.num_heads
+    slots = {(s.tensor, s.dim) for s in heads[0].slots}
+    assert {("attn.qkv.weight", 0), ("attn.proj.weight", 1)} <= slots
+    if case.startswith("conv"):
+        assert ("attn.bias", 0) in slots  # the per-head bias moves with its head
+    state = full_state(a)
+    # heads swapped: [1, 0] is a real permutation of 2 heads, every other group as it is
+    sel = graph.identity_selection()
+    hi = graph.groups.index(heads[0])
+    sel[hi] = (sel[hi][0], torch.tensor([1, 0]))
+    new = graph.assemble([state], sel)
+    assert not torch.equal(new["attn.qkv.weight"], state["attn.qkv.weight"])
+    with torch.no_grad():
+        assert _rel(build_model(a, new)(x), a(x)) < 1e-5
+        permuted = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(1)))
+        assert _rel(build_model(a, permuted)(x), a(x)) < 1e-5
+        # NT at sparsity 0 is the ensemble (no normalization across channels), with twice the heads
+        wide = fusion.fuse([a, b], "nt", example_inputs=x, sparsity=0.0)
+        assert wide.attn.num_heads == 2 * a.attn.num_heads
+        assert _rel(wide(x), fusion.ensemble([a, b])(x)) < 1e-5
+        for method in ("nt", "avg"):
+            fused = fusion.fuse([a, b], method, example_inputs=x)
+            fresh = make().eval()
+            fresh.load_state_dict(fused.state_dict(), strict=True)
+            assert torch.isfinite(fresh(x)).all()
+
+
+def test_the_head_order_is_read_from_the_reshape_and_a_wrong_one_is_refused(monkeypatch):
+    """The same module with its qkv rows read head by head or role by role: the tracer tells them apart by the
+    reshape, and a trace with the other order (forced here) is caught by the self-check, never fused."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for head_first in (True, False):
+        (a,) = _members(lambda head_first=head_first: ConvNet(head_first), 1)
+        graph = fusion.channel_groups(a, x)
+        (heads,) = [g for g in graph.groups if g.unit_kind == "head"]
+        (qkv,) = [s for s in heads.slots if s.tensor == "attn.qkv.weight"]
+        if head_first:  # head 0's 3 * dim_head rows, one run
+            assert qkv.positions[0, :, 0].tolist() == list(range(9))
+        else:  # head 0's rows in q, k and v
+            assert qkv.positions[0].T.tolist() == [[0, 1, 2], [6, 7, 8], [12, 13, 14]]
+        wrong = "role-first" if head_first else "head-first"
+        monkeypatch.setattr(trace, "_producer_row_order", lambda *args, wrong=wrong: wrong)
+        trace._CACHE.clear()
+        with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'.*not traced completely"):
+            fusion.channel_groups(a, x)
+        monkeypatch.undo()
+        trace._CACHE.clear()
+
+
+def test_a_head_output_read_outside_the_attention_is_refused():
+    """The cut inside the attention hides what reads the q/k/v outputs; a model that also reads them elsewhere
+    is caught by the self-check (the other reader does not follow the heads)."""
+
+    class Leaky(ConvNet):
+        def forward(self, x):
+            x = self.stem(x)
+            y = self.attn.qkv(x)
+            x = self.norm(x + self.attn(x) + y[:, : x.shape[1]])
+            return self.head(x.mean((2, 3)))
+
+    (a,) = _members(lambda: Leaky(True), 1)
+    with pytest.raises(fusion.FusionError):
+        fusion.channel_groups(a, torch.randn(2, 3, 4, 4))
+
+
+def test_models_alike_in_shapes_but_not_in_head_order_do_not_share_a_cached_trace():
+    """``head_first`` is a plain attribute, not a shape: the trace cache's key holds such settings, so the
+    second model is traced (and checked) itself instead of reusing the first one's head layout."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    orders = []
+    for head_first in (True, False):
+        (a,) = _members(lambda head_first=head_first: ConvNet(head_first), 1)
+        graph = fusion.channel_groups(a, x)
+        (qkv,) = [s for g in graph.groups for s in g.slots if s.tensor == "attn.qkv.weight" and s.dim == 0]
+        orders.append(tuple(qkv.positions.shape))
+    assert orders == [(2, 9, 1), (2, 3, 3)]
