@@ -306,7 +306,30 @@ def _channel_axis_of_feature_maps(dg) -> None:
     for node in dg.module2node.values():
         p = node.module
         if isinstance(p, nn.Parameter) and p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1:
-            node.pruning_dim = 1
+            if not _channels_last_parameter(dg, node):
+                node.pruning_dim = 1
+
+
+def _channels_last_parameter(dg, node) -> bool:
+    """Whether a parameter (1, A, B, C) is met by a feature tensor whose channels are its last axis (NesT's
+    position embedding (1, blocks, positions, C), added to the tokens of its image blocks): the nearest layer
+    around the operation that reads it has C channels and not A. Unknown or ambiguous: False."""
+    p = node.module
+    seen, frontier = {id(node)}, list(node.outputs)
+    for _ in range(8):  # a few parameter-free operations away (the blockify reshapes of NesT)
+        nxt = []
+        for other in frontier:
+            if id(other) in seen:
+                continue
+            seen.add(id(other))
+            if isinstance(other.module, nn.Module) and not isinstance(other.module, nn.Parameter):
+                pruner = dg.get_pruner_of_module(other.module)
+                channels = pruner.get_out_channels(other.module) if pruner is not None else None
+                if isinstance(channels, int) and channels > 1:
+                    return channels == p.shape[-1] != p.shape[1]
+            nxt += other.inputs + other.outputs
+        frontier = nxt
+    return False
 
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
@@ -325,7 +348,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if name not in modules:
             raise FusionError(f"output layer {name!r} is not a module of {type(model).__name__}")
     dg = _build_dependency_graph(skeleton, meta_inputs)
-    head_first = _cut_attention_internals(dg, skeleton)
+    head_orders = _cut_attention_internals(dg, skeleton)
 
     module_names = {m: n for n, m in skeleton.named_modules()}
     param_names = {p: n for n, p in skeleton.named_parameters()}
@@ -373,7 +396,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
-    groups = _attention_heads(skeleton, _merge_units(raw) + paired, head_first)
+    groups = _attention_heads(skeleton, _merge_units(raw) + paired, head_orders)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
@@ -1048,10 +1071,12 @@ def _head_count(module: nn.Module):
     return getattr(module, "heads", None) if heads is None else heads
 
 
-def _cut_attention_internals(dg, skeleton: nn.Module) -> frozenset:
+def _cut_attention_internals(dg, skeleton: nn.Module) -> dict:
     """Cut torch-pruning's graph inside every attention :func:`attention_layout` recognises: between its q/k/v
-    producers and what reads their outputs, and between ``proj`` and what feeds it. Returns the producers
-    whose rows are ordered head by head (see :func:`_producer_row_order`).
+    producers and what reads their outputs, and between ``proj`` and what feeds it. Returns
+    ``{(module name, attribute): order}`` for the layers whose channels are not in ViT's order: ``"head-first"``
+    q/k/v producers (see :func:`_producer_row_order`), a ``"head-last"`` ``proj`` (see
+    :func:`_proj_column_order`).
 
     Between those layers the channels are reshaped into heads and moved next to the spatial positions
     (``view(B, heads, 3 * head_dim, H * W)`` of a 1x1-conv qkv in MaxViT / CoAtNet, ``reshape(B, T, N, 3, heads,
@@ -1061,7 +1086,7 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> frozenset:
     parameters) from the layout, and the self-check verifies it. A coupling the cut hides (a producer's output
     also read outside the attention, a normalization between the heads and ``proj``) leaves a tensor that a
     permutation of the heads does not follow, which the self-check refuses."""
-    head_first = set()
+    orders = {}
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
         if layout is None:
@@ -1072,12 +1097,14 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> frozenset:
             if node is None:
                 continue
             if _producer_row_order(node, getattr(module, attr), heads, hd, n) == "head-first":
-                head_first.add((name, attr))
+                orders[(name, attr)] = "head-first"
             _cut_edges(node, node.outputs)
         node = dg.module2node.get(module.proj)
         if node is not None:
+            if _proj_column_order(node, module.proj, heads, hd) == "head-last":
+                orders[(name, "proj")] = "head-last"
             _cut_edges(node, node.inputs)
-    return frozenset(head_first)
+    return orders
 
 
 def _cut_edges(node, others) -> None:
@@ -1090,28 +1117,67 @@ def _cut_edges(node, others) -> None:
 
 
 def _producer_row_order(node, layer: nn.Module, heads: int, hd: int, n: int) -> str | None:
-    """How the reshape right after a q/k/v producer splits its ``n * heads * hd`` output channels, from the
-    shapes autograd recorded: ``"role-first"`` (factors ``n, heads, hd``: ViT's ``(B, N, 3, heads, hd)``),
+    """How the reshape after a q/k/v producer splits its ``n * heads * hd`` output channels, from the shapes
+    autograd recorded: ``"role-first"`` (factors ``n, heads, hd``: ViT's ``(B, N, 3, heads, hd)``),
     ``"head-first"`` (``heads, n * hd`` or ``heads, n, hd``: MaxViT's ``view(B, heads, 3 * hd, H * W)``), None
-    when no reshape reads it directly or the split is neither (role-first is then assumed; the self-check
-    judges). Where both match (n == heads) role-first is kept, the order every earlier trace assumed."""
-    channel = -1 if isinstance(layer, nn.Linear) else 1
-    for other in node.outputs:
-        gf = other.grad_fn
-        if other.type != tp.ops.OPTYPE.RESHAPE or gf is None:
-            continue
-        ins = getattr(gf, "_saved_self_sym_sizes", None)
-        out = _out_shape(gf, 0)
-        if ins is None or out is None:
-            continue
-        factors = _axis_factors([int(s) for s in ins], [int(s) for s in out], channel % len(ins))
-        if factors is None:
-            continue
+    when no such reshape follows or the split is neither (role-first is then assumed; the self-check judges).
+    Where both match (n == heads) role-first is kept, the order every earlier trace assumed."""
+    for factors in _channel_splits(node, layer, "outputs"):
         if factors == [f for f in (n, heads, hd) if f != 1]:
             return "role-first"
         if factors in ([f for f in (heads, n * hd) if f != 1], [f for f in (heads, n, hd) if f != 1]):
             return "head-first"
+        return None
     return None
+
+
+def _proj_column_order(node, layer: nn.Module, heads: int, hd: int) -> str | None:
+    """How the reshape before ``proj`` makes its ``heads * hd`` input channels: ``"head-last"`` when they are a
+    ``(hd, heads)`` axis pair (NesT's ``permute(0, 2, 3, 4, 1).reshape(B, T, N, C)``: column ``j * heads +
+    head``), ``"head-first"`` for ``(heads, hd)`` and also where both match (heads == hd), None when no such
+    reshape feeds it (head-first is then assumed; the self-check judges)."""
+    for factors in _channel_splits(node, layer, "inputs"):
+        if factors == [f for f in (heads, hd) if f != 1]:
+            return "head-first"
+        if factors == [f for f in (hd, heads) if f != 1]:
+            return "head-last"
+        return None
+    return None
+
+
+def _channel_splits(node, layer: nn.Module, side: str, depth: int = 4):
+    """The splits of a layer's channel axis (a Linear's last axis, a convolution's axis 1) into several axes by
+    the nearest reshapes on ``side`` (``"outputs"``: the channels it makes become these axes; ``"inputs"``:
+    the axes that become the channels it reads), through parameter-free element-wise operations and reshapes
+    that keep the axis whole (a Linear over a 4-D tensor is recorded as view, addmm, view)."""
+    channel = -1 if isinstance(layer, nn.Linear) else 1
+    seen, frontier = {id(node)}, list(getattr(node, side))
+    for _ in range(depth):
+        nxt = []
+        for other in frontier:
+            if id(other) in seen:
+                continue
+            seen.add(id(other))
+            gf = other.grad_fn
+            if other.type == tp.ops.OPTYPE.RESHAPE and gf is not None:
+                ins = getattr(gf, "_saved_self_sym_sizes", None)
+                out = _out_shape(gf, 0)
+                if ins is None or out is None:
+                    continue
+                ins, out = [int(x) for x in ins], [int(x) for x in out]
+                if side == "outputs":
+                    factors = _axis_factors(ins, out, channel % len(ins))
+                else:
+                    factors = _axis_factors(out, ins, channel % len(out))
+                if factors is None:
+                    continue
+                if len(factors) > 1:
+                    yield factors
+                    continue
+            elif other.type != tp.ops.OPTYPE.ELEMENTWISE or isinstance(other.module, nn.Parameter):
+                continue
+            nxt += getattr(other, side)
+        frontier = nxt
 
 
 def _axis_factors(ins: list[int], out: list[int], axis: int) -> list[int] | None:
@@ -1163,17 +1229,19 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
 
 
 def _attention_heads(
-    skeleton: nn.Module, groups: list[ChannelGroup], head_first: frozenset = frozenset()
+    skeleton: nn.Module, groups: list[ChannelGroup], orders: dict | None = None
 ) -> list[ChannelGroup]:
     """Replace the group of every attention's q/k/v outputs by one group whose units are whole heads.
 
     torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
     product: only whole heads (their q, k, v rows, the projection's input columns and the module's per-head
     parameters) may move. Whole heads are also a symmetry of attention across channels within a head
-    (XCiT's cross-covariance attention). A producer in ``head_first`` (``(module name, attribute)``, see
-    :func:`_cut_attention_internals`) orders its rows head by head (all ``n * head_dim`` rows of head 0, then
-    head 1...): its slot has one run of rows per head, so that a new model keeps that order.
+    (XCiT's cross-covariance attention). ``orders`` (see :func:`_cut_attention_internals`) names the layers in another
+    order than ViT's: a ``"head-first"`` producer's rows (all ``n * head_dim`` rows of head 0, then head 1...)
+    are one run per head in its slot, a ``"head-last"`` ``proj``'s columns (``j * heads + head``: NesT) one
+    repeat per ``j``, so that a new model keeps that order (assembly writes repeat after repeat).
     """
+    orders = orders or {}
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
         if layout is None:
@@ -1210,7 +1278,7 @@ def _attention_heads(
         dim = heads * hd
         slots = []
         for attr, n in producers:
-            if (name, attr) in head_first:
+            if orders.get((name, attr)) == "head-first":
                 # [heads, n * head_dim, 1]: one run of rows per head, which assembly writes head after head
                 pos = (torch.arange(heads)[:, None] * n * hd + torch.arange(n * hd))[:, :, None]
             else:
@@ -1225,7 +1293,12 @@ def _attention_heads(
                 slots.append(Slot(f"{name}.{attr}.bias", 0, OUT, kind, False, f"{name}.{attr}", pos))
         h, j = torch.meshgrid(torch.arange(heads), torch.arange(hd), indexing="ij")
         kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
-        slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", (h * hd + j)[:, :, None]))
+        cols = (
+            (j * heads + h)[:, None, :]
+            if orders.get((name, "proj")) == "head-last"
+            else (h * hd + j)[:, :, None]
+        )
+        slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", cols))
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]

@@ -53,11 +53,13 @@ class ConvNet(nn.Module):
 
 
 class BlockAttention(nn.Module):
-    """NesT's attention: a Linear qkv over tokens ``(B, T, N, C)`` grouped in image blocks."""
+    """NesT's attention: a Linear qkv over tokens ``(B, T, N, C)`` grouped in image blocks; with ``head_last``
+    the heads' outputs are NesT's ``(B, T, N, head_dim, heads)`` (proj column ``j * heads + head``), else
+    ``(B, T, N, heads, head_dim)``."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, head_last: bool):
         super().__init__()
-        self.num_heads = heads
+        self.num_heads, self.head_last = heads, head_last
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -65,21 +67,25 @@ class BlockAttention(nn.Module):
         B, T, N, C = x.shape
         qkv = self.qkv(x).reshape(B, T, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1)).softmax(-1)
-        return self.proj((attn @ v).permute(0, 2, 3, 1, 4).reshape(B, T, N, C))
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, heads, T, N, head_dim)
+        out = out.permute(0, 2, 3, 4, 1) if self.head_last else out.permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(B, T, N, C))
 
 
 class BlockNet(nn.Module):
-    def __init__(self, dim: int = 8, heads: int = 2):
+    """Tokens in 4 image blocks of 16 positions with NesT's position embedding ``(1, blocks, positions, C)``."""
+
+    def __init__(self, head_last: bool, dim: int = 8, heads: int = 2):
         super().__init__()
         self.embed = nn.Linear(3, dim)
-        self.attn = BlockAttention(dim, heads)
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 16, dim))
+        self.attn = BlockAttention(dim, heads, head_last)
         self.head = nn.Linear(dim, 5)
 
     def forward(self, x):  # x: (B, 3, 8, 8) -> 4 blocks of 4x4 positions
         B = x.shape[0]
         t = x.reshape(B, 3, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(B, 4, 16, 3)
-        t = self.embed(t)
+        t = self.embed(t) + self.pos_embed
         t = t + self.attn(t)
         return self.head(t.mean((1, 2)))
 
@@ -105,7 +111,8 @@ def _rel(a, b) -> float:
 CASES = {
     "conv head-first": (lambda: ConvNet(True), (2, 3, 4, 4)),
     "conv role-first": (lambda: ConvNet(False), (2, 3, 4, 4)),
-    "token blocks": (lambda: BlockNet(), (2, 3, 8, 8)),
+    "token blocks": (lambda: BlockNet(False), (2, 3, 8, 8)),
+    "token blocks, heads last": (lambda: BlockNet(True), (2, 3, 8, 8)),
 }
 
 
@@ -121,6 +128,12 @@ def test_heads_are_units_and_a_permutation_keeps_the_function(case):
     assert {("attn.qkv.weight", 0), ("attn.proj.weight", 1)} <= slots
     if case.startswith("conv"):
         assert ("attn.bias", 0) in slots  # the per-head bias moves with its head
+    else:  # the position embedding's channels are its last axis
+        assert any(s.tensor == "pos_embed" and s.dim == 3 for g in graph.groups for s in g.slots)
+    (proj,) = [s for s in heads[0].slots if s.tensor == "attn.proj.weight"]
+    if case.endswith("heads last"):  # head 0 reads columns 0, 2, 4, 6: one repeat per position in the head
+        assert proj.positions[0].reshape(-1).tolist() == [0, 2, 4, 6]
+        assert proj.positions.shape == (2, 1, 4)
     state = full_state(a)
     # heads swapped: [1, 0] is a real permutation of 2 heads, every other group as it is
     sel = graph.identity_selection()
@@ -192,3 +205,15 @@ def test_models_alike_in_shapes_but_not_in_head_order_do_not_share_a_cached_trac
         (qkv,) = [s for g in graph.groups for s in g.slots if s.tensor == "attn.qkv.weight" and s.dim == 0]
         orders.append(tuple(qkv.positions.shape))
     assert orders == [(2, 9, 1), (2, 3, 3)]
+
+
+def test_a_proj_read_in_the_wrong_head_order_is_refused(monkeypatch):
+    """NesT's heads reach ``proj`` as ``(head_dim, heads)``: read as ``(heads, head_dim)`` (forced here), a
+    permutation of heads moves the wrong columns, which the self-check catches."""
+    (a,) = _members(lambda: BlockNet(True), 1)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(trace, "_proj_column_order", lambda *args: "head-first")
+    trace._CACHE.clear()
+    with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'.*not traced completely"):
+        fusion.channel_groups(a, x)
+    trace._CACHE.clear()
