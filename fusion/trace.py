@@ -651,6 +651,9 @@ def _all_groups(dg, ignored_layers, root_types):
         except _Explosion as exc:
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
+            reason = _unknown_attention_reason(dg.model, names.get(m, ""))
+            if reason:
+                raise FusionError(reason) from None
             raise FusionError(
                 f"the channel group rooted at {names.get(m, '?')!r} reaches over {_MAX_INDICES:,} channel indices "
                 f"(most at {where!r}): torch-pruning maps channels through a reshape of spatial positions "
@@ -664,6 +667,43 @@ def _all_groups(dg, ignored_layers, root_types):
                     prunable = False
         if prunable:
             yield len(channels), items, mixed
+
+
+def _unknown_attention_reason(model: nn.Module, root: str) -> str | None:
+    """The refusal for a group that exploded at an attention fusion does not recognise (see
+    :func:`attention_layout`), or None when ``root`` is in no module with a head count.
+
+    Names the attention (the innermost module around ``root`` that keeps ``num_heads`` or ``heads``) and, when
+    it has one, a parameter with no dimension per head (BoTNet's relative position tables of shape
+    ``(2 * size - 1, head_dim)``, read by every head): permuting whole heads would keep the function, but heads
+    of different members could not keep their own tables, so not even the concatenation is the ensemble."""
+    modules = dict(model.named_modules())
+    parts = root.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:cut])
+        module = modules.get(name)
+        heads = _head_count(module) if module is not None else None
+        if not isinstance(heads, int) or heads <= 0 or attention_layout(module) is not None:
+            continue
+        reason = (
+            f"attention {name!r} ({type(module).__name__}): its q/k/v channels are reshaped into heads next to "
+            "the spatial positions in a layout fusion does not know (q/k/v Linears or 1x1 convolutions read by "
+            "a proj)"
+        )
+        producers = {root.split(".")[cut]}
+        for pname, p in module.named_parameters():
+            if pname.split(".", 1)[0] in producers or p.dim() < 2 or heads in p.shape:
+                continue
+            owner = modules.get(f"{name}.{pname.rsplit('.', 1)[0]}") if "." in pname else module
+            if isinstance(owner, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+                continue
+            reason += (
+                f"; {pname!r} {tuple(p.shape)} is read by every head, so heads of different members could not "
+                "keep their own"
+            )
+            break
+        return reason + "; fusion refused"
+    return None
 
 
 class _RangeMap:

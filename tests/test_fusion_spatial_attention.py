@@ -217,3 +217,38 @@ def test_a_proj_read_in_the_wrong_head_order_is_refused(monkeypatch):
     with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'.*not traced completely"):
         fusion.channel_groups(a, x)
     trace._CACHE.clear()
+
+
+class SharedTableAttention(nn.Module):
+    """BoTNet's BottleneckAttn: q, k, v split from a 1x1 conv, heads merged into the batch, no proj, and a
+    relative position table ``(2 * size - 1, head_dim)`` that every head reads."""
+
+    def __init__(self, dim: int, heads: int, size: int):
+        super().__init__()
+        self.num_heads, self.dim_head = heads, dim // heads
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.rel = nn.Parameter(torch.randn(2 * size - 1, self.dim_head))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = torch.split(self.qkv(x), [C, C, C], dim=1)
+        q = q.reshape(B * self.num_heads, self.dim_head, -1).transpose(-1, -2)
+        k = k.reshape(B * self.num_heads, self.dim_head, -1)
+        v = v.reshape(B * self.num_heads, self.dim_head, -1).transpose(-1, -2)
+        rel = (q @ self.rel.transpose(0, 1)).mean(-1, keepdim=True)  # every head reads the same table
+        out = ((q @ k) + rel).softmax(-1) @ v
+        return out.transpose(-1, -2).reshape(B, C, H, W)
+
+
+def test_an_attention_in_an_unknown_layout_is_refused_by_name(monkeypatch):
+    """torch-pruning's walk through such an attention explodes (budget lowered here); the refusal names the
+    attention and the parameter every head reads, instead of only the exploding walk."""
+    monkeypatch.setattr(trace, "_MAX_INDICES", 300)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), SharedTableAttention(8, 2, 4), nn.BatchNorm2d(8)
+    )
+    with pytest.raises(
+        fusion.FusionError,
+        match=r"attention '2' \(SharedTableAttention\).*layout fusion does not know.*'rel' \(7, 4\) is read by every",
+    ):
+        trace._trace(model.eval(), torch.randn(2, 3, 4, 4), ["3"])
