@@ -1455,6 +1455,18 @@ def _float64_reference(model: nn.Module, state: dict, inputs):
     return (skeleton, inputs64, reference), None
 
 
+def _moving_every_group(selection):
+    """``selection`` with every group of two or more units that a random permutation left in place rolled by one
+    instead: a group that does not move is not checked at all (two heads stay in place half the time), and the
+    check is what catches a head layout read wrongly."""
+    out = []
+    for members, units in selection:
+        if units.numel() > 1 and torch.equal(units, torch.arange(units.numel())):
+            units = units.roll(1)
+        out.append((members, units))
+    return out
+
+
 def verify_permutation_invariance(
     model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
 ) -> None:
@@ -1490,7 +1502,7 @@ def verify_permutation_invariance(
             return _outputs(skeleton, graph.assemble([state], selection), inputs)
 
     gen = torch.Generator().manual_seed(seed)
-    permuted = graph.random_permutation(gen)
+    permuted = _moving_every_group(graph.random_permutation(gen))
     if _close(reference, run(permuted), tol, floor):
         return
     # find the culprit: permute one group at a time

@@ -252,3 +252,19 @@ def test_an_attention_in_an_unknown_layout_is_refused_by_name(monkeypatch):
         match=r"attention '2' \(SharedTableAttention\).*layout fusion does not know.*'rel' \(7, 4\) is read by every",
     ):
         trace._trace(model.eval(), torch.randn(2, 3, 4, 4), ["3"])
+
+
+def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_for_every_seed(monkeypatch):
+    """A random permutation of two heads is the identity half the time, which would check nothing; the
+    self-check rolls such a group instead, so a wrong layout is refused whatever the seed."""
+    (a,) = _members(lambda: ConvNet(True), 1)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(trace, "_producer_row_order", lambda *args: "role-first")
+    wrong = trace._trace(a, x, None)
+    for seed in range(6):
+        with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'"):
+            trace.verify_permutation_invariance(a, wrong, x, seed=seed)
+    moved = trace._moving_every_group(wrong.identity_selection())
+    assert all(
+        not torch.equal(u, torch.arange(g.n_units)) for (_, u), g in zip(moved, wrong.groups) if g.n_units > 1
+    )
