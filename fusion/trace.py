@@ -1161,13 +1161,16 @@ def _producer_row_order(node, layer: nn.Module, heads: int, hd: int, n: int) -> 
     autograd recorded: ``"role-first"`` (factors ``n, heads, hd``: ViT's ``(B, N, 3, heads, hd)``),
     ``"head-first"`` (``heads, n * hd`` or ``heads, n, hd``: MaxViT's ``view(B, heads, 3 * hd, H * W)``), None
     when no such reshape follows or the split is neither (role-first is then assumed; the self-check judges).
-    Where both match (n == heads) role-first is kept, the order every earlier trace assumed."""
+    Where both match (n == heads) role-first is kept, the order every earlier trace assumed. A single head
+    decides nothing about the member, but a model with more heads reads its rows in that order: an axis of size
+    1 for the head (``view(B, N, 1, 3 * hd)``) is matched first."""
+    patterns = (
+        ("role-first", (n, heads, hd)),
+        ("head-first", (heads, n * hd)),
+        ("head-first", (heads, n, hd)),
+    )
     for factors in _channel_splits(node, layer, "outputs"):
-        if factors == [f for f in (n, heads, hd) if f != 1]:
-            return "role-first"
-        if factors in ([f for f in (heads, n * hd) if f != 1], [f for f in (heads, n, hd) if f != 1]):
-            return "head-first"
-        return None
+        return _match_factors(factors, patterns)
     return None
 
 
@@ -1177,11 +1180,20 @@ def _proj_column_order(node, layer: nn.Module, heads: int, hd: int) -> str | Non
     head``), ``"head-first"`` for ``(heads, hd)`` and also where both match (heads == hd), None when no such
     reshape feeds it (head-first is then assumed; the self-check judges)."""
     for factors in _channel_splits(node, layer, "inputs"):
-        if factors == [f for f in (heads, hd) if f != 1]:
-            return "head-first"
-        if factors == [f for f in (hd, heads) if f != 1]:
-            return "head-last"
-        return None
+        return _match_factors(factors, (("head-first", (heads, hd)), ("head-last", (hd, heads))))
+    return None
+
+
+def _match_factors(factors: list[int], patterns) -> str | None:
+    """The first pattern ``(name, sizes)`` equal to ``factors`` with their axes of size 1, else the first equal
+    without them, else None."""
+    for name, sizes in patterns:
+        if factors == list(sizes):
+            return name
+    plain = [f for f in factors if f != 1]
+    for name, sizes in patterns:
+        if plain == [f for f in sizes if f != 1]:
+            return name
     return None
 
 
@@ -1211,7 +1223,7 @@ def _channel_splits(node, layer: nn.Module, side: str, depth: int = 4):
                     factors = _axis_factors(out, ins, channel % len(out))
                 if factors is None:
                     continue
-                if len(factors) > 1:
+                if len(factors) > 1:  # axes of size 1 included: a single head's axis is an answer
                     yield factors
                     continue
             elif other.type != tp.ops.OPTYPE.ELEMENTWISE or isinstance(other.module, nn.Parameter):
@@ -1221,8 +1233,9 @@ def _channel_splits(node, layer: nn.Module, side: str, depth: int = 4):
 
 
 def _axis_factors(ins: list[int], out: list[int], axis: int) -> list[int] | None:
-    """The dimensions (sizes > 1) of a reshape's output ``out`` that axis ``axis`` of its input ``ins`` becomes,
-    or None when that axis is merged with a neighbour (its elements are not a run of whole output dims)."""
+    """The dimensions of a reshape's output ``out`` that axis ``axis`` of its input ``ins`` becomes (axes of size 1
+    between them and the leading ones included), or None when that axis is merged with a neighbour (its
+    elements are not a run of whole output dims)."""
     lead = 1
     for s in ins[:axis]:
         lead *= s
@@ -1235,8 +1248,7 @@ def _axis_factors(ins: list[int], out: list[int], axis: int) -> list[int] | None
     factors, total = [], 1
     while i < len(out) and total < ins[axis]:
         total *= out[i]
-        if out[i] != 1:
-            factors.append(out[i])
+        factors.append(out[i])
         i += 1
     return factors if total == ins[axis] else None
 
