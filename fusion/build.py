@@ -48,6 +48,33 @@ def _head_widths(template: nn.Module) -> dict[str, int]:
     return widths
 
 
+def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
+    """Make an attention module's bookkeeping follow its new head count ``heads`` (each ``width`` wide): the head
+    count under the name it keeps it (``num_heads``, Hiera's ``heads``); its attention width when it keeps one
+    equal to the heads' width (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``: their forwards reshape
+    the heads' outputs to it); and in its submodules (timm's relative position biases ``RelPosBias`` /
+    ``RelPosMlp``) the head count and a ``*_shape`` tuple whose last axis is the heads (``bias_shape =
+    (window, window, num_heads)``). Anything left stale makes the fused model fail to run (refused)."""
+    key = "num_heads" if hasattr(module, "num_heads") else "heads"
+    old = getattr(module, key)
+    setattr(module, key, heads)
+    for attr in ("attn_dim", "dim_out", "out_dim"):
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old * width:
+            setattr(module, attr, heads * width)
+    for sub in list(module.modules())[1:]:
+        for attr, value in list(vars(sub).items()):
+            if attr in ("num_heads", "heads") and value == old:
+                setattr(sub, attr, heads)
+            elif (
+                attr.endswith("shape")
+                and isinstance(value, tuple)
+                and value
+                and all(isinstance(v, int) for v in value)
+                and value[-1] == old
+            ):
+                setattr(sub, attr, value[:-1] + (heads,))
+
+
 # functions fn(model) that fix module attributes beyond the per-layer ones
 ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
 
@@ -66,10 +93,7 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
         resize_module(module, name)
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
             heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
-            # the head count under the name the module keeps it (Hiera: ``heads``)
-            setattr(module, "num_heads" if hasattr(module, "num_heads") else "heads", heads)
-            if isinstance(getattr(module, "attn_dim", None), int):
-                module.attn_dim = heads * widths[name]
+            _follow_head_count(module, heads, widths[name])
     for fix in ATTRIBUTE_FIXERS:
         fix(model)
     return model.eval()

@@ -294,3 +294,56 @@ def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_f
     assert all(
         not torch.equal(u, torch.arange(g.n_units)) for (_, u), g in zip(moved, wrong.groups) if g.n_units > 1
     )
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_a_single_head_is_widened_in_the_order_the_forward_reads_it(head_first):
+    """One head cannot be permuted, so the self-check says nothing about its row order; a model with more heads
+    (NT at sparsity 0) reads its rows head by head or role by role all the same. The order comes from the
+    head's axis of size 1 in the reshape (``view(B, 1, 3 * dim_head, H * W)``)."""
+    a, b = _members(lambda: ConvNet(head_first, heads=1, dim_head=4), 2)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wide = fusion.fuse([a, b], "nt", example_inputs=x, sparsity=0.0)
+        assert wide.attn.num_heads == 2
+        assert _rel(wide(x), fusion.ensemble([a, b])(x)) < 1e-5
+
+
+class RelPosAttention(nn.Module):
+    """MaxViT's ``Attention2d`` with timm's ``RelPosBias`` (its table is per head, its ``bias_shape`` ends in the
+    head count) and Hiera's ``dim_out``, the heads' width its forward reshapes to."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, dim_head: int = 3):
+        super().__init__()
+        from timm.layers import RelPosBias
+
+        self.num_heads, self.dim_head, self.dim_out = heads, dim_head, heads * dim_head
+        self.qkv = nn.Conv2d(dim, 3 * heads * dim_head, 1)
+        self.rel_pos = RelPosBias((4, 4), heads)
+        self.proj = nn.Conv2d(heads * dim_head, dim, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+        attn = self.rel_pos((q.transpose(-2, -1) @ k) * self.dim_head**-0.5)
+        out = v @ attn.softmax(-1).transpose(-2, -1)
+        return self.proj(out.reshape(B, self.dim_out, H, W))
+
+
+def test_a_wider_model_follows_the_head_count_in_relative_position_biases_and_widths():
+    def make():
+        net = ConvNet(True)
+        net.attn = RelPosAttention()
+        with torch.no_grad():
+            net.attn.rel_pos.relative_position_bias_table.normal_()
+        return net
+
+    a, b = _members(make)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fusion.channel_groups(a, x)  # self-check: the bias table moves with its heads
+        wide = fusion.fuse([a, b], "nt", example_inputs=x, sparsity=0.0)
+        attn = wide.attn
+        assert (attn.num_heads, attn.dim_out) == (4, 12)
+        assert attn.rel_pos.bias_shape == (16, 16, 4)
+        assert _rel(wide(x), fusion.ensemble([a, b])(x)) < 1e-5
