@@ -529,8 +529,10 @@ _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group re
 
 
 class _Explosion(Exception):
-    def __init__(self, node):
+    def __init__(self, node, seen: dict | None = None):
         self.node = node
+        # the modules and operations the walk had reached (to name an attention it went through)
+        self.reached = [entry[0].target.module for entry in (seen or {}).values()]
 
 
 class _Item:
@@ -585,13 +587,15 @@ def _pruning_group(dg, module: nn.Module, fn, channels) -> tuple[list[_Item], li
                         not getattr(mapping, "reverse", True)
                         and len(new) * getattr(mapping, "_stride", 1) > work
                     ):
-                        raise _Explosion(new_dep.target)  # a flatten would expand past the budget at once
+                        raise _Explosion(
+                            new_dep.target, seen
+                        )  # a flatten would expand past the budget at once
                     new = mapping(new)
             if not new:
                 continue
             work -= len(new)
             if work < 0:  # indices mapped, also those already seen: a walk can re-map huge lists forever
-                raise _Explosion(new_dep.target)
+                raise _Explosion(new_dep.target, seen)
             key = (id(new_dep.target), new_dep.handler)
             entry = seen.get(key)
             if entry is None:
@@ -614,7 +618,7 @@ def _pruning_group(dg, module: nn.Module, fn, channels) -> tuple[list[_Item], li
             budget -= len(fresh)
             if budget < 0:
                 worst = max(seen.values(), key=lambda e: len(e[2]))[0].target
-                raise _Explosion(worst)
+                raise _Explosion(worst, seen)
     ignored_params = getattr(dg, "ignored_params", [])
     items = []
     for dep, _, idxs in seen.values():
@@ -651,7 +655,8 @@ def _all_groups(dg, ignored_layers, root_types):
         except _Explosion as exc:
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
-            reason = _unknown_attention_reason(dg.model, names.get(m, ""))
+            reached = [names[mod] for mod in exc.reached if mod in names]
+            reason = _unknown_attention_reason(dg.model, names.get(m, ""), reached)
             if reason:
                 raise FusionError(reason) from None
             raise FusionError(
@@ -669,41 +674,53 @@ def _all_groups(dg, ignored_layers, root_types):
             yield len(channels), items, mixed
 
 
-def _unknown_attention_reason(model: nn.Module, root: str) -> str | None:
+def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = ()) -> str | None:
     """The refusal for a group that exploded at an attention fusion does not recognise (see
-    :func:`attention_layout`), or None when ``root`` is in no module with a head count.
+    :func:`attention_layout`), or None when neither ``root`` nor a layer the walk ``reached`` is in a module
+    with a head count.
 
-    Names the attention (the innermost module around ``root`` that keeps ``num_heads`` or ``heads``) and, when
-    it has one, a parameter with no dimension per head (BoTNet's relative position tables of shape
-    ``(2 * size - 1, head_dim)``, read by every head): permuting whole heads would keep the function, but heads
-    of different members could not keep their own tables, so not even the concatenation is the ensemble."""
+    Names the attention (the innermost module around ``root``, else around a reached layer, that keeps
+    ``num_heads`` or ``heads``: the walk from a residual stream goes through EfficientViT's cascaded group
+    attention) and, when it has one, a parameter with no dimension per head (BoTNet's relative position
+    tables of shape ``(2 * size - 1, head_dim)``, read by every head): permuting whole heads would keep the
+    function, but heads of different members could not keep their own tables, so not even the concatenation
+    is the ensemble."""
     modules = dict(model.named_modules())
-    parts = root.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        name = ".".join(parts[:cut])
-        module = modules.get(name)
-        heads = _head_count(module) if module is not None else None
-        if not isinstance(heads, int) or heads <= 0 or attention_layout(module) is not None:
-            continue
-        reason = (
-            f"attention {name!r} ({type(module).__name__}): its q/k/v channels are reshaped into heads next to "
-            "the spatial positions in a layout fusion does not know (q/k/v Linears or 1x1 convolutions read by "
-            "a proj)"
-        )
-        producers = {root.split(".")[cut]}
-        for pname, p in module.named_parameters():
-            if pname.split(".", 1)[0] in producers or p.dim() < 2 or heads in p.shape:
-                continue
-            owner = modules.get(f"{name}.{pname.rsplit('.', 1)[0]}") if "." in pname else module
-            if isinstance(owner, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
-                continue
-            reason += (
-                f"; {pname!r} {tuple(p.shape)} is read by every head, so heads of different members could not "
-                "keep their own"
-            )
-            break
-        return reason + "; fusion refused"
+    for path in [root, *reached]:
+        parts = path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:cut])
+            module = modules.get(name)
+            heads = _head_count(module) if module is not None else None
+            if isinstance(heads, int) and heads > 0 and attention_layout(module) is None:
+                return _unknown_attention_message(modules, name, module, heads, parts[cut], root)
     return None
+
+
+def _unknown_attention_message(
+    modules: dict, name: str, module: nn.Module, heads: int, inner: str, root: str
+):
+    where = (
+        "its q/k/v channels are"
+        if root.startswith(name + ".")
+        else f"the channels of {root!r} reach it and are"
+    )
+    reason = (
+        f"attention {name!r} ({type(module).__name__}): {where} reshaped into heads next to the spatial positions "
+        "in a layout fusion does not know (q/k/v Linears or 1x1 convolutions read by a proj)"
+    )
+    for pname, p in module.named_parameters():
+        if pname.split(".", 1)[0] == inner or p.dim() < 2 or heads in p.shape:
+            continue
+        owner = modules.get(f"{name}.{pname.rsplit('.', 1)[0]}") if "." in pname else module
+        if isinstance(owner, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+            continue
+        reason += (
+            f"; {pname!r} {tuple(p.shape)} is read by every head, so heads of different members could not keep "
+            "their own"
+        )
+        break
+    return reason + "; fusion refused"
 
 
 class _RangeMap:

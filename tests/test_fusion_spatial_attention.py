@@ -273,11 +273,18 @@ def test_an_attention_in_an_unknown_layout_is_refused_by_name(monkeypatch):
     model = nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), SharedTableAttention(8, 2, 4), nn.BatchNorm2d(8)
     )
-    with pytest.raises(
-        fusion.FusionError,
-        match=r"attention '2' \(SharedTableAttention\).*layout fusion does not know.*'rel' \(7, 4\) is read by every",
-    ):
+    with pytest.raises(fusion.FusionError) as info:
         trace._trace(model.eval(), torch.randn(2, 3, 4, 4), ["3"])
+    message = str(info.value)
+    assert message.startswith(
+        "attention '2' (SharedTableAttention): its q/k/v channels are reshaped into heads"
+    )
+    assert "'rel' (7, 4) is read by every head" in message
+    # a group rooted outside that reached the attention (EfficientViT's residual stream into its cascaded group
+    # attention) is refused naming the attention too; a group that reached none keeps the generic refusal
+    reason = trace._unknown_attention_reason(model, "0", ["1", "2.qkv"])
+    assert reason.startswith("attention '2' (SharedTableAttention): the channels of '0' reach it")
+    assert trace._unknown_attention_reason(model, "0", ["1", "3"]) is None
 
 
 def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_for_every_seed(monkeypatch):
