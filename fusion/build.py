@@ -53,8 +53,8 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
     count under the name it keeps it (``num_heads``, Hiera's ``heads``); its attention width when it keeps one
     equal to the heads' width (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``: their forwards reshape
     the heads' outputs to it); and in its submodules (timm's relative position biases ``RelPosBias`` /
-    ``RelPosMlp``) the head count and a ``*_shape`` tuple whose last axis is the heads (``bias_shape =
-    (window, window, num_heads)``). Anything left stale makes the fused model fail to run (refused)."""
+    ``RelPosMlp``) the head count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes
+    the fused model fail to run (refused)."""
     key = "num_heads" if hasattr(module, "num_heads") else "heads"
     old = getattr(module, key)
     setattr(module, key, heads)
@@ -65,13 +65,7 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
         for attr, value in list(vars(sub).items()):
             if attr in ("num_heads", "heads") and value == old:
                 setattr(sub, attr, heads)
-            elif (
-                attr.endswith("shape")
-                and isinstance(value, tuple)
-                and value
-                and all(isinstance(v, int) for v in value)
-                and value[-1] == old
-            ):
+            elif attr == "bias_shape" and isinstance(value, tuple) and value and value[-1] == old:
                 setattr(sub, attr, value[:-1] + (heads,))
 
 

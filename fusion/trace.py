@@ -587,9 +587,8 @@ def _pruning_group(dg, module: nn.Module, fn, channels) -> tuple[list[_Item], li
                         not getattr(mapping, "reverse", True)
                         and len(new) * getattr(mapping, "_stride", 1) > work
                     ):
-                        raise _Explosion(
-                            new_dep.target, seen
-                        )  # a flatten would expand past the budget at once
+                        # a flatten would expand past the budget at once
+                        raise _Explosion(new_dep.target, seen)
                     new = mapping(new)
             if not new:
                 continue
@@ -700,6 +699,8 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
 def _unknown_attention_message(
     modules: dict, name: str, module: nn.Module, heads: int, inner: str, root: str
 ):
+    """The words of :func:`_unknown_attention_reason` for attention ``name`` (``inner``: its child that ``root``
+    or the reached layer is in, not searched for parameters shared by the heads)."""
     where = (
         "its q/k/v channels are"
         if root.startswith(name + ".")
