@@ -708,7 +708,7 @@ def _unknown_attention_message(
     )
     reason = (
         f"attention {name!r} ({type(module).__name__}): {where} reshaped into heads next to the spatial positions "
-        "in a layout fusion does not know (q/k/v Linears or 1x1 convolutions read by a proj)"
+        "in a layout fusion does not know (no q/k/v Linears or 1x1 convs read by a proj)"
     )
     for pname, p in module.named_parameters():
         if pname.split(".", 1)[0] == inner or p.dim() < 2 or heads in p.shape:
@@ -716,10 +716,8 @@ def _unknown_attention_message(
         owner = modules.get(f"{name}.{pname.rsplit('.', 1)[0]}") if "." in pname else module
         if isinstance(owner, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
             continue
-        reason += (
-            f"; {pname!r} {tuple(p.shape)} is read by every head, so heads of different members could not keep "
-            "their own"
-        )
+        # every head reads it: heads of different members could not keep their own, even the concatenation
+        reason += f"; {pname!r} {tuple(p.shape)} is shared by all heads"
         break
     return reason + "; fusion refused"
 

@@ -279,7 +279,7 @@ def test_an_attention_in_an_unknown_layout_is_refused_by_name(monkeypatch):
     assert message.startswith(
         "attention '2' (SharedTableAttention): its q/k/v channels are reshaped into heads"
     )
-    assert "'rel' (7, 4) is read by every head" in message
+    assert message.endswith("; 'rel' (7, 4) is shared by all heads; fusion refused")
     # a group rooted outside that reached the attention (EfficientViT's residual stream into its cascaded group
     # attention) is refused naming the attention too; a group that reached none keeps the generic refusal
     reason = trace._unknown_attention_reason(model, "0", ["1", "2.qkv"])
