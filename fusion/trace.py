@@ -1285,7 +1285,7 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
     for pname, p in module.named_parameters():
         if pname.split(".", 1)[0] in skip:
             continue
-        dims = [d for d, n in enumerate(p.shape) if n == heads]
+        dims = [d for d, n in enumerate(p.shape) if n == heads and not _kernel_dim(module, pname, d)]
         if len(dims) > 1:
             raise FusionError(
                 f"attention {name!r}: parameter {pname!r} of shape {tuple(p.shape)} has several dimensions of "
@@ -1294,6 +1294,14 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
         if dims:
             out.append((f"{name}.{pname}", dims[0]))
     return out
+
+
+def _kernel_dim(module: nn.Module, pname: str, d: int) -> bool:
+    """Whether dimension ``d`` of parameter ``pname`` of ``module`` is a convolution's kernel axis (Twins' and
+    PVT's spatial-reduction convolution ``sr`` of kernel size 4 in an attention of 4 heads): a spatial axis,
+    never one per head."""
+    owner = module.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else module
+    return isinstance(owner, nn.modules.conv._ConvNd) and pname.endswith("weight") and d >= 2
 
 
 def _attention_heads(

@@ -354,3 +354,49 @@ def test_a_wider_model_follows_the_head_count_in_relative_position_biases_and_wi
         assert (attn.num_heads, attn.dim_out) == (4, 12)
         assert attn.rel_pos.bias_shape == (16, 16, 4)
         assert _rel(wide(x), fusion.ensemble([a, b])(x)) < 1e-5
+
+
+class SubsampledAttention(nn.Module):
+    """PVT / Twins' global sub-sampled attention: q from every token, k and v from the tokens reduced by a
+    strided convolution ``sr`` whose kernel size (2) equals the head count: its kernel axes are not per head."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.num_heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.sr = nn.Conv2d(dim, dim, 2, stride=2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        hd = C // self.num_heads
+        q = self.q(x).reshape(B, N, self.num_heads, hd).permute(0, 2, 1, 3)
+        r = self.sr(x.transpose(1, 2).reshape(B, C, *size)).flatten(2).transpose(1, 2)
+        k, v = self.kv(r).reshape(B, -1, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class SubsampledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 1)
+        self.attn = SubsampledAttention()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t, x.shape[2:])
+        return self.head(t.mean(1))
+
+
+def test_a_spatial_reduction_convolution_with_a_kernel_as_large_as_the_head_count_is_not_per_head():
+    a, b = _members(SubsampledNet)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    graph = fusion.channel_groups(a, x)
+    (heads,) = [g for g in graph.groups if g.unit_kind == "head"]
+    assert not any(s.tensor.startswith("attn.sr") for s in heads.slots)
+    with torch.no_grad():
+        wide = fusion.fuse([a, b], "nt", example_inputs=x, sparsity=0.0)
+        assert _rel(wide(x), fusion.ensemble([a, b])(x)) < 1e-5
