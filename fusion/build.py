@@ -48,6 +48,27 @@ def _head_widths(template: nn.Module) -> dict[str, int]:
     return widths
 
 
+def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
+    """Make an attention module's bookkeeping follow its new head count ``heads`` (each ``width`` wide): the head
+    count under the name it keeps it (``num_heads``, Hiera's ``heads``); its attention width when it keeps one
+    equal to the heads' width (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``: their forwards reshape
+    the heads' outputs to it); and in its submodules (timm's relative position biases ``RelPosBias`` /
+    ``RelPosMlp``) the head count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes
+    the fused model fail to run (refused)."""
+    key = "num_heads" if hasattr(module, "num_heads") else "heads"
+    old = getattr(module, key)
+    setattr(module, key, heads)
+    for attr in ("attn_dim", "dim_out", "out_dim"):
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old * width:
+            setattr(module, attr, heads * width)
+    for sub in list(module.modules())[1:]:
+        for attr, value in list(vars(sub).items()):
+            if attr in ("num_heads", "heads") and value == old:
+                setattr(sub, attr, heads)
+            elif attr == "bias_shape" and isinstance(value, tuple) and value and value[-1] == old:
+                setattr(sub, attr, value[:-1] + (heads,))
+
+
 # functions fn(model) that fix module attributes beyond the per-layer ones
 ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
 
@@ -65,9 +86,8 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     for name, module in model.named_modules():
         resize_module(module, name)
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
-            module.num_heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
-            if isinstance(getattr(module, "attn_dim", None), int):
-                module.attn_dim = module.num_heads * widths[name]
+            heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
+            _follow_head_count(module, heads, widths[name])
     for fix in ATTRIBUTE_FIXERS:
         fix(model)
     return model.eval()
