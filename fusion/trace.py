@@ -831,10 +831,13 @@ def _nesting(small_shape, a: int, big_shape, b: int) -> tuple[int, int] | None:
 
 def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None] | None:
     """Where a reshape puts the channel ``axis`` of ``in_shape``: ``(output axis, forward mapping)`` (None:
-    identity), when the channel axis lies inside one axis of the output; else None (it is split)."""
+    identity), when the channel axis lies inside one axis of the output other than the batch axis; else None
+    (it is split, or merged into the batch)."""
     if int(in_shape[axis]) <= 1:
         return None
     for b in range(len(out_shape)):
+        if b == 0 and axis != 0:
+            continue  # channels merged into the batch axis: no channel axis of the output holds them
         nest = _nesting(in_shape, axis, out_shape, b)
         if nest is not None:
             r, outer = nest
