@@ -833,7 +833,11 @@ def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None]
     """Where a reshape puts the channel ``axis`` of ``in_shape``: ``(output axis, forward mapping)`` (None:
     identity), when the channel axis lies inside one axis of the output other than the batch axis; else None
     (it is split, or merged into the batch)."""
-    if int(in_shape[axis]) <= 1:
+    if int(in_shape[axis]) == 1:  # one channel: where an axis of size 1 keeps its place, index 0 stays 0
+        lead = _prod(in_shape[:axis])
+        for b in range(1, len(out_shape)):
+            if int(out_shape[b]) == 1 and _prod(out_shape[:b]) == lead:
+                return b, None
         return None
     for b in range(len(out_shape)):
         if b == 0 and axis != 0:
@@ -844,6 +848,13 @@ def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None]
             same = r == 1 and outer == 1
             return b, None if same else _AxisMap(int(in_shape[axis]), r, outer, True)
     return None
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for n in sizes:
+        out *= int(n)
+    return out
 
 
 def _grad_fn_inputs(gf, node_of: dict) -> list:
