@@ -1096,7 +1096,8 @@ def _remap_split_concat_slice(dg, axes: dict | None = None) -> None:
     channel axis of token tensors (B, N, C). Here every edge is matched to the autograd input it is (its
     ``output_nr`` names the chunk), sizes come from the shapes autograd recorded, and the two mappings of an
     edge compose in order (forward: producer's, then consumer's; backward: the inverses, reversed). Mappings
-    of other operations on the same edge (reshape, flatten, unbind, expand) are kept in their place."""
+    of other operations on the same edge (reshape, flatten, unbind, expand) are kept in their place. ``axes``
+    (:func:`_channel_axes`) names the channel axis where it was tracked (an NHWC tensor's last axis)."""
     node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
     own = _tp_range_mappings()
     for node in list(dg.module2node.values()):
