@@ -881,18 +881,19 @@ def _channel_axes(dg) -> dict:
     nodes = list(dg.module2node.values())
     node_of = {n.grad_fn: n for n in nodes if n.grad_fn is not None}
     axes: dict = {}
-    # iterative post-order over inputs (graphs are thousands of nodes deep)
+    # iterative post-order over inputs (graphs are thousands of nodes deep), each node expanded once; a cycle
+    # (a module called twice is one node) leaves the input still open unknown
+    opened: set = set()
     for start in nodes:
-        if id(start) in axes:
-            continue
         stack = [(start, False)]
         while stack:
             node, ready = stack.pop()
-            if id(node) in axes:
-                continue
             if not ready:
+                if id(node) in opened:
+                    continue
+                opened.add(id(node))
                 stack.append((node, True))
-                stack.extend((i, False) for i in node.inputs if id(i) not in axes)
+                stack.extend((i, False) for i in node.inputs if id(i) not in opened)
                 continue
             try:
                 axes[id(node)] = _axis_of(node, axes, node_of)

@@ -263,3 +263,35 @@ def test_an_nhwc_split_along_the_last_axis_is_a_channel_split(monkeypatch):
     monkeypatch.setattr(trace, "_axis_at", lambda node, ndim, axes, of_input: trace._channel_dim(ndim))
     with pytest.raises(fusion.FusionError):
         _fresh_trace(model, _x())
+
+
+class SharedLayer(nn.Module):
+    """One Linear called twice (CoaT shares its convolutional position encodings): torch-pruning makes it one
+    node, so the graph of nodes has a cycle."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.shared(self.fc(x)))
+        x = torch.tanh(self.shared(torch.tanh(self.mid(x))))
+        return self.head(x)
+
+
+def test_the_channel_axis_walk_ends_on_a_cycle_of_nodes():
+    """The axes are propagated in one post-order pass that opens each node once (a walk that re-opened a node
+    still in progress never ended here, and ran past the zoo's time limit on CoaT)."""
+    import time
+
+    torch.manual_seed(0)
+    model = SharedLayer().eval()
+    start = time.perf_counter()
+    try:
+        _fresh_trace(model, torch.randn(2, 4))
+    except fusion.FusionError:
+        pass  # a refusal is fine; the walk must end
+    assert time.perf_counter() - start < 5
