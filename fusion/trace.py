@@ -897,8 +897,8 @@ def _channel_axes(dg) -> dict:
                 continue
             try:
                 axes[id(node)] = _axis_of(node, axes, node_of)
-            except Exception:  # noqa: BLE001 - an unreadable record: unknown, torch-pruning's mapping stays
-                axes[id(node)] = None
+            except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
+                axes[id(node)] = None  # an unreadable record: unknown, torch-pruning's mapping stays
     return axes
 
 
