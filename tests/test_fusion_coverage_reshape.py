@@ -242,11 +242,14 @@ def test_global_context_maps_the_context_as_channels_and_the_attention_apart():
 
 
 @pytest.mark.parametrize(
-    ("cls", "kw"), [(GlobalContext, {}), (PatchMerging, {})], ids=["gc", "patch_merging"]
+    ("cls", "kw"),
+    [(GlobalContext, {}), (PatchMerging, {}), (SelectiveKernel, {})],
+    ids=["gc", "patch_merging", "selective_kernel"],
 )
 def test_without_the_channel_axis_torch_pruning_mapping_is_refused(cls, kw, monkeypatch):
     """Negative control: with torch-pruning's own reshape and matmul mappings (the channel axis not followed),
-    these models are refused (an explosion of indices, channels claimed by no group), never fused wrongly."""
+    these models are refused (an explosion of indices, channels claimed by no group, selective kernel's logits
+    paired as i, i + 1), never fused wrongly."""
     monkeypatch.setattr(trace, "_reshapes_follow_channel_axis", lambda dg: None)
     model = _members(cls, 1, **kw)[0]
     with pytest.raises(fusion.FusionError):
@@ -295,3 +298,36 @@ def test_the_channel_axis_walk_ends_on_a_cycle_of_nodes():
     except fusion.FusionError:
         pass  # a refusal is fine; the walk must end
     assert time.perf_counter() - start < 5
+
+
+class Unfold(nn.Module):
+    """MobileViT's unfold and fold: ``(B, C, H, W) -> (B * C * nh, ph, nw, pw) -> ... -> (B * P, N, C)``, a
+    token layer, and back. On the way the channels are merged into the batch axis, where no channel axis
+    holds them: torch-pruning's mapping stays there (segments of the batch made the fold-back a mixing)."""
+
+    def __init__(self, c: int = 6, p: int = 2):
+        super().__init__()
+        self.p = p
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.token = nn.Linear(c, c)
+        self.proj = nn.Conv2d(c, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b, c, h, w = x.shape
+        p, nh, nw = self.p, h // self.p, w // self.p
+        x = x.reshape(b * c * nh, p, nw, p).transpose(1, 2)
+        x = x.reshape(b, c, nh * nw, p * p).transpose(1, 3).reshape(b * p * p, nh * nw, c)
+        x = x + F.gelu(self.token(x))
+        x = x.contiguous().view(b, p * p, nh * nw, c).transpose(1, 3).reshape(b * c * nh, nw, p, p)
+        x = x.transpose(1, 2).reshape(b, c, h, w)
+        return self.head(F.relu(self.proj(x)).mean((2, 3)))
+
+
+def test_channels_merged_into_the_batch_axis_keep_torch_pruning_mapping():
+    members = _members(Unfold)
+    x = _x()
+    _fresh_trace(members[0], x)
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
