@@ -1301,8 +1301,13 @@ def _merge_units(raw) -> list[ChannelGroup]:
 
 # the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
 # + j for its r-th one): one fused qkv (ViT, Swin, XCiT), q and kv (PVT, Twins, VOLO's class attention), q, k and
-# v (XCiT's class attention)
-_QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)))
+# v (XCiT's class attention), qk and v (TNT)
+_QKV_LAYOUTS = (
+    (("qkv", 3),),
+    (("q", 1), ("kv", 2)),
+    (("q", 1), ("k", 1), ("v", 1)),
+    (("qk", 2), ("v", 1)),
+)
 
 
 def _pointwise(m) -> tuple[int, int] | None:

@@ -183,6 +183,10 @@ def _attention(kind: str, dim: int, heads: int) -> nn.Module:
         from timm.models import visformer
 
         return visformer.Attention(dim, heads)
+    if kind == "qk_v":  # qk and v Linears (TNT)
+        from timm.models import tnt
+
+        return tnt.Attention(dim, dim, heads, qkv_bias=True)
     return xcit.ClassAttn(dim, heads, qkv_bias=True)  # q, k and v Linears
 
 
@@ -219,7 +223,7 @@ def _attn_member(kind: str, seed: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2"])
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2", "qk_v"])
 def test_attention_layouts_move_whole_heads(kind):
     x = torch.randn(2, 16, 8)
     members = [_attn_member(kind, seed) for seed in range(2)]
