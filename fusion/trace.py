@@ -633,7 +633,8 @@ def _all_groups(dg, ignored_layers, root_types):
     """torch-pruning's ``get_all_groups`` on :func:`_pruning_group` (same roots, same order)."""
     _update_index_mappings(dg)
     _vector_reshapes_keep_channels(dg)
-    _remap_split_concat_slice(dg)
+    axes = _reshapes_follow_channel_axis(dg)
+    _remap_split_concat_slice(dg, axes)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
     covered: dict = {}  # id(module) -> its output channels some group already holds
     for m in list(dg.module2node.keys()):
@@ -774,7 +775,7 @@ def _out_shape(grad_fn, nr: int):
     return tuple(meta[nr].shape)
 
 
-def _node_maps(node, nr_or_k: int, side: str):
+def _node_maps(node, nr_or_k: int, side: str, axes: dict | None = None):
     """This node's own channel mapping for one of its edges, as a ``_RangeMap`` from its side of the edge
     outwards (``side="out"``: output ``nr`` of a split, from the split's input channels to the chunk's;
     ``side="in"``: argument ``k`` of a concatenation or the input of a slice, from the edge's channels to the
@@ -788,7 +789,7 @@ def _node_maps(node, nr_or_k: int, side: str):
         if not full or any(s is None for s in shapes):
             raise LookupError
         d = _norm_dim(gf._saved_dim, len(full))
-        if d != _channel_dim(len(full)):
+        if d != _axis_at(node, len(full), axes, True):
             return None
         offsets = [0]
         for s in shapes:
@@ -799,7 +800,7 @@ def _node_maps(node, nr_or_k: int, side: str):
         if out is None:
             raise LookupError
         d = _norm_dim(gf._saved_dim, len(out))
-        if d != _channel_dim(len(out)):
+        if d != _axis_at(node, len(out), axes, False):
             return None
         sizes = []
         for f, nr in gf.next_functions:
@@ -819,7 +820,7 @@ def _node_maps(node, nr_or_k: int, side: str):
         if not full:
             raise LookupError
         d = _norm_dim(gf._saved_dim, len(full))
-        if d != _channel_dim(len(full)):
+        if d != _axis_at(node, len(full), axes, True):
             return None
         size = full[d]
         start, end, step = gf._saved_start, gf._saved_end, gf._saved_step
@@ -828,6 +829,15 @@ def _node_maps(node, nr_or_k: int, side: str):
         start, end = max(0, min(start, size)), max(0, min(end, size))
         return _RangeMap(start, end, step, True)
     return None
+
+
+def _axis_at(node, ndim: int, axes: dict | None, of_input: bool) -> int | None:
+    """The channel axis of a split's or slice's input (``of_input``) or of a concatenation's output: the one
+    :func:`_channel_axes` tracked (MambaOut splits ``(B, H, W, C)`` along its last axis), else torch-pruning's
+    convention."""
+    src = node.inputs[0] if of_input and node.inputs else node
+    a = axes.get(id(src)) if axes else None
+    return a if a is not None else _channel_dim(ndim)
 
 
 def _vector_reshapes_keep_channels(dg) -> None:
@@ -857,10 +867,324 @@ def _vector_reshapes_keep_channels(dg) -> None:
             ]
 
 
+# ---------------------------------------------------------------------------- reshapes along the channel axis
+class _AxisMap:
+    """A channel index mapping through a reshape, from the shapes autograd recorded: a ``small`` axis of
+    ``size`` channels lies inside a ``big`` axis (the same run of memory), where channel i sits at
+    ``o * size * r + i * r + j`` for ``o < outer`` (the big axis holds ``outer`` segments of the small one,
+    the channel axis the fastest-varying part: Swin's patch merging, four segments of C) and ``j < r`` (each
+    channel a block of ``r`` positions: a flatten of (C, H, W) before a Linear). ``expand`` maps small -> big,
+    otherwise big -> small (a channel axis split into (k, C), selective kernel's paths: i -> i mod C)."""
+
+    __slots__ = ("size", "r", "outer", "expand", "reverse", "_stride")
+
+    def __init__(self, size: int, r: int, outer: int, expand: bool):
+        self.size, self.r, self.outer, self.expand = size, r, outer, expand
+        # read by the walk's explosion guard, as torch-pruning's flatten mapping is
+        self.reverse, self._stride = not expand, r * outer
+
+    def inverse(self) -> _AxisMap:
+        return _AxisMap(self.size, self.r, self.outer, not self.expand)
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        n, r = self.size, self.r
+        if self.expand:
+            return [
+                _helpers._HybridIndex(idx=o * n * r + i.idx * r + j, root_idx=i.root_idx)
+                for i in idxs
+                for o in range(self.outer)
+                for j in range(r)
+            ]
+        out, seen = [], set()
+        for i in idxs:
+            key = ((i.idx // r) % n, i.root_idx)
+            if key not in seen:
+                seen.add(key)
+                out.append(_helpers._HybridIndex(idx=key[0], root_idx=i.root_idx))
+        return out
+
+    def __repr__(self) -> str:
+        return f"_AxisMap({'expand' if self.expand else 'collapse'} {self.size} x{self.r} in {self.outer})"
+
+
+def _inner_sizes(shape) -> list[int]:
+    """Per axis, how many elements one step along it skips in a contiguous tensor of ``shape``."""
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= int(n)
+    return out[::-1]
+
+
+def _nesting(small_shape, a: int, big_shape, b: int) -> tuple[int, int] | None:
+    """``(r, outer)`` when axis ``a`` of ``small_shape`` lies inside axis ``b`` of ``big_shape`` (the same
+    elements, views of one contiguous buffer), see :class:`_AxisMap`; else None."""
+    s_a, s_b = _inner_sizes(small_shape)[a], _inner_sizes(big_shape)[b]
+    end_a, end_b = s_a * int(small_shape[a]), s_b * int(big_shape[b])
+    if s_b > s_a or end_a > end_b or s_a % s_b or end_b % end_a:
+        return None
+    return s_a // s_b, end_b // end_a
+
+
+def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None] | None:
+    """Where a reshape puts the channel ``axis`` of ``in_shape``: ``(output axis, forward mapping)`` (None:
+    identity), when the channel axis lies inside one axis of the output other than the batch axis; else None
+    (it is split, or merged into the batch)."""
+    if int(in_shape[axis]) == 1:  # one channel: where an axis of size 1 keeps its place, index 0 stays 0
+        lead = _prod(in_shape[:axis])
+        for b in range(1, len(out_shape)):
+            if int(out_shape[b]) == 1 and _prod(out_shape[:b]) == lead:
+                return b, None
+        return None
+    for b in range(len(out_shape)):
+        if b == 0 and axis != 0:
+            continue  # channels merged into the batch axis: no channel axis of the output holds them
+        nest = _nesting(in_shape, axis, out_shape, b)
+        if nest is not None:
+            r, outer = nest
+            same = r == 1 and outer == 1
+            return b, None if same else _AxisMap(int(in_shape[axis]), r, outer, True)
+    return None
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for n in sizes:
+        out *= int(n)
+    return out
+
+
+def _grad_fn_inputs(gf, node_of: dict) -> list:
+    """``(node, output_nr, shape)`` of each argument autograd recorded for ``gf`` (node None: a leaf or a
+    constant)."""
+    out = []
+    for f, nr in getattr(gf, "next_functions", ()):
+        if f is None:
+            out.append((None, nr, None))
+            continue
+        v = getattr(f, "variable", None)
+        shape = tuple(v.shape) if v is not None else _out_shape(f, nr)
+        out.append((node_of.get(f), nr, shape))
+    return out
+
+
+def _channel_axes(dg) -> dict:
+    """The channel axis of every node's output tensor (``id(node)`` -> axis, None when unknown), propagated
+    forward from the layers through the operations autograd recorded: a Linear's channels are its output's
+    last axis, a convolution's and a batch norm's axis 1; a layer whose output is shaped like its input
+    (LayerNorm in either layout, activations) keeps its input's; ``permute``, ``transpose``, ``unsqueeze``,
+    ``stack``, reductions and reshapes move it where they put it; an operation of several inputs takes the
+    axis they agree on. torch-pruning itself assumes dim 1 of 4-D tensors and the last axis of 3-D ones."""
+    nodes = list(dg.module2node.values())
+    node_of = {n.grad_fn: n for n in nodes if n.grad_fn is not None}
+    axes: dict = {}
+    # iterative post-order over inputs (graphs are thousands of nodes deep), each node expanded once; a cycle
+    # (a module called twice is one node) leaves the input still open unknown
+    opened: set = set()
+    for start in nodes:
+        stack = [(start, False)]
+        while stack:
+            node, ready = stack.pop()
+            if not ready:
+                if id(node) in opened:
+                    continue
+                opened.add(id(node))
+                stack.append((node, True))
+                stack.extend((i, False) for i in node.inputs if id(i) not in opened)
+                continue
+            try:
+                axes[id(node)] = _axis_of(node, axes, node_of)
+            except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
+                axes[id(node)] = None  # an unreadable record: unknown, torch-pruning's mapping stays
+    return axes
+
+
+def _axis_of(node, axes: dict, node_of: dict) -> int | None:
+    gf, mod = node.grad_fn, node.module
+    out = _out_shape(gf, 0) if gf is not None else None
+    if out is None:
+        return None
+    nd = len(out)
+    if isinstance(mod, nn.Module) and type(mod).__module__ != tp.ops.__name__:  # a layer, not an operation
+        if isinstance(mod, nn.Linear):
+            return nd - 1
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+            return 1 if nd >= 2 else None
+        if len(node.inputs) == 1:
+            src = node.inputs[0]
+            shape = _out_shape(src.grad_fn, 0) if src.grad_fn is not None else None
+            if shape is not None and tuple(shape) == tuple(out):
+                return axes.get(id(src))
+        # otherwise the operation that made its output decides (timm's LayerNorm2d: permute, norm, permute back)
+    if isinstance(mod, nn.Parameter):
+        return 0 if mod.dim() == 1 else None
+    args = _grad_fn_inputs(gf, node_of)
+    known = [(axes.get(id(n)), shape) for n, _, shape in args if n is not None and shape is not None]
+    known = [(a, shape) for a, shape in known if a is not None]
+    kind = type(gf).__name__
+    if not known:
+        return None
+    if kind.startswith("PermuteBackward"):
+        dims = [_norm_dim(d, nd) for d in gf._saved_dims]
+        return dims.index(known[0][0])
+    if kind.startswith("TransposeBackward"):
+        d0, d1 = _norm_dim(gf._saved_dim0, nd), _norm_dim(gf._saved_dim1, nd)
+        a = known[0][0]
+        return d1 if a == d0 else d0 if a == d1 else a
+    if node.type == tp.ops.OPTYPE.RESHAPE:
+        a, shape = known[0]
+        found = _reshape_axis(shape, a, out)
+        return None if found is None else found[0]
+    if kind.startswith(("UnsqueezeBackward", "StackBackward")):
+        d = _norm_dim(gf._saved_dim, nd)
+        a = known[0][0]
+        return a + 1 if d <= a else a
+    if kind.startswith(("BmmBackward", "MmBackward")):
+        first, second = args[0][0], args[1][0] if len(args) > 1 else None
+        a0 = axes.get(id(first)) if first is not None else None
+        a1 = axes.get(id(second)) if second is not None else None
+        found = {a for a in (a0 if a0 == nd - 2 else None, a1 if a1 == nd - 1 else None) if a is not None}
+        return found.pop() if len(found) == 1 else None
+    if hasattr(gf, "_saved_keepdim") and hasattr(gf, "_saved_dim"):  # a reduction over some axes
+        a, shape = known[0]
+        dims = gf._saved_dim
+        dims = {_norm_dim(d, len(shape)) for d in (dims if isinstance(dims, tuple) else (dims,))}
+        if a in dims:
+            return None
+        return a if gf._saved_keepdim else a - sum(d < a for d in dims)
+    same = {a for a, shape in known if len(shape) == nd}
+    if len(same) == 1:
+        return same.pop()
+    if not same and len(known) == 1:  # squeeze / unsqueeze of axes of size 1
+        a, shape = known[0]
+        keep = [i for i, n in enumerate(shape) if n != 1]
+        if a in keep and [shape[i] for i in keep] == [n for n in out if n != 1]:
+            return [i for i, n in enumerate(out) if n != 1][keep.index(a)]
+    return None
+
+
+def _reshapes_follow_channel_axis(dg) -> dict:
+    """Re-derive the channel mapping of every reshape (``view``, ``reshape``, ``flatten``) from the shapes
+    autograd recorded and the channel axis of its input (:func:`_channel_axes`).
+
+    torch-pruning guesses a reshape's mapping from channel counts it infers by walking the graph, and only for
+    1-D and 4-D inputs: a flatten of stride ``out // in`` (channel i -> ``i * k ... i * k + k - 1``) or
+    nothing. That is right for a flatten of (C, H, W) before a Linear, and wrong when the channel axis keeps
+    its place (a global-context block's ``(B, C, H, W) -> (B, C, H * W)``: the ratio of H * W it guessed
+    expands every channel to millions of indices), when it becomes the fastest-varying part of a merged axis
+    (Swin's patch merging, ``(B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2, 4C)``: four segments of the same C
+    channels, where nothing was mapped) or when it is split into (paths, channels) (selective kernel's
+    ``(B, 2C, 1, 1) -> (B, 2, C, 1, 1)``: channel i and i + C meet, guessed as i and i + 1). Here the
+    channel axis's place in memory decides (:class:`_AxisMap`). A channel axis split over several output axes
+    is re-mapped only where torch-pruning installed a flatten (whose ratio names the channel part); where the
+    input's channel axis is unknown, torch-pruning's mapping stays and the coverage check and the self-check
+    judge it."""
+    from torch_pruning.dependency import index_mapping as im
+
+    axes = _channel_axes(dg)
+    for node in list(dg.module2node.values()):
+        gf = node.grad_fn
+        if node.type != tp.ops.OPTYPE.RESHAPE or gf is None or len(node.inputs) != 1:
+            continue
+        src = node.inputs[0]
+        a = axes.get(id(src))
+        ins = getattr(gf, "_saved_self_sym_sizes", None)
+        out = _out_shape(gf, 0)
+        if a is None or ins is None or out is None:
+            continue
+        ins = tuple(int(n) for n in ins)
+        if a >= len(ins):
+            continue
+        edges = [d for d in src.dependencies if d.target is node]
+        backs = [d for d in node.dependencies if d.target is src]
+        outs = [d for d in node.dependencies if d.target is not src] + [
+            d for o in node.outputs for d in o.dependencies if d.target is node
+        ]
+        flats = [
+            m for d in edges + backs + outs for m in d.index_mapping if isinstance(m, im._FlattenIndexMapping)
+        ]
+        found = _reshape_axis(ins, a, out)
+        if found is not None and _read_across(node, found[0], len(out)):
+            continue  # channels become a layer's sequence (ECA): torch-pruning's mapping names the layer mixing them
+        if found is not None:
+            fwd = found[1]
+        else:
+            if not flats:
+                continue
+            # split: the output axis inside the channel axis whose size torch-pruning's ratio names
+            width = ins[a] // flats[0]._stride
+            cands = [b for b in range(len(out)) if int(out[b]) == width and _nesting(out, b, ins, a)]
+            if len(cands) != 1:
+                continue
+            r, outer = _nesting(out, cands[0], ins, a)
+            fwd = _AxisMap(width, r, outer, False)
+        for d in edges + backs + outs:
+            d.index_mapping = [None if isinstance(m, im._FlattenIndexMapping) else m for m in d.index_mapping]
+        if fwd is None:
+            continue
+        # after a producer's own mapping on the way in (a split's chunk), before it on the way back
+        for d in edges:
+            d.index_mapping = _padded([m for m in d.index_mapping if m is not None] + [fwd])
+        for d in backs:
+            d.index_mapping = _padded([fwd.inverse()] + [m for m in d.index_mapping if m is not None])
+    _matmul_operands(dg, axes)
+    return axes
+
+
+def _matmul_operands(dg, axes: dict) -> None:
+    """A matrix product ``a @ b`` keeps the channels of ``a``'s rows (axis -2) and of ``b``'s columns (axis
+    -1); torch-pruning takes it for an element-wise operation, so the indices of the other operand flow into
+    the product as if they were the same channels (a global-context block's attention over positions
+    ``x (B, C, HW) @ softmax(conv(x)) (B, HW, 1)``: the positions of the one-channel attention map were
+    mapped onto the context's channels, and back, until millions of indices). Where one operand's channel
+    axis is known to survive, the edges of an operand whose channel axis does not are cut: its channels are
+    not the product's. An operand whose channels are in fact summed over (a contraction across channels) is
+    then a coupling the trace misses, which the self-check refuses by name."""
+    nodes = list(dg.module2node.values())
+    node_of = {n.grad_fn: n for n in nodes if n.grad_fn is not None}
+    for node in nodes:
+        gf = node.grad_fn
+        if gf is None or not type(gf).__name__.startswith(("BmmBackward", "MmBackward")):
+            continue
+        out = _out_shape(gf, 0)
+        args = _grad_fn_inputs(gf, node_of)
+        if out is None or len(args) != 2 or any(n is None for n, _, _ in args):
+            continue
+        nd = len(out)
+        keeps = [axes.get(id(n)) == nd - 2 + k for k, (n, _, _) in enumerate(args)]
+        if not any(keeps):
+            continue
+        for (src, _, _), keep in zip(args, keeps):
+            if keep:
+                continue
+            for d in [d for d in src.dependencies if d.target is node] + [
+                d for d in node.dependencies if d.target is src
+            ]:
+                d.index_mapping = [_RangeMap(0, 0, 1, True), None]
+
+
+def _read_across(node, axis: int, ndim: int) -> bool:
+    """A layer reads the reshape's output with another axis as its channels than ``axis`` (ECA's 1-D
+    convolution along the channels of ``(B, 1, C)``)."""
+    for o in node.outputs:
+        m = o.module
+        if isinstance(m, nn.Linear) and axis != ndim - 1:
+            return True
+        if isinstance(m, nn.modules.conv._ConvNd) and axis != 1:
+            return True
+    return False
+
+
+def _padded(maps: list) -> list:
+    return maps + [None] * (2 - len(maps))
+
+
 _OWN_MAPS = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SLICE)
 
 
-def _remap_split_concat_slice(dg) -> None:
+def _remap_split_concat_slice(dg, axes: dict | None = None) -> None:
     """Re-derive the channel index mappings of every edge at a split (``split``, ``chunk``), a concatenation or
     a slice (``x[:, a:b]``, ``narrow``) from autograd's own record of the forward pass.
 
@@ -872,7 +1196,8 @@ def _remap_split_concat_slice(dg) -> None:
     channel axis of token tensors (B, N, C). Here every edge is matched to the autograd input it is (its
     ``output_nr`` names the chunk), sizes come from the shapes autograd recorded, and the two mappings of an
     edge compose in order (forward: producer's, then consumer's; backward: the inverses, reversed). Mappings
-    of other operations on the same edge (reshape, flatten, unbind, expand) are kept in their place."""
+    of other operations on the same edge (reshape, flatten, unbind, expand) are kept in their place. ``axes``
+    (:func:`_channel_axes`) names the channel axis where it was tracked (an NHWC tensor's last axis)."""
     node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
     own = _tp_range_mappings()
     for node in list(dg.module2node.values()):
@@ -900,8 +1225,8 @@ def _remap_split_concat_slice(dg) -> None:
             if fwd is None or rev is None:
                 continue
             try:
-                p_out = _node_maps(producer, nr, "out")
-                c_in = _node_maps(node, k, "in")
+                p_out = _node_maps(producer, nr, "out", axes)
+                c_in = _node_maps(node, k, "in", axes)
             except LookupError:
                 continue  # sizes unknown: torch-pruning's mapping stays (the coverage check judges it)
             # the other operation's mapping (reshape, flatten, unbind, expand) of an edge belongs to its node that
@@ -1075,12 +1400,13 @@ def _merge_units(raw) -> list[ChannelGroup]:
 
 # the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
 # + j for its r-th one): one fused qkv (ViT, Swin, XCiT), q and kv (PVT, Twins, VOLO's class attention), q, k and
-# v (XCiT's class attention)
+# v (XCiT's class attention), wq, wk and wv (CrossViT), qk and v (TNT)
 _QKV_LAYOUTS = (
     (("qkv", 3),),
     (("q", 1), ("kv", 2)),
     (("q", 1), ("k", 1), ("v", 1)),
     (("wq", 1), ("wk", 1), ("wv", 1)),  # CrossViT's cross-attention (its q from the class token only)
+    (("qk", 2), ("v", 1)),
 )
 
 

@@ -278,6 +278,10 @@ def _attention(kind: str, dim: int, heads: int) -> nn.Module:
         from timm.models import crossvit
 
         return crossvit.CrossAttention(dim, heads, qkv_bias=True)
+    if kind == "qk_v":  # qk and v Linears (TNT)
+        from timm.models import tnt
+
+        return tnt.Attention(dim, dim, heads, qkv_bias=True)
     return xcit.ClassAttn(dim, heads, qkv_bias=True)  # q, k and v Linears
 
 
@@ -314,7 +318,7 @@ def _attn_member(kind: str, seed: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2", "cross"])
+@pytest.mark.parametrize("kind", ["swin", "xca", "pvt", "cls", "conv", "swinv2", "cross", "qk_v"])
 def test_attention_layouts_move_whole_heads(kind):
     x = torch.randn(2, 16, 8)
     members = [_attn_member(kind, seed) for seed in range(2)]
