@@ -1826,8 +1826,9 @@ def _all_float64(out) -> bool:
 
 
 def _to_float64(state: dict) -> dict:
-    """``state`` with its float tensors in float64 (new tensors; the others as they are)."""
-    return {name: t.double() if t.is_floating_point() else t for name, t in state.items()}
+    """``state`` with its float tensors in float64, always new tensors (a float64 member's own tensors must not
+    be handed out: the self-check overwrites this copy with permuted states); the others as they are."""
+    return {name: t.to(torch.float64, copy=True) if t.is_floating_point() else t for name, t in state.items()}
 
 
 def _float64_reference(model: nn.Module, state: dict, inputs):
