@@ -228,7 +228,7 @@ def _update_index_mappings(dg) -> None:
         tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping,
         tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
         tp.ops.OPTYPE.UNBIND: im.update_unbind_index_mapping,
-        tp.ops.OPTYPE.EXPAND: im.update_expand_index_mapping,
+        tp.ops.OPTYPE.EXPAND: _update_expand_index_mapping,
         tp.ops.OPTYPE.SLICE: im.update_slice_index_mapping,
     }
     for node in list(dg.module2node.values()):
@@ -244,6 +244,32 @@ def _update_index_mappings(dg) -> None:
                 for dep in other.dependencies:
                     if dep.target is node:
                         dep.index_mapping = [None, None]
+
+
+def _update_expand_index_mapping(dg, node) -> None:
+    """torch-pruning's mapping of an ``expand``, only where it applies. The library maps every expand of a 5-D
+    tensor as a grouped-query repeat of key/value heads, ``(B, kv_heads, 1 -> n_rep, N, head_dim)``, with a
+    repeat of ``out_channels // in_channels``; on any other 5-D expand (``repeat_interleave`` along the batch,
+    GCViT's global query: ``(B, 1 -> r, heads, N, head_dim)``) that guess is meaningless, a repeat of 0 that
+    divided by zero inside the walk. An expand that does not grow axis 2 keeps the channels where they are
+    (as torch-pruning treats expands of other ranks); a grouped-query expand with no valid repeat is refused."""
+    from torch_pruning.dependency import index_mapping as im
+
+    gf = node.grad_fn
+    ins = tuple(int(s) for s in getattr(gf, "_saved_self_sym_sizes", ()) or ())
+    out = _out_shape(gf, 0)
+    if len(ins) != 5 or out is None or len(out) != 5:
+        im.update_expand_index_mapping(dg, node)
+        return
+    grown = [d for d in range(5) if ins[d] != int(out[d])]
+    if grown != [2]:
+        return  # not a repeat of heads: channels stay where they are
+    im.update_expand_index_mapping(dg, node)
+    for other in [node] + node.inputs:
+        for dep in other.dependencies:
+            for m in dep.index_mapping:
+                if isinstance(m, im._GQAIndexMapping) and (m.repeat < 1 or m.head_dim < 1):
+                    raise ValueError(f"an expand of {ins} to {tuple(out)} has no valid repeat of heads")
 
 
 @contextlib.contextmanager
@@ -1032,11 +1058,20 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
     ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``) and those of its other submodules (the
     last layer of SwinV2's continuous position bias MLP makes one bias per head): ``(tensor name, head
     dimension)``. They move with the heads. A parameter with no dimension of ``heads`` is not per head and is
-    left alone, one with several is refused as ambiguous; the self-check verifies the rest."""
+    left alone, one with several is refused as ambiguous; the self-check verifies the rest.
+
+    The parameters of a Linear or convolution inside the attention are read by what the layer does, not by
+    their sizes (see :func:`_per_head_layer_params`): a kernel of 4 x 4 is not per head in a 4-head attention
+    (Twins' spatial-reduction convolution)."""
     skip = {attr for attr, _ in producers} | {"proj", "q_norm", "k_norm"}
     out = []
+    layer_params = set()
+    for sub_name, sub in module.named_modules():
+        if sub_name and sub_name.split(".", 1)[0] not in skip and _is_layer(sub):
+            layer_params.update(f"{sub_name}.{p}" for p, _ in sub.named_parameters(recurse=False))
+            out += [(f"{name}.{sub_name}.{p}", d) for p, d in _per_head_layer_params(sub, heads)]
     for pname, p in module.named_parameters():
-        if pname.split(".", 1)[0] in skip:
+        if pname.split(".", 1)[0] in skip or pname in layer_params:
             continue
         dims = [d for d, n in enumerate(p.shape) if n == heads]
         if len(dims) > 1:
@@ -1047,6 +1082,33 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
         if dims:
             out.append((f"{name}.{pname}", dims[0]))
     return out
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+
+
+def _per_head_layer_params(layer: nn.Module, heads: int) -> list[tuple[str, int]]:
+    """A Linear or convolution inside an attention: its output rows (and bias) are per head when it makes one
+    per head (SwinV2's position-bias MLP), its input columns when it reads one per head. A Linear from heads to
+    heads mixes the heads (talking-heads attention, CaiT's ``proj_l`` / ``proj_w`` over the head axis of the
+    attention logits): a permutation of the heads moves its rows and its columns together, and between two
+    members' heads its entries are zero, so keeping every head computes each member's own mixing. Kernel
+    dimensions are never per head."""
+    if isinstance(layer, nn.Linear):
+        out_ch, in_ch = layer.out_features, layer.in_features
+    elif layer.groups == 1 and not layer.transposed:
+        out_ch, in_ch = layer.out_channels, layer.in_channels
+    else:
+        out_ch, in_ch = layer.out_channels, None  # grouped: the input side is per block, not per head
+    found = []
+    if out_ch == heads:
+        found.append(("weight", 0))
+        if layer.bias is not None:
+            found.append(("bias", 0))
+    if in_ch == heads:
+        found.append(("weight", 1))
+    return found
 
 
 def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
@@ -1221,6 +1283,17 @@ def _float64_reference(model: nn.Module, state: dict, inputs):
     return (skeleton, inputs64, reference), None
 
 
+def _no_identity(selection):
+    """A random permutation of a group with few units is often the identity (one draw in two for two units, one
+    in 24 for four heads), which would check nothing: such a group is rotated by one unit instead."""
+    out = []
+    for members, units in selection:
+        if units.numel() > 1 and torch.equal(units, torch.arange(units.numel())):
+            units = torch.roll(units, 1)
+        out.append((members, units))
+    return out
+
+
 def verify_permutation_invariance(
     model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
 ) -> None:
@@ -1256,7 +1329,7 @@ def verify_permutation_invariance(
             return _outputs(skeleton, graph.assemble([state], selection), inputs)
 
     gen = torch.Generator().manual_seed(seed)
-    permuted = graph.random_permutation(gen)
+    permuted = _no_identity(graph.random_permutation(gen))
     if _close(reference, run(permuted), tol, floor):
         return
     # find the culprit: permute one group at a time

@@ -1,0 +1,167 @@
+"""Coverage of the tracer: layers inside an attention read by what they do (talking heads, a spatial-reduction
+convolution whose kernel is as large as the head count), and expands that are not grouped-query repeats.
+
+Oracles as in ``test_fusion_coverage_mixed``: the float64 self-check passes, a random permutation of every group
+keeps the outputs, NT at sparsity 0 is the ensemble where no norm mixes channels (else the concatenation of a
+member with itself is the member), the default NT loads strictly into a fresh model, and a deliberately wrong
+trace is refused by the self-check. Small hand-built models (timm's own attention classes where they exist).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import fusion
+from fusion.groups import ChannelGraph, ChannelGroup
+from fusion.trace import full_state, verify_permutation_invariance
+
+
+def _out(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _members(cls, n: int = 2) -> list[nn.Module]:
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        m = cls().eval()
+        with torch.no_grad():  # no parameter left at a constant init (biases of 0 hide couplings)
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        out.append(m)
+    return out
+
+
+def _permuted_keeps_function(cls, model: nn.Module, graph, x) -> None:
+    state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
+    permuted = cls()
+    permuted.load_state_dict(state, strict=True)
+    assert _rel(_out(permuted, x), _out(model, x)) < 1e-5
+
+
+def _without_slot(graph, tensor: str, dim: int) -> ChannelGraph:
+    """The graph with one slot dropped: a deliberately incomplete trace."""
+    groups = [
+        ChannelGroup(g.name, g.n_units, [s for s in g.slots if (s.tensor, s.dim) != (tensor, dim)], g.unit_kind)
+        for g in graph.groups
+    ]
+    return ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
+
+
+# ---------------------------------------------------------------------------- talking heads (CaiT)
+class TalkingNet(nn.Module):
+    """tokens -> embed -> timm's TalkingHeadAttn (Linears heads -> heads over the logits' head axis) + skip."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.cait import TalkingHeadAttn
+
+        self.embed, self.attn, self.fc = nn.Linear(8, 16), TalkingHeadAttn(16, 4, qkv_bias=True), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc((x + self.attn(x)).mean(1))
+
+
+def test_talking_heads_mix_heads_rows_and_columns():
+    x = torch.randn(2, 6, 8)
+    members = _members(TalkingNet)
+    graph = fusion.channel_groups(members[0], x)  # the float64 self-check passes
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    assert heads.n_units == 4
+    per_head = {(s.tensor, s.dim) for s in heads.slots if s.kind == "param"}
+    assert per_head == {
+        (f"attn.{layer}.{t}", d) for layer in ("proj_l", "proj_w") for t, d in (("weight", 0), ("weight", 1), ("bias", 0))
+    }
+    _permuted_keeps_function(TalkingNet, members[0], graph, x)
+    # the heads of two members do not mix: the concatenation is the ensemble
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert wide.attn.num_heads == 8 and wide.attn.proj_l.weight.shape == (8, 8)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = TalkingNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # permuting the heads on the rows of proj_l but not on its columns changes the function
+    broken = _without_slot(graph, "attn.proj_l.weight", 1)
+    try:
+        verify_permutation_invariance(members[0], broken, x)
+    except fusion.FusionError as exc:
+        assert "not traced completely" in str(exc)
+    else:
+        raise AssertionError("a head permutation missing proj_l's columns was not caught")
+
+
+# ---------------------------------------------------------------------------- spatial reduction (Twins)
+class SubSampleNet(nn.Module):
+    """tokens of a 4x4 map -> embed -> timm's GlobalSubSampleAttn with 4 heads and a 4x4 reduction convolution
+    (its kernel dimensions are as large as the head count, and are not per head)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.twins import GlobalSubSampleAttn
+
+        self.embed, self.attn = nn.Linear(8, 16), GlobalSubSampleAttn(16, num_heads=4, sr_ratio=4)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc((x + self.attn(x, (4, 4))).mean(1))
+
+
+def test_reduction_convolution_in_attention_is_not_per_head():
+    x = torch.randn(2, 16, 8)
+    members = _members(SubSampleNet)
+    graph = fusion.channel_groups(members[0], x)
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    assert not any(s.tensor.startswith("attn.sr.") for s in heads.slots)
+    stream = next(g for g in graph.groups if any(s.tensor == "embed.weight" for s in g.slots))
+    assert ("attn.sr.weight", 1) in {(s.tensor, s.dim) for s in stream.slots}
+    reduced = next(g for g in graph.groups if any((s.tensor, s.dim) == ("attn.sr.weight", 0) for s in g.slots))
+    assert reduced.unit_kind == "channel" and reduced.n_units == 16  # sr -> norm -> kv, its own channels
+    _permuted_keeps_function(SubSampleNet, members[0], graph, x)
+    # a LayerNorm after the reduction normalizes across channels: the concatenation of a member with itself
+    # is the member
+    same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
+    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = SubSampleNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+
+
+# ---------------------------------------------------------------------------- expands (GCViT's global query)
+class RepeatNet(nn.Module):
+    """A gate computed from the first example and ``repeat_interleave``d along the batch: an expand of a 5-D
+    tensor that torch-pruning took for a grouped-query repeat of heads (a repeat of 0: a division by zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        g = self.c2(y[:1]).repeat_interleave(x.shape[0], dim=0)
+        return self.fc((y * torch.sigmoid(g)).mean((2, 3)))
+
+
+def test_expand_along_the_batch_keeps_channels():
+    x = torch.randn(2, 3, 8, 8)
+    members = _members(RepeatNet)
+    graph = fusion.channel_groups(members[0], x)  # traced (no division by zero) and self-checked
+    assert len(graph.groups) == 1 and set(graph.groups[0].layers) == {"c1", "c2", "fc"}
+    _permuted_keeps_function(RepeatNet, members[0], graph, x)
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    try:  # c2's input columns left out of the group: caught
+        verify_permutation_invariance(members[0], _without_slot(graph, "c2.weight", 1), x)
+    except fusion.FusionError as exc:
+        assert "not traced completely" in str(exc)
+    else:
+        raise AssertionError("an incomplete trace was not caught")
