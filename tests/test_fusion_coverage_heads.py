@@ -48,7 +48,9 @@ def _permuted_keeps_function(cls, model: nn.Module, graph, x) -> None:
 def _without_slot(graph, tensor: str, dim: int) -> ChannelGraph:
     """The graph with one slot dropped: a deliberately incomplete trace."""
     groups = [
-        ChannelGroup(g.name, g.n_units, [s for s in g.slots if (s.tensor, s.dim) != (tensor, dim)], g.unit_kind)
+        ChannelGroup(
+            g.name, g.n_units, [s for s in g.slots if (s.tensor, s.dim) != (tensor, dim)], g.unit_kind
+        )
         for g in graph.groups
     ]
     return ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
@@ -62,7 +64,11 @@ class TalkingNet(nn.Module):
         super().__init__()
         from timm.models.cait import TalkingHeadAttn
 
-        self.embed, self.attn, self.fc = nn.Linear(8, 16), TalkingHeadAttn(16, 4, qkv_bias=True), nn.Linear(16, 5)
+        self.embed, self.attn, self.fc = (
+            nn.Linear(8, 16),
+            TalkingHeadAttn(16, 4, qkv_bias=True),
+            nn.Linear(16, 5),
+        )
 
     def forward(self, x):
         x = self.embed(x)
@@ -77,7 +83,9 @@ def test_talking_heads_mix_heads_rows_and_columns():
     assert heads.n_units == 4
     per_head = {(s.tensor, s.dim) for s in heads.slots if s.kind == "param"}
     assert per_head == {
-        (f"attn.{layer}.{t}", d) for layer in ("proj_l", "proj_w") for t, d in (("weight", 0), ("weight", 1), ("bias", 0))
+        (f"attn.{layer}.{t}", d)
+        for layer in ("proj_l", "proj_w")
+        for t, d in (("weight", 0), ("weight", 1), ("bias", 0))
     }
     _permuted_keeps_function(TalkingNet, members[0], graph, x)
     # the heads of two members do not mix: the concatenation is the ensemble
@@ -123,7 +131,9 @@ def test_reduction_convolution_in_attention_is_not_per_head():
     assert not any(s.tensor.startswith("attn.sr.") for s in heads.slots)
     stream = next(g for g in graph.groups if any(s.tensor == "embed.weight" for s in g.slots))
     assert ("attn.sr.weight", 1) in {(s.tensor, s.dim) for s in stream.slots}
-    reduced = next(g for g in graph.groups if any((s.tensor, s.dim) == ("attn.sr.weight", 0) for s in g.slots))
+    reduced = next(
+        g for g in graph.groups if any((s.tensor, s.dim) == ("attn.sr.weight", 0) for s in g.slots)
+    )
     assert reduced.unit_kind == "channel" and reduced.n_units == 16  # sr -> norm -> kv, its own channels
     _permuted_keeps_function(SubSampleNet, members[0], graph, x)
     # a LayerNorm after the reduction normalizes across channels: the concatenation of a member with itself
