@@ -329,3 +329,72 @@ def token_axis_layers(dg) -> set[int]:
                 x.dependencies.append(Dependency(trigger=x_out, handler=y_in, source=x, target=y))
                 y.dependencies.append(Dependency(trigger=y_in, handler=x_out, source=y, target=x))
     return {id(layer) for layer in writes_pos}
+
+
+class _RepeatEvery:
+    """The index mapping of a reshape that merges a token tensor's channel axis, the fastest, with the axes before
+    it: ``(A, P, C) -> (B, P * C)`` puts channel c at ``p * C + c`` for every p (``forward``); back, position i
+    is channel ``i % C``."""
+
+    def __init__(self, channels: int, repeats: int, reverse: bool):
+        self.channels, self._stride, self.reverse = channels, repeats, reverse
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        c = self.channels
+        if self.reverse:
+            seen, out = set(), []
+            for i in idxs:
+                key = (i.idx % c, i.root_idx)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(_helpers._HybridIndex(idx=i.idx % c, root_idx=i.root_idx))
+            return out
+        return [
+            _helpers._HybridIndex(idx=q * c + i.idx, root_idx=i.root_idx)
+            for i in idxs
+            for q in range(self._stride)
+        ]
+
+    def __repr__(self) -> str:
+        return f"_RepeatEvery({self.channels} channels x {self._stride}{', reverse' if self.reverse else ''})"
+
+
+def channel_fastest_merges(dg) -> None:
+    """Reshapes of a token tensor ``(..., P, C)`` whose last axis merges the channel axis (fastest) with the axes
+    before it, ``(..., P * C)``: Transformer-in-Transformer's inner pixel tokens ``(B * N, P, C)`` flattened into
+    each patch's outer features ``(B, N, P * C)``. Channel c of the input is the P positions ``p * C + c`` of the
+    output (repeated segments of the channel order, read by the LayerNorm and the Linear after it).
+    torch-pruning maps reshapes of 1-D and 4-D tensors only, so the channels reached the first C positions alone."""
+    import torch_pruning as tp
+
+    for node in dg.module2node.values():
+        gf = node.grad_fn
+        if node.type != tp.ops.OPTYPE.RESHAPE or gf is None:
+            continue
+        ins = tuple(int(s) for s in getattr(gf, "_saved_self_sym_sizes", ()) or ())
+        out = _shape(gf, 0)
+        if len(ins) != 3 or out is None or len(out) < 2:
+            continue
+        merged = None
+        for j in range(len(ins) - 1):
+            tail = 1
+            for s in ins[j:]:
+                tail *= s
+            lead = 1
+            for s in out[:-1]:
+                lead *= s
+            if out[-1] == tail and lead * tail == ins[0] * ins[1] * ins[2]:
+                merged = tail // ins[-1]
+                break
+        if not merged or merged == 1:
+            continue
+        channels = ins[-1]
+        for src in node.inputs:
+            for dep in src.dependencies:
+                if dep.target is node:
+                    dep.index_mapping = [_RepeatEvery(channels, merged, False), None]
+            for dep in node.dependencies:
+                if dep.target is src:
+                    dep.index_mapping = [_RepeatEvery(channels, merged, True), None]

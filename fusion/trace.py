@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import trace_cache
-from .axes import token_axis_layers
+from .axes import channel_fastest_merges, token_axis_layers
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
@@ -616,6 +616,7 @@ def _all_groups(dg, ignored_layers, root_types):
     _vector_reshapes_keep_channels(dg)
     _remap_split_concat_slice(dg)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
+    channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
     ignored |= token_axis_layers(dg)  # Linears over positions (token mixing): their outputs root no group
     covered: dict = {}  # id(module) -> its output channels some group already holds
     for m in list(dg.module2node.keys()):
@@ -1004,8 +1005,8 @@ def _merge_units(raw) -> list[ChannelGroup]:
 
 # the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
 # + j for its r-th one): one fused qkv (ViT, Swin, XCiT), q and kv (PVT, Twins, VOLO's class attention), q, k and
-# v (XCiT's class attention)
-_QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)))
+# v (XCiT's class attention), qk and v (TNT)
+_QKV_LAYOUTS = ((("qkv", 3),), (("q", 1), ("kv", 2)), (("q", 1), ("k", 1), ("v", 1)), (("qk", 2), ("v", 1)))
 
 
 def _pointwise(m) -> tuple[int, int] | None:
