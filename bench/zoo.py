@@ -111,7 +111,10 @@ def check_model(name: str) -> dict:
     x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
     try:
         with torch.no_grad():
-            members[0](x)
+            # every member runs once, as trained members have: a model may size buffers at its first forward
+            # (ConViT's GPSA computes its relative indices for the input's grid), and members must agree
+            for m in members:
+                m(x)
     except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: nothing to judge at this size
         reason = f"the model does not run at {INPUT_SIZE}px: {type(exc).__name__}: {exc}"
         return {**result, "status": "skipped", "reason": reason[:300]}

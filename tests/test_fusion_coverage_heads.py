@@ -41,7 +41,7 @@ def _members(cls, n: int = 2) -> list[nn.Module]:
 def _permuted_keeps_function(cls, model: nn.Module, graph, x) -> None:
     state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
     permuted = cls()
-    permuted.load_state_dict(state, strict=True)
+    permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)  # persistent ones
     assert _rel(_out(permuted, x), _out(model, x)) < 1e-5
 
 
@@ -175,3 +175,46 @@ def test_expand_along_the_batch_keeps_channels():
         assert "not traced completely" in str(exc)
     else:
         raise AssertionError("an incomplete trace was not caught")
+
+
+# ---------------------------------------------------------------------------- gated positional attention (ConViT)
+class GpsaNet(nn.Module):
+    """tokens of a 4x4 grid -> embed -> timm's GPSA (qk and v Linears, a positional Linear 3 -> heads and a gate
+    per head) + skip -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.convit import GPSA
+
+        self.embed, self.attn = nn.Linear(8, 16), GPSA(16, num_heads=4, qkv_bias=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc((x + self.attn(x)).mean(1))
+
+
+def test_gated_positional_attention_moves_whole_heads():
+    x = torch.randn(2, 16, 8)
+    members = _members(GpsaNet)
+    for m in members:
+        _out(m, x)  # GPSA sizes its relative indices at the first forward
+    graph = fusion.channel_groups(members[0], x)
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    assert heads.n_units == 4 and {"attn.qk", "attn.v", "attn.proj"} <= set(heads.layers)
+    per_head = {(s.tensor, s.dim) for s in heads.slots if s.kind == "param"}
+    assert per_head == {("attn.pos_proj.weight", 0), ("attn.pos_proj.bias", 0), ("attn.gating_param", 0)}
+    _permuted_keeps_function(GpsaNet, members[0], graph, x)
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert wide.attn.num_heads == 8
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = GpsaNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    try:  # the gates left in place while the heads move
+        verify_permutation_invariance(members[0], _without_slot(graph, "attn.gating_param", 0), x)
+    except fusion.FusionError as exc:
+        assert "not traced completely" in str(exc)
+    else:
+        raise AssertionError("a per-head gate left in place was not caught")
