@@ -352,7 +352,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         for n, mod in skeleton.named_modules()
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
-    }
+    } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
@@ -380,7 +380,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
-    groups = _attention_heads(skeleton, _merge_units(raw) + paired)
+    groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
@@ -1033,7 +1033,7 @@ def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int]
     only ``num_heads``).
     """
     proj, heads = _pointwise(getattr(module, "proj", None)), getattr(module, "num_heads", None)
-    if proj is None or not isinstance(heads, int) or heads <= 0:
+    if proj is None or not isinstance(heads, int) or heads <= 0 or head_major_layout(module) is not None:
         return None
     for producers in _QKV_LAYOUTS:
         layers = [_pointwise(getattr(module, attr, None)) for attr, _ in producers]
@@ -1346,3 +1346,67 @@ def verify_permutation_invariance(
                 "permuting it changes the model's output, so some layer coupled to it was missed; fusion refused"
             )
     raise FusionError("permuting the traced channel groups changes the model's output; fusion refused")
+
+
+# ---------------------------------------------------------------------------- head-major attention
+def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(num_heads, key_dim, val_dim)`` of an attention whose one ``qkv`` Linear makes its rows head by head, each
+    head's q, k and v together: ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])`` (TinyViT,
+    LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), and a ``proj`` reading
+    ``num_heads * val_dim`` channels. Head h is rows ``h * (2 key_dim + val_dim) + j`` of qkv and columns
+    ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
+    sizes are the same, so the attributes decide)."""
+    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+    heads, kd = getattr(module, "num_heads", None), getattr(module, "key_dim", None)
+    vd = getattr(module, "val_dim", None)
+    if (
+        not isinstance(vd, int)
+        and isinstance(kd, int)
+        and isinstance(getattr(module, "attn_ratio", None), (int, float))
+    ):
+        vd = int(module.attn_ratio * kd)
+    if qkv is None or proj is None or not all(isinstance(v, int) and v > 0 for v in (heads, kd, vd)):
+        return None
+    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
+        return None
+    return heads, kd, vd
+
+
+def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Replace the groups on every head-major attention's qkv rows and proj columns (see :func:`head_major_layout`)
+    by one group of whole heads, with the module's per-head parameters (TinyViT's ``attention_biases``
+    ``[heads, offsets]``). A group that also reaches other tensors is refused by name."""
+    for name, module in skeleton.named_modules():
+        layout = head_major_layout(module)
+        if layout is None:
+            continue
+        heads, kd, vd = layout
+        width = 2 * kd + vd
+        per_head = _per_head_params(module, name, heads, (("qkv", 1),))
+        qkv = module.qkv
+        rows = {f"{name}.qkv.weight"} | ({f"{name}.qkv.bias"} if qkv.bias is not None else set())
+        proj_w = f"{name}.proj.weight"
+        mine = {(t, 0) for t in rows} | {(proj_w, 1)} | set(per_head)
+        hits = {gi for gi, g in enumerate(groups) for s in g.slots if (s.tensor, s.dim) in mine}
+        for gi in hits:
+            extra = [s.tensor for s in groups[gi].slots if s.tensor not in {t for t, _ in mine}]
+            if extra:
+                raise FusionError(
+                    f"attention {name!r} (heads of q, k and v together): its q/k/v channels are coupled to "
+                    f"{extra[0]!r}; not supported"
+                )
+        kind = "linear" if isinstance(qkv, nn.Linear) else "conv"
+        pos = torch.arange(heads * width).reshape(heads, width, 1)
+        slots = [
+            Slot(t, 0, OUT, kind, t.endswith("weight"), f"{name}.qkv", pos)
+            for t in sorted(rows, reverse=True)
+        ]
+        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        slots.append(
+            Slot(proj_w, 1, IN, kind, True, f"{name}.proj", torch.arange(heads * vd).reshape(heads, vd, 1))
+        )
+        for tensor, d in per_head:
+            slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
+        groups = [g for gi, g in enumerate(groups) if gi not in hits]
+        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+    return groups

@@ -9,11 +9,12 @@ trace is refused by the self-check. Small hand-built models (timm's own attentio
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 import fusion
-from fusion.groups import ChannelGraph, ChannelGroup
+from fusion.groups import ChannelGraph, ChannelGroup, Slot
 from fusion.trace import full_state, verify_permutation_invariance
 
 
@@ -218,3 +219,63 @@ def test_gated_positional_attention_moves_whole_heads():
         assert "not traced completely" in str(exc)
     else:
         raise AssertionError("a per-head gate left in place was not caught")
+
+
+# ---------------------------------------------------------------------------- head-major qkv (TinyViT)
+class HeadMajorNet(nn.Module):
+    """tokens of a 4x4 window -> embed -> timm's TinyViT Attention (qkv rows head by head, each head's q, k and v
+    together; a LayerNorm and an attention-bias table per head inside) + skip -> classifier."""
+
+    def __init__(self, attn_ratio: int = 1):
+        super().__init__()
+        from timm.models.tiny_vit import Attention
+
+        self.embed = nn.Linear(8, 16)
+        self.attn = Attention(16, key_dim=4, num_heads=4, attn_ratio=attn_ratio, resolution=(4, 4))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc((x + self.attn(x)).mean(1))
+
+
+@pytest.mark.parametrize("ratio", [1, 2])  # ratio 1: qkv is 3 x dim rows, as in the q, k, v block layout
+def test_head_major_attention_moves_whole_heads(ratio):
+    x = torch.randn(2, 16, 8)
+    members = _members(lambda: HeadMajorNet(ratio))
+    graph = fusion.channel_groups(members[0], x)
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    qkv = next(s for s in heads.slots if s.tensor == "attn.qkv.weight")
+    width = 8 + 4 * ratio
+    assert heads.n_units == 4 and qkv.positions[1, :, 0].tolist() == list(range(width, 2 * width))
+    assert ("attn.attention_biases", 0) in {(s.tensor, s.dim) for s in heads.slots}
+    _permuted_keeps_function(lambda: HeadMajorNet(ratio), members[0], graph, x)
+    same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
+    assert same.attn.num_heads == 8 and same.attn.out_dim == 8 * 4 * ratio
+    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    wider = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.25)
+    assert wider.attn.num_heads == 6 and wider.attn.attention_biases.shape == (6, 16)
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = HeadMajorNet(ratio)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # the q, k, v block layout (rows r * dim + h * head_dim + j) on this module is refused by the self-check
+    if ratio == 1:
+        blocks = torch.stack([torch.arange(4)[:, None] * 4 + torch.arange(4) + r * 16 for r in range(3)], 2)
+        groups = [
+            ChannelGroup(
+                g.name,
+                g.n_units,
+                [
+                    Slot(s.tensor, s.dim, s.role, s.kind, s.is_weight, s.layer, blocks)
+                    if (s.layer, s.dim) == ("attn.qkv", 0)
+                    else s
+                    for s in g.slots
+                ],
+                g.unit_kind,
+            )
+            for g in graph.groups
+        ]
+        broken = ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
+        with pytest.raises(fusion.FusionError, match="not traced completely"):
+            verify_permutation_invariance(members[0], broken, x)
