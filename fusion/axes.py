@@ -140,6 +140,7 @@ class AxisLabels:
         self.labels: dict = {}  # (grad_fn, output nr) -> tuple of labels
         self.meets_positions: list = []  # (grad_fn, layers whose features meet positions there)
         self.reads: dict = {}  # Linear module -> (its mm / addmm grad_fn, the input it reads, that input's labels)
+        self.param_uses: dict = {}  # id(parameter) -> [(element-wise grad_fn it enters, its axes' offset there)]
         for gf in _topological(grad_fns):
             self._visit(gf)
 
@@ -224,6 +225,9 @@ class AxisLabels:
             offset = len(out) - len(shape)
             if offset < 0:
                 return None
+            var = getattr(f, "variable", None)
+            if var is not None and not cat:
+                self.param_uses.setdefault(id(var), []).append((gf, offset))
             for k, size in enumerate(shape):
                 if size == 1 and out[offset + k] != 1:
                     continue  # broadcast
@@ -261,7 +265,34 @@ def _topological(roots) -> list:
     return order
 
 
-def token_axis_layers(dg) -> set[int]:
+def label_axes(dg) -> set[int]:
+    """Read the axes of ``dg``'s forward pass (:class:`AxisLabels`) once and apply what they tell:
+    :func:`parameter_channel_axes`, then :func:`token_axis_layers` (its result is returned)."""
+    linears = {id(m.weight): m for m in dg.model.modules() if isinstance(m, nn.Linear)}
+    node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
+    labels = AxisLabels(list(node_of), linears)
+    parameter_channel_axes(dg, labels)
+    return token_axis_layers(dg, labels, node_of)
+
+
+def parameter_channel_axes(dg, labels: AxisLabels) -> None:
+    """The channel axis of a parameter outside any layer that is added to (or multiplies) a feature map: the axis
+    that meets a feature axis there. torch-pruning takes the last axis of size > 1, and fusion the second for a
+    ``(1, C, H, W)`` map; VOLO's position embedding ``(1, H, W, C)`` is added to a channels-last map."""
+    for p, node in dg.module2node.items():
+        if not isinstance(p, nn.Parameter) or p.dim() < 3 or p.shape[0] != 1:
+            continue
+        axes = set()
+        for gf, offset in labels.param_uses.get(id(p), ()):
+            out = labels.labels.get((gf, 0))
+            if out is None:
+                continue
+            axes |= {k for k in range(p.dim()) if p.shape[k] > 1 and is_feature(out[offset + k])}
+        if len(axes) == 1:
+            node.pruning_dim = axes.pop()
+
+
+def token_axis_layers(dg, labels: AxisLabels, node_of: dict) -> set[int]:
     """Rewire torch-pruning's graph ``dg`` around Linears that act on positions (see the module docstring) and
     return the ids of those whose outputs are positions (they root no channel group).
 
@@ -275,11 +306,7 @@ def token_axis_layers(dg) -> set[int]:
     """
     from torch_pruning.dependency.dependency import Dependency
 
-    linears = {id(m.weight): m for m in dg.model.modules() if isinstance(m, nn.Linear)}
-    if not linears:
-        return set()
-    node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
-    labels = AxisLabels(list(node_of), linears)
+    linears = labels.linear_of_weight
     reads_pos = {}  # layer -> (grad_fn of the tensor it reads, its merged batch label)
     for layer, (_, src, read) in labels.reads.items():
         if len(read) == 2 and is_positional(read[1]):

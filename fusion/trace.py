@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import trace_cache
-from .axes import channel_fastest_merges, token_axis_layers
+from .axes import channel_fastest_merges, label_axes
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
@@ -617,7 +617,7 @@ def _all_groups(dg, ignored_layers, root_types):
     _remap_split_concat_slice(dg)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
     channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
-    ignored |= token_axis_layers(dg)  # Linears over positions (token mixing): their outputs root no group
+    ignored |= label_axes(dg)  # Linears over positions (token mixing): their outputs root no group
     covered: dict = {}  # id(module) -> its output channels some group already holds
     for m in list(dg.module2node.keys()):
         if id(m) in ignored or not isinstance(m, tuple(root_types)):

@@ -117,6 +117,52 @@ def test_a_missing_coupling_and_the_unrewired_trace_are_refused(monkeypatch):
     # torch-pruning alone ties the positions to the stream's channels
     import fusion.trace as trace
 
-    monkeypatch.setattr(trace, "token_axis_layers", lambda dg: set())
+    monkeypatch.setattr(trace, "label_axes", lambda dg: set())
     with pytest.raises(fusion.FusionError):
         trace._trace(model, X, None)
+
+
+# ---------------------------------------------------------------------------- a channels-last position embedding
+class ChannelsLast(nn.Module):
+    """conv patches -> channels last (B, H, W, C) + position embedding (1, H, W, C) (VOLO) -> tokens -> MLP ->
+    classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 4, 8))
+        self.fc1, self.fc2, self.head = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = (self.stem(x).permute(0, 2, 3, 1) + self.pos_embed).flatten(1, 2)
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_channels_last_position_embedding_holds_channels_last():
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(ChannelsLast().eval())
+    graph = fusion.channel_groups(members[0], X)
+    stream = next(g for g in graph.groups if any(s.tensor == "stem.weight" for s in g.slots))
+    assert ("pos_embed", 3) in {(s.tensor, s.dim) for s in stream.slots}
+    state = graph.assemble(
+        [full_state(members[0])], graph.random_permutation(torch.Generator().manual_seed(2))
+    )
+    permuted = ChannelsLast()
+    permuted.load_state_dict(state, strict=True)
+    assert _rel(_out(permuted, X), _out(members[0], X)) < 1e-5
+    wide = fusion.fuse(members, "nt", example_inputs=X, sparsity=0.0)
+    assert wide.pos_embed.shape == (1, 4, 4, 16)
+    assert _rel(_out(wide, X), _out(fusion.ensemble(members), X)) < 1e-6
+    fused = fusion.fuse(members, "nt", example_inputs=X)
+    fresh = ChannelsLast()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    groups = [
+        ChannelGroup(g.name, g.n_units, [s for s in g.slots if s.tensor != "pos_embed"], g.unit_kind)
+        for g in graph.groups
+    ]
+    broken = ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
+    with pytest.raises(fusion.FusionError, match="not traced completely"):
+        verify_permutation_invariance(members[0], broken, X)
