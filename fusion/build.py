@@ -96,9 +96,12 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     for name, module in model.named_modules():
         resize_module(module, name)
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
+            before = module.num_heads * widths[name]
             module.num_heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
             if isinstance(getattr(module, "attn_dim", None), int):
                 module.attn_dim = module.num_heads * widths[name]
+            if getattr(module, "dim_out", None) == before:  # MViTv2 reshapes the heads' output to dim_out
+                module.dim_out = module.num_heads * widths[name]
     for fix in ATTRIBUTE_FIXERS:
         fix(model)
     return model.eval()

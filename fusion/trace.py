@@ -1150,7 +1150,11 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
         ]
         expected = rows | {proj_w} | per_head_names
         for gi in set(hits):
-            extra = [s.tensor for s in groups[gi].slots if s.tensor not in expected]
+            extra = [
+                s.tensor
+                for s in groups[gi].slots
+                if s.tensor not in expected and not _shared_within_heads(module, name, s, hd)
+            ]
             if extra:
                 raise FusionError(
                     f"attention {name!r}: its q/k/v channels are coupled to {extra[0]!r}; not supported"
@@ -1175,6 +1179,21 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _shared_within_heads(module: nn.Module, name: str, slot: Slot, head_dim: int) -> bool:
+    """A tensor of the attention itself whose traced dimension is one head wide: a layer applied to every head
+    alike (MViTv2's pooling convolutions and LayerNorms over a head's channels, its decomposed relative
+    positions ``[positions, head_dim]``). Heads move whole, each head's channels in order, so such a tensor
+    stays where it is; it is left out of the head group (tensors in no group are averaged across members: shared
+    by all heads, it cannot be kept per member, so the concatenation is not the ensemble, as with LayerNorm)."""
+    if not slot.tensor.startswith(name + "."):
+        return False
+    local = slot.tensor[len(name) + 1 :]
+    t = dict(module.named_parameters()).get(local)
+    if t is None:
+        t = dict(module.named_buffers()).get(local)
+    return t is not None and t.dim() > slot.dim and t.shape[slot.dim] == head_dim
 
 
 def _slot(spec, layer: str, positions: torch.Tensor) -> Slot:

@@ -279,3 +279,73 @@ def test_head_major_attention_moves_whole_heads(ratio):
         broken = ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
         with pytest.raises(fusion.FusionError, match="not traced completely"):
             verify_permutation_invariance(members[0], broken, x)
+
+
+# ---------------------------------------------------------------------------- layers shared by all heads (MViTv2)
+class PoolingAttnNet(nn.Module):
+    """tokens of a 4x4 map -> embed -> timm's MViTv2 MultiScaleAttention (q, k, v pooled by convolutions and
+    LayerNorms over a head's channels, shared by every head; decomposed relative positions [positions,
+    head_dim]) + skip -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.mvitv2 import MultiScaleAttention
+
+        self.embed = nn.Linear(8, 16)
+        self.attn = MultiScaleAttention(
+            16,
+            16,
+            (4, 4),
+            num_heads=2,
+            kernel_q=(3, 3),
+            kernel_kv=(3, 3),
+            stride_kv=(2, 2),
+            has_cls_token=False,
+        )
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        y, _ = self.attn(x, [4, 4])
+        return self.fc((x + y).mean(1))
+
+
+def test_layers_shared_by_all_heads_stay_and_heads_move_whole():
+    x = torch.randn(2, 16, 8)
+    members = _members(PoolingAttnNet)
+    graph = fusion.channel_groups(members[0], x)
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    assert heads.n_units == 2
+    claimed = {s.tensor for g in graph.groups for s in g.slots}
+    assert not claimed & {"attn.pool_q.weight", "attn.norm_q.weight", "attn.rel_pos_h", "attn.pool_k.weight"}
+    _permuted_keeps_function(PoolingAttnNet, members[0], graph, x)
+    # shared by the heads, these layers are averaged across members: a member with itself is the member
+    same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
+    assert same.attn.num_heads == 4 and same.attn.dim_out == 32
+    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    assert fusion.fuse(members, "nt", example_inputs=x, sparsity=0.25).attn.num_heads == 3
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = PoolingAttnNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # channels moved within a head (each channel its own unit) break the shared layers: caught
+    gi = graph.groups.index(heads)
+    chans = [
+        Slot(
+            s.tensor,
+            s.dim,
+            s.role,
+            s.kind,
+            s.is_weight,
+            s.layer,
+            s.positions.reshape(-1, 1, s.positions.shape[2]),
+        )
+        for s in heads.slots
+    ]
+    broken = ChannelGraph(
+        groups=[*graph.groups[:gi], ChannelGroup(heads.name, 16, chans), *graph.groups[gi + 1 :]],
+        output_layers=graph.output_layers,
+        shapes=graph.shapes,
+    )
+    with pytest.raises(fusion.FusionError, match="not traced completely"):
+        verify_permutation_invariance(members[0], broken, x)
