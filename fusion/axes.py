@@ -25,6 +25,8 @@ the coverage check and the float64 permutation self-check, as for any other trac
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
 POS = ("P",)
@@ -425,3 +427,42 @@ def channel_fastest_merges(dg) -> None:
             for dep in node.dependencies:
                 if dep.target is src:
                     dep.index_mapping = [_RepeatEvery(channels, merged, True), None]
+
+
+@contextlib.contextmanager
+def functional_linears_as_modules(model: nn.Module):
+    """While torch-pruning traces ``model``: a ``F.linear(x, layer.weight, bias)`` written outside ``layer``'s own
+    forward (SwinV2's and EVA's attention add the bias ``cat(q_bias, k_bias, v_bias)`` this way, around a ``qkv``
+    Linear without a bias) runs as ``layer(x) + bias``. torch-pruning only knows a layer by its call, and took the
+    functional product for an element-wise operation that passed the input's channels on to its output. The value
+    is the same; only the record differs. A call with a bias of its own on a layer that has one is left alone."""
+    import torch.nn.functional as F
+
+    owners = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+    running: set[int] = set()
+    original = F.linear
+
+    def enter(module, args):
+        running.add(id(module))
+
+    def leave(module, args, output):
+        running.discard(id(module))
+
+    def linear(input, weight, bias=None):
+        layer = owners.get(id(weight))
+        if layer is None or id(layer) in running or (bias is not None and layer.bias is not None):
+            return original(input, weight, bias)
+        out = layer(input)
+        return out if bias is None else out + bias
+
+    handles = []
+    for m in owners.values():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+        for h in handles:
+            h.remove()

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import trace_cache
-from .axes import channel_fastest_merges, label_axes
+from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
@@ -288,7 +288,12 @@ def _tolerant_index_mapping():
 
 
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
-    with torch.enable_grad(), warnings.catch_warnings(), _tolerant_index_mapping():
+    with (
+        torch.enable_grad(),
+        warnings.catch_warnings(),
+        _tolerant_index_mapping(),
+        functional_linears_as_modules(skeleton),
+    ):
         warnings.simplefilter("ignore")
         try:
             dg = tp.DependencyGraph().build_dependency(
@@ -1148,7 +1153,8 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
             or (s.tensor == proj_w and s.dim == 1)
             or (s.tensor, s.dim) in per_head_dims
         ]
-        expected = rows | {proj_w} | per_head_names
+        split_biases = _split_qkv_biases(module, name, heads * hd)
+        expected = rows | {proj_w} | per_head_names | set(split_biases)
         for gi in set(hits):
             extra = [
                 s.tensor
@@ -1176,9 +1182,24 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
         slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", (h * hd + j)[:, :, None]))
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
+        for tensor, layer in split_biases.items():
+            slots.append(Slot(tensor, 0, OUT, "linear", False, layer, (h * hd + j)[:, :, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _split_qkv_biases(module: nn.Module, name: str, dim: int) -> dict[str, str]:
+    """The biases of q, k and v kept apart from a bias-free ``qkv`` Linear and added as ``cat(q_bias, k_bias,
+    v_bias)`` (SwinV2, EVA; ``k_bias`` is a buffer of zeros): ``{tensor name: layer}``, each ``dim`` long and
+    indexed like its part of the rows (head h, channel j at ``h * head_dim + j``)."""
+    out = {}
+    tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+    for part in ("q", "k", "v"):
+        t = tensors.get(f"{part}_bias")
+        if t is not None and t.dim() == 1 and t.shape[0] == dim:
+            out[f"{name}.{part}_bias"] = name
+    return out
 
 
 def _shared_within_heads(module: nn.Module, name: str, slot: Slot, head_dim: int) -> bool:

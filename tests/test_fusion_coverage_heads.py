@@ -349,3 +349,66 @@ def test_layers_shared_by_all_heads_stay_and_heads_move_whole():
     )
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(members[0], broken, x)
+
+
+# ---------------------------------------------------------------------------- F.linear with split biases, rotary
+class RopeNet(nn.Module):
+    """tokens of a 4x4 grid and a class token -> embed -> timm's EvaAttention: ``F.linear(x, qkv.weight, cat(q_bias,
+    k_bias, v_bias))`` outside the bias-free ``qkv`` Linear, rotary position embedding rotating channel pairs
+    within each head of the grid's tokens -> + skip -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import RotaryEmbeddingCat
+        from timm.models.eva import EvaAttention
+
+        self.embed = nn.Linear(8, 16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.attn = EvaAttention(16, num_heads=4, qkv_bias=True, num_prefix_tokens=1, scale_norm=False)
+        self.rope = RotaryEmbeddingCat(4, in_pixels=False, feat_shape=[4, 4])
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.fc((x + self.attn(x, rope=self.rope.get_embed())).mean(1))
+
+
+def test_functional_qkv_with_split_biases_and_rotary_moves_whole_heads():
+    x = torch.randn(2, 16, 8)
+    members = _members(RopeNet)
+    graph = fusion.channel_groups(members[0], x)
+    heads = next(g for g in graph.groups if g.unit_kind == "head")
+    assert heads.n_units == 4
+    assert {"attn.q_bias", "attn.k_bias", "attn.v_bias", "attn.qkv.weight"} <= {s.tensor for s in heads.slots}
+    stream = next(g for g in graph.groups if any(s.tensor == "embed.weight" for s in g.slots))
+    assert ("attn.qkv.weight", 1) in {(s.tensor, s.dim) for s in stream.slots}
+    _permuted_keeps_function(RopeNet, members[0], graph, x)
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)  # no norm across channels here
+    assert wide.attn.num_heads == 8 and wide.attn.k_bias.shape == (32,)
+    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = RopeNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # channels moved within a head break the rotary pairs: caught
+    gi = graph.groups.index(heads)
+    chans = [
+        Slot(
+            s.tensor,
+            s.dim,
+            s.role,
+            s.kind,
+            s.is_weight,
+            s.layer,
+            s.positions.reshape(-1, 1, s.positions.shape[2]),
+        )
+        for s in heads.slots
+    ]
+    broken = ChannelGraph(
+        groups=[*graph.groups[:gi], ChannelGroup(heads.name, 16, chans), *graph.groups[gi + 1 :]],
+        output_layers=graph.output_layers,
+        shapes=graph.shapes,
+    )
+    with pytest.raises(fusion.FusionError, match="not traced completely"):
+        verify_permutation_invariance(members[0], broken, x)
