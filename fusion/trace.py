@@ -253,7 +253,8 @@ def _update_expand_index_mapping(dg, node) -> None:
     repeat of ``out_channels // in_channels``; on any other 5-D expand (``repeat_interleave`` along the batch,
     GCViT's global query: ``(B, 1 -> r, heads, N, head_dim)``) that guess is meaningless, a repeat of 0 that
     divided by zero inside the walk. An expand that does not grow axis 2 keeps the channels where they are
-    (as torch-pruning treats expands of other ranks); a grouped-query expand with no valid repeat is refused."""
+    (as torch-pruning treats expands of other ranks); a grouped-query expand with no valid repeat keeps no mapping
+    (see :func:`_update_index_mappings`: the coverage check and the self-check judge it)."""
     from torch_pruning.dependency import index_mapping as im
 
     gf = node.grad_fn
