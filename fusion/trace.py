@@ -1128,9 +1128,10 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
     parameters) may move. Whole heads are also a symmetry of attention across channels within a head
     (XCiT's cross-covariance attention).
     """
+    groups, shared = _shared_head_tables(skeleton, groups)
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
-        if layout is None:
+        if layout is None or name in shared:
             continue
         if any(
             p.numel()
@@ -1188,6 +1189,93 @@ def _attention_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[Ch
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _shared_head_tables(
+    skeleton: nn.Module, groups: list[ChannelGroup]
+) -> tuple[list[ChannelGroup], set[str]]:
+    """Attentions whose heads meet in a per-head tensor outside all of them (one relative-position MLP shared by
+    every block, its last layer making one bias per head: head h of every block reads row h), so that head h of
+    each moves with head h of the others: one group of whole heads for all of them, the shared tensor's rows
+    included. Returns the groups and the attentions handled here. Attentions with different head counts, or
+    sharing a tensor that is not one row per head, are left to :func:`_attention_heads`, which refuses them."""
+    where: dict = {}  # (tensor, dim) -> attention
+    heads_of: dict = {}
+    for name, module in skeleton.named_modules():
+        layout = attention_layout(module)
+        if layout is None:
+            continue
+        heads, _, producers = layout
+        heads_of[name] = heads
+        mine = [(f"{name}.{attr}.{t}", 0) for attr, _ in producers for t in ("weight", "bias")]
+        mine += [(f"{name}.proj.weight", 1)] + _per_head_params(module, name, heads, producers)
+        where.update({key: name for key in mine})
+    parent = {n: n for n in heads_of}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    hits: dict = {}  # group index -> attentions it reaches
+    for gi, g in enumerate(groups):
+        reached = {where[(s.tensor, s.dim)] for s in g.slots if (s.tensor, s.dim) in where}
+        if reached:
+            hits[gi] = reached
+            first, *rest = sorted(reached)
+            for other in rest:
+                parent[find(other)] = find(first)
+    components: dict = {}
+    for n in heads_of:
+        components.setdefault(find(n), []).append(n)
+    shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
+    modules = dict(skeleton.named_modules())
+    handled: set[str] = set()
+    for names in components.values():
+        heads = {heads_of[n] for n in names}
+        if len(names) < 2 or len(heads) != 1:
+            continue
+        heads = heads.pop()
+        gis = sorted(gi for gi, reached in hits.items() if reached & set(names))
+        own = {t for t, _ in where if t.startswith(tuple(f"{n}." for n in names))}
+        extras = [s for gi in gis for s in groups[gi].slots if s.tensor not in own]
+        if any(s.tensor.startswith(tuple(f"{n}." for n in names)) for s in extras) or any(
+            shapes.get(s.tensor, ())[s.dim : s.dim + 1] != (heads,) for s in extras
+        ):
+            continue  # something else reached: _attention_heads names it
+        slots = []
+        for (
+            n
+        ) in names:  # each attention's own head slots, as _attention_heads makes them (names made absolute)
+            (own_group,) = _attention_heads(modules[n], [])
+            slots += [
+                Slot(n + s.tensor, s.dim, s.role, s.kind, s.is_weight, n + s.layer, s.positions)
+                for s in own_group.slots
+            ]
+        seen = set()
+        for s in extras:
+            if (s.tensor, s.dim) not in seen:
+                seen.add((s.tensor, s.dim))
+                slots.append(
+                    Slot(
+                        s.tensor,
+                        s.dim,
+                        s.role,
+                        s.kind,
+                        s.is_weight,
+                        s.layer,
+                        torch.arange(heads)[:, None, None],
+                    )
+                )
+        groups = [g for gi, g in enumerate(groups) if gi not in set(gis)]
+        groups.append(ChannelGroup(f"{names[0]}.heads", heads, slots, unit_kind="head"))
+        handled |= set(names)
+        hits = {}  # indices moved: recompute for the next component
+        for gi, g in enumerate(groups):
+            reached = {where[(s.tensor, s.dim)] for s in g.slots if (s.tensor, s.dim) in where}
+            if reached and g.unit_kind != "head":
+                hits[gi] = reached
+    return groups, handled
 
 
 def _split_qkv_biases(module: nn.Module, name: str, dim: int) -> dict[str, str]:

@@ -412,3 +412,42 @@ def test_functional_qkv_with_split_biases_and_rotary_moves_whole_heads():
     )
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(members[0], broken, x)
+
+
+# ---------------------------------------------------------------------------- a per-head table shared by blocks
+class SharedRelPosNet(nn.Module):
+    """tokens of a 4x4 grid -> embed -> two timm RelPosAttention blocks reading one shared relative-position MLP
+    (its last layer makes one bias per head: head h of both blocks reads row h) -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import RelPosMlp
+        from timm.models.vision_transformer_relpos import RelPosAttention
+
+        self.embed = nn.Linear(8, 16)
+        self.rel_pos = RelPosMlp(window_size=(4, 4), num_heads=4, hidden_dim=12)
+        self.attn1, self.attn2 = RelPosAttention(16, 4, qkv_bias=True), RelPosAttention(16, 4, qkv_bias=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        bias = self.rel_pos.get_bias()
+        x = x + self.attn1(x, shared_rel_pos=bias)
+        x = x + self.attn2(x, shared_rel_pos=bias)
+        return self.fc(x.mean(1))
+
+
+def test_heads_sharing_a_table_move_together():
+    x = torch.randn(2, 16, 8)
+    members = _members(SharedRelPosNet)
+    graph = fusion.channel_groups(members[0], x)
+    heads = [g for g in graph.groups if g.unit_kind == "head"]
+    assert len(heads) == 1 and heads[0].n_units == 4
+    assert {"attn1.qkv", "attn2.qkv", "rel_pos.mlp.fc2"} <= set(heads[0].layers)
+    _permuted_keeps_function(SharedRelPosNet, members[0], graph, x)
+    fused = fusion.fuse(members, "nt", example_inputs=x)  # the members' width (the MLP keeps num_heads)
+    fresh = SharedRelPosNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    with pytest.raises(fusion.FusionError, match="not traced completely"):  # the shared rows left in place
+        verify_permutation_invariance(members[0], _without_slot(graph, "rel_pos.mlp.fc2.weight", 0), x)
