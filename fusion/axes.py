@@ -274,7 +274,33 @@ def label_axes(dg) -> set[int]:
     node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
     labels = AxisLabels(list(node_of), linears)
     parameter_channel_axes(dg, labels)
+    channels_last_views(dg, labels)
     return token_axis_layers(dg, labels, node_of)
+
+
+def channels_last_views(dg, labels: AxisLabels) -> None:
+    """A reshape that keeps the last axis whole, where that axis holds channels (a Linear's own flattening of a
+    channels-last map, ``(B, H, W, C) -> (B * H * W, C)``), keeps every channel where it is. torch-pruning guesses
+    the channel counts on both sides of a 4-D reshape by walking the graph and can install a flatten mapping
+    (a channels-last position embedding ``(1, H, W, C)`` read as H channels gave a stride of C / H)."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping as im
+
+    for node in dg.module2node.values():
+        gf = node.grad_fn
+        if node.type != tp.ops.OPTYPE.RESHAPE or gf is None or type(gf).__name__ not in _RESHAPES:
+            continue
+        src = gf.next_functions[0] if gf.next_functions else (None, 0)
+        ins = _shape(*src) if src[0] is not None else None
+        out = _shape(gf, 0)
+        if not ins or not out or ins[-1] != out[-1] or not is_feature(labels.of(*src)[-1]):
+            continue
+        edges = list(node.dependencies) + [
+            dep for other in node.inputs + node.outputs for dep in other.dependencies if dep.target is node
+        ]
+        for dep in edges:
+            kept = [m for m in dep.index_mapping if not isinstance(m, im._FlattenIndexMapping)]
+            dep.index_mapping = kept + [None] * (2 - len(kept))
 
 
 def parameter_channel_axes(dg, labels: AxisLabels) -> None:

@@ -166,3 +166,46 @@ def test_channels_last_position_embedding_holds_channels_last():
     broken = ChannelGraph(groups=groups, output_layers=graph.output_layers, shapes=graph.shapes)
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(members[0], broken, X)
+
+
+class ChannelsLastMap(nn.Module):
+    """The same on the channels-last map itself: the MLP's Linears flatten (B, H, W, C) to (B * H * W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 4, 8))
+        self.fc1, self.fc2, self.head = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1) + self.pos_embed
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_linear_on_a_channels_last_map_keeps_channels(monkeypatch):
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(ChannelsLastMap().eval())
+    graph = fusion.channel_groups(members[0], X)
+    stream = next(g for g in graph.groups if any(s.tensor == "stem.weight" for s in g.slots))
+    fc1 = next(s for s in stream.slots if s.tensor == "fc1.weight")
+    assert fc1.positions.shape == (8, 1, 1)  # each channel once (a flatten mapping claimed two columns each)
+    state = graph.assemble(
+        [full_state(members[0])], graph.random_permutation(torch.Generator().manual_seed(2))
+    )
+    permuted = ChannelsLastMap()
+    permuted.load_state_dict(state, strict=True)
+    assert _rel(_out(permuted, X), _out(members[0], X)) < 1e-5
+    wide = fusion.fuse(members, "nt", example_inputs=X, sparsity=0.0)
+    assert _rel(_out(wide, X), _out(fusion.ensemble(members), X)) < 1e-6
+    fresh = ChannelsLastMap()
+    fresh.load_state_dict(fusion.fuse(members, "nt", example_inputs=X).state_dict(), strict=True)
+    # without the rule, torch-pruning's guessed flatten mapping is refused
+    import fusion.axes as axes
+    import fusion.trace as trace
+
+    monkeypatch.setattr(axes, "channels_last_views", lambda dg, labels: None)
+    with pytest.raises(fusion.FusionError):
+        trace._trace(members[0], X, None)
