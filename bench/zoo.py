@@ -154,7 +154,10 @@ def check_model(name: str) -> dict:
     x = torch.randn(2, 3, size, size)
     try:
         with torch.no_grad():
-            members[0](x)
+            # every member runs once, as trained members have: a model may size buffers at its first forward
+            # (ConViT's GPSA computes its relative indices for the input's grid), and members must agree
+            for m in members:
+                m(x)
     except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: try the size it was made for
         native = _native_size(members[0])
         reason = f"the model does not run at {size}px: {type(exc).__name__}: {exc}"
@@ -165,7 +168,8 @@ def check_model(name: str) -> dict:
             members = _members(name, size)
             x = torch.randn(2, 3, size, size)
             with torch.no_grad():
-                members[0](x)
+                for m in members:
+                    m(x)
         except Exception as exc2:  # noqa: BLE001
             reason += f"; nor at its own {size}px: {type(exc2).__name__}: {exc2}"
             return {**result, "status": "skipped", "reason": reason[:300]}

@@ -69,8 +69,39 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
                 setattr(sub, attr, value[:-1] + (heads,))
 
 
+def _fix_head_major_attention(model: nn.Module) -> None:
+    """A head-major attention (``trace.head_major_layout``: TinyViT's) keeps its head count and its output width
+    as attributes; they follow the fused qkv and proj (each head keeps its key and value widths)."""
+    for module in model.modules():
+        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+        kd = getattr(module, "key_dim", None)
+        vd = getattr(module, "val_dim", None)
+        if (
+            not isinstance(vd, int)
+            and isinstance(kd, int)
+            and isinstance(getattr(module, "attn_ratio", None), (int, float))
+        ):
+            vd = int(module.attn_ratio * kd)
+        if not (
+            isinstance(qkv, nn.Linear)
+            and isinstance(proj, nn.Linear)
+            and isinstance(getattr(module, "num_heads", None), int)
+            and isinstance(kd, int)
+            and isinstance(vd, int)
+            and kd > 0
+            and vd > 0
+        ):
+            continue
+        heads, rest = divmod(qkv.out_features, 2 * kd + vd)
+        if rest or proj.in_features != heads * vd:
+            continue
+        module.num_heads = heads
+        if isinstance(getattr(module, "out_dim", None), int):
+            module.out_dim = heads * vd
+
+
 # functions fn(model) that fix module attributes beyond the per-layer ones
-ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention]
+ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention, _fix_head_major_attention]
 
 
 def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import trace_cache
+from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
@@ -247,7 +248,7 @@ def _update_index_mappings(dg) -> None:
         tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping,
         tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
         tp.ops.OPTYPE.UNBIND: im.update_unbind_index_mapping,
-        tp.ops.OPTYPE.EXPAND: im.update_expand_index_mapping,
+        tp.ops.OPTYPE.EXPAND: _update_expand_index_mapping,
         tp.ops.OPTYPE.SLICE: im.update_slice_index_mapping,
     }
     for node in list(dg.module2node.values()):
@@ -265,6 +266,33 @@ def _update_index_mappings(dg) -> None:
                         dep.index_mapping = [None, None]
 
 
+def _update_expand_index_mapping(dg, node) -> None:
+    """torch-pruning's mapping of an ``expand``, only where it applies. The library maps every expand of a 5-D
+    tensor as a grouped-query repeat of key/value heads, ``(B, kv_heads, 1 -> n_rep, N, head_dim)``, with a
+    repeat of ``out_channels // in_channels``; on any other 5-D expand (``repeat_interleave`` along the batch,
+    GCViT's global query: ``(B, 1 -> r, heads, N, head_dim)``) that guess is meaningless, a repeat of 0 that
+    divided by zero inside the walk. An expand that does not grow axis 2 keeps the channels where they are
+    (as torch-pruning treats expands of other ranks); a grouped-query expand with no valid repeat keeps no mapping
+    (see :func:`_update_index_mappings`: the coverage check and the self-check judge it)."""
+    from torch_pruning.dependency import index_mapping as im
+
+    gf = node.grad_fn
+    ins = tuple(int(s) for s in getattr(gf, "_saved_self_sym_sizes", ()) or ())
+    out = _out_shape(gf, 0)
+    if len(ins) != 5 or out is None or len(out) != 5:
+        im.update_expand_index_mapping(dg, node)
+        return
+    grown = [d for d in range(5) if ins[d] != int(out[d])]
+    if grown != [2]:
+        return  # not a repeat of heads: channels stay where they are
+    im.update_expand_index_mapping(dg, node)
+    for other in [node] + node.inputs:
+        for dep in other.dependencies:
+            for m in dep.index_mapping:
+                if isinstance(m, im._GQAIndexMapping) and (m.repeat < 1 or m.head_dim < 1):
+                    raise ValueError(f"an expand of {ins} to {tuple(out)} has no valid repeat of heads")
+
+
 @contextlib.contextmanager
 def _tolerant_index_mapping():
     """Inside ``build_dependency``, torch-pruning's index-mapping pass runs node by node (see
@@ -280,7 +308,12 @@ def _tolerant_index_mapping():
 
 
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
-    with torch.enable_grad(), warnings.catch_warnings(), _tolerant_index_mapping():
+    with (
+        torch.enable_grad(),
+        warnings.catch_warnings(),
+        _tolerant_index_mapping(),
+        functional_linears_as_modules(skeleton),
+    ):
         warnings.simplefilter("ignore")
         try:
             dg = tp.DependencyGraph().build_dependency(
@@ -347,14 +380,17 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     for name in output_layers:
         if name not in modules:
             raise FusionError(f"output layer {name!r} is not a module of {type(model).__name__}")
-    dg = _build_dependency_graph(skeleton, meta_inputs)
-    head_orders = _cut_attention_internals(dg, skeleton)
-
-    module_names = {m: n for n, m in skeleton.named_modules()}
-    param_names = {p: n for n, p in skeleton.named_parameters()}
     ignored = [modules[n] for n in output_layers]
+    dg = _build_dependency_graph(skeleton, meta_inputs)
+    head_orders = _attention_orders(dg, skeleton)
     try:
-        tp_groups = list(_all_groups(dg, ignored, ROOT_TYPES))
+        try:
+            tp_groups = list(_all_groups(dg, ignored, ROOT_TYPES))
+        except _ExplodedGroup:
+            # channels mapped onto spatial positions inside an attention: walk again with the graph cut there
+            dg = _build_dependency_graph(skeleton, meta_inputs)
+            _cut_attention_internals(dg, skeleton)
+            tp_groups = list(_all_groups(dg, ignored, ROOT_TYPES))
     except FusionError:
         raise
     except Exception as exc:  # noqa: BLE001 - a tracer failure is a refusal, not a crash
@@ -362,13 +398,16 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
             f"cannot trace the channel groups of {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
 
+    module_names = {m: n for n, m in skeleton.named_modules()}
+    param_names = {p: n for n, p in skeleton.named_parameters()}
+
     raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
     attention = {
         f"{n}.{attr}"
         for n, mod in skeleton.named_modules()
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
-    }
+    } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
@@ -396,7 +435,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
-    groups = _attention_heads(skeleton, _merge_units(raw) + paired, head_orders)
+    groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     _check_coverage(graph)
@@ -528,6 +567,11 @@ def _one_slot_per_segment(groups: list[ChannelGroup], dims: set) -> list[Channel
 _MAX_INDICES = 2_000_000  # channel indices one group may reach (a real group reaches a few thousand)
 
 
+class _ExplodedGroup(FusionError):
+    """The refusal of a group whose walk exploded (see :class:`_Explosion`); :func:`_trace` walks again with the
+    graph cut inside attentions (:func:`_cut_attention_internals`) before giving it."""
+
+
 class _Explosion(Exception):
     def __init__(self, node, seen: dict | None = None):
         self.node = node
@@ -636,6 +680,8 @@ def _all_groups(dg, ignored_layers, root_types):
     axes = _reshapes_follow_channel_axis(dg)
     _remap_split_concat_slice(dg, axes)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
+    channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
+    ignored |= label_axes(dg)  # Linears over positions (token mixing): their outputs root no group
     covered: dict = {}  # id(module) -> its output channels some group already holds
     for m in list(dg.module2node.keys()):
         if id(m) in ignored or not isinstance(m, tuple(root_types)):
@@ -658,8 +704,8 @@ def _all_groups(dg, ignored_layers, root_types):
             reached = [names[mod] for mod in exc.reached if mod in names]
             reason = _unknown_attention_reason(dg.model, names.get(m, ""), reached)
             if reason:
-                raise FusionError(reason) from None
-            raise FusionError(
+                raise _ExplodedGroup(reason) from None
+            raise _ExplodedGroup(
                 f"the channel group rooted at {names.get(m, '?')!r} reaches over {_MAX_INDICES:,} channel indices "
                 f"(most at {where!r}): torch-pruning maps channels through a reshape of spatial positions "
                 "(e.g. attention over flattened positions) as if they were channels; fusion refused"
@@ -1434,7 +1480,7 @@ def attention_layout(module: nn.Module) -> tuple[int, int, tuple[tuple[str, int]
     only ``num_heads``).
     """
     proj, heads = _pointwise(getattr(module, "proj", None)), _head_count(module)
-    if proj is None or not isinstance(heads, int) or heads <= 0:
+    if proj is None or not isinstance(heads, int) or heads <= 0 or head_major_layout(module) is not None:
         return None
     for producers in _QKV_LAYOUTS:
         layers = [_pointwise(getattr(module, attr, None)) for attr, _ in producers]
@@ -1458,21 +1504,38 @@ def _head_count(module: nn.Module):
     return getattr(module, "heads", None) if heads is None else heads
 
 
-def _cut_attention_internals(dg, skeleton: nn.Module) -> dict:
+def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
     """Cut torch-pruning's graph inside every attention :func:`attention_layout` recognises: between its q/k/v
-    producers and what reads their outputs, and between ``proj`` and what feeds it. Returns
-    ``{(module name, attribute): order}`` for the layers whose channels are not in ViT's order: ``"head-first"``
-    q/k/v producers (see :func:`_producer_row_order`), a ``"head-last"`` ``proj`` (see
-    :func:`_proj_column_order`).
+    producers and what reads their outputs, and between ``proj`` and what feeds it. Only where the uncut walk
+    exploded (see :func:`_trace`): elsewhere the graph inside an attention is what ties a per-head tensor outside
+    it to the heads (one relative-position MLP shared by every block).
 
     Between those layers the channels are reshaped into heads and moved next to the spatial positions
     (``view(B, heads, 3 * head_dim, H * W)`` of a 1x1-conv qkv in MaxViT / CoAtNet, ``reshape(B, T, N, 3, heads,
-    head_dim)`` in NesT, mask units in Hiera); torch-pruning maps each channel there to thousands of
+    head_dim)`` in NesT, mask units in Hiera; attentions with layers of their own are not cut, see
+    :func:`_has_inner_layers`); torch-pruning maps each channel there to thousands of
     (channel, position) indices and the walk explodes. What couples those channels is known without the walk:
     :func:`_attention_heads` builds the whole head group (q/k/v rows, ``proj``'s columns, the per-head
     parameters) from the layout, and the self-check verifies it. A coupling the cut hides (a producer's output
     also read outside the attention, a normalization between the heads and ``proj``) leaves a tensor that a
     permutation of the heads does not follow, which the self-check refuses."""
+    for module in skeleton.modules():
+        layout = attention_layout(module)
+        if layout is None or _has_inner_layers(module, layout[2]):
+            continue
+        for attr, _ in layout[2]:
+            node = dg.module2node.get(getattr(module, attr))
+            if node is not None:
+                _cut_edges(node, node.outputs)
+        node = dg.module2node.get(module.proj)
+        if node is not None:
+            _cut_edges(node, node.inputs)
+
+
+def _attention_orders(dg, skeleton: nn.Module) -> dict:
+    """``{(module name, attribute): order}`` for the attention layers whose channels are not in ViT's order:
+    ``"head-first"`` q/k/v producers (see :func:`_producer_row_order`), a ``"head-last"`` ``proj`` (see
+    :func:`_proj_column_order`)."""
     orders = {}
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
@@ -1481,17 +1544,27 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> dict:
         heads, hd, producers = layout
         for attr, n in producers:
             node = dg.module2node.get(getattr(module, attr))
-            if node is None:
-                continue
-            if _producer_row_order(node, getattr(module, attr), heads, hd, n) == "head-first":
+            if (
+                node is not None
+                and _producer_row_order(node, getattr(module, attr), heads, hd, n) == "head-first"
+            ):
                 orders[(name, attr)] = "head-first"
-            _cut_edges(node, node.outputs)
         node = dg.module2node.get(module.proj)
-        if node is not None:
-            if _proj_column_order(node, module.proj, heads, hd) == "head-last":
-                orders[(name, "proj")] = "head-last"
-            _cut_edges(node, node.inputs)
+        if node is not None and _proj_column_order(node, module.proj, heads, hd) == "head-last":
+            orders[(name, "proj")] = "head-last"
     return orders
+
+
+def _has_inner_layers(module: nn.Module, producers) -> bool:
+    """Whether an attention has layers besides its q/k/v producers and ``proj`` (MViTv2's pooling convolutions and
+    norms on each head's q, k, v; Twins' spatial-reduction conv; SwinV2's position-bias MLP): the graph through
+    them is what ties them to the heads (see :func:`_attention_heads`), so it is not cut there."""
+    own = {getattr(module, attr) for attr, _ in producers} | {module.proj}
+    return any(
+        isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+        and m not in own
+        for m in module.modules()
+    )
 
 
 def _cut_edges(node, others) -> None:
@@ -1610,11 +1683,20 @@ def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> lis
     ``[positions, heads]``, XCiT's temperature ``[heads, 1, 1]``) and those of its other submodules (the
     last layer of SwinV2's continuous position bias MLP makes one bias per head): ``(tensor name, head
     dimension)``. They move with the heads. A parameter with no dimension of ``heads`` is not per head and is
-    left alone, one with several is refused as ambiguous; the self-check verifies the rest."""
+    left alone, one with several is refused as ambiguous; the self-check verifies the rest.
+
+    The parameters of a Linear or convolution inside the attention are read by what the layer does, not by
+    their sizes (see :func:`_per_head_layer_params`): a kernel of 4 x 4 is not per head in a 4-head attention
+    (Twins' spatial-reduction convolution)."""
     skip = {attr for attr, _ in producers} | {"proj", "q_norm", "k_norm"}
     out = []
+    layer_params = set()
+    for sub_name, sub in module.named_modules():
+        if sub_name and sub_name.split(".", 1)[0] not in skip and _is_layer(sub):
+            layer_params.update(f"{sub_name}.{p}" for p, _ in sub.named_parameters(recurse=False))
+            out += [(f"{name}.{sub_name}.{p}", d) for p, d in _per_head_layer_params(sub, heads)]
     for pname, p in module.named_parameters():
-        if pname.split(".", 1)[0] in skip:
+        if pname.split(".", 1)[0] in skip or pname in layer_params:
             continue
         dims = [d for d, n in enumerate(p.shape) if n == heads and not _kernel_dim(module, pname, d)]
         if len(dims) > 1:
@@ -1635,6 +1717,33 @@ def _kernel_dim(module: nn.Module, pname: str, d: int) -> bool:
     return isinstance(owner, nn.modules.conv._ConvNd) and pname.endswith("weight") and d >= 2
 
 
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+
+
+def _per_head_layer_params(layer: nn.Module, heads: int) -> list[tuple[str, int]]:
+    """A Linear or convolution inside an attention: its output rows (and bias) are per head when it makes one
+    per head (SwinV2's position-bias MLP), its input columns when it reads one per head. A Linear from heads to
+    heads mixes the heads (talking-heads attention, CaiT's ``proj_l`` / ``proj_w`` over the head axis of the
+    attention logits): a permutation of the heads moves its rows and its columns together, and between two
+    members' heads its entries are zero, so keeping every head computes each member's own mixing. Kernel
+    dimensions are never per head."""
+    if isinstance(layer, nn.Linear):
+        out_ch, in_ch = layer.out_features, layer.in_features
+    elif layer.groups == 1 and not layer.transposed:
+        out_ch, in_ch = layer.out_channels, layer.in_channels
+    else:
+        out_ch, in_ch = layer.out_channels, None  # grouped: the input side is per block, not per head
+    found = []
+    if out_ch == heads:
+        found.append(("weight", 0))
+        if layer.bias is not None:
+            found.append(("bias", 0))
+    if in_ch == heads:
+        found.append(("weight", 1))
+    return found
+
+
 def _attention_heads(
     skeleton: nn.Module, groups: list[ChannelGroup], orders: dict | None = None
 ) -> list[ChannelGroup]:
@@ -1643,15 +1752,16 @@ def _attention_heads(
     torch-pruning couples q, k and v rows as independent channels, but a head's q and k rows meet in a dot
     product: only whole heads (their q, k, v rows, the projection's input columns and the module's per-head
     parameters) may move. Whole heads are also a symmetry of attention across channels within a head
-    (XCiT's cross-covariance attention). ``orders`` (see :func:`_cut_attention_internals`) names the layers in another
+    (XCiT's cross-covariance attention). ``orders`` (see :func:`_attention_orders`) names the layers in another
     order than ViT's: a ``"head-first"`` producer's rows (all ``n * head_dim`` rows of head 0, then head 1...)
     are one run per head in its slot, a ``"head-last"`` ``proj``'s columns (``j * heads + head``: NesT) one
     repeat per ``j``, so that a new model keeps that order (assembly writes repeat after repeat).
     """
     orders = orders or {}
+    groups, shared = _shared_head_tables(skeleton, groups)
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
-        if layout is None:
+        if layout is None or name in shared:
             continue
         if any(
             p.numel()
@@ -1675,9 +1785,14 @@ def _attention_heads(
             or (s.tensor == proj_w and s.dim == 1)
             or (s.tensor, s.dim) in per_head_dims
         ]
-        expected = rows | {proj_w} | per_head_names
+        split_biases = _split_qkv_biases(module, name, heads * hd)
+        expected = rows | {proj_w} | per_head_names | set(split_biases)
         for gi in set(hits):
-            extra = [s.tensor for s in groups[gi].slots if s.tensor not in expected]
+            extra = [
+                s.tensor
+                for s in groups[gi].slots
+                if s.tensor not in expected and not _shared_within_heads(module, name, s, hd)
+            ]
             if extra:
                 raise FusionError(
                     f"attention {name!r}: its q/k/v channels are coupled to {extra[0]!r}; not supported"
@@ -1708,9 +1823,126 @@ def _attention_heads(
         slots.append(Slot(proj_w, 1, IN, kind, True, f"{name}.proj", cols))
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
+        for tensor, layer in split_biases.items():
+            slots.append(Slot(tensor, 0, OUT, "linear", False, layer, (h * hd + j)[:, :, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _shared_head_tables(
+    skeleton: nn.Module, groups: list[ChannelGroup]
+) -> tuple[list[ChannelGroup], set[str]]:
+    """Attentions whose heads meet in a per-head tensor outside all of them (one relative-position MLP shared by
+    every block, its last layer making one bias per head: head h of every block reads row h), so that head h of
+    each moves with head h of the others: one group of whole heads for all of them, the shared tensor's rows
+    included. Returns the groups and the attentions handled here. Attentions with different head counts, or
+    sharing a tensor that is not one row per head, are left to :func:`_attention_heads`, which refuses them."""
+    where: dict = {}  # (tensor, dim) -> attention
+    heads_of: dict = {}
+    for name, module in skeleton.named_modules():
+        layout = attention_layout(module)
+        if layout is None:
+            continue
+        heads, _, producers = layout
+        heads_of[name] = heads
+        mine = [(f"{name}.{attr}.{t}", 0) for attr, _ in producers for t in ("weight", "bias")]
+        mine += [(f"{name}.proj.weight", 1)] + _per_head_params(module, name, heads, producers)
+        where.update({key: name for key in mine})
+    parent = {n: n for n in heads_of}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    hits: dict = {}  # group index -> attentions it reaches
+    for gi, g in enumerate(groups):
+        reached = {where[(s.tensor, s.dim)] for s in g.slots if (s.tensor, s.dim) in where}
+        if reached:
+            hits[gi] = reached
+            first, *rest = sorted(reached)
+            for other in rest:
+                parent[find(other)] = find(first)
+    components: dict = {}
+    for n in heads_of:
+        components.setdefault(find(n), []).append(n)
+    shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
+    modules = dict(skeleton.named_modules())
+    handled: set[str] = set()
+    for names in components.values():
+        heads = {heads_of[n] for n in names}
+        if len(names) < 2 or len(heads) != 1:
+            continue
+        heads = heads.pop()
+        gis = sorted(gi for gi, reached in hits.items() if reached & set(names))
+        own = {t for t, _ in where if t.startswith(tuple(f"{n}." for n in names))}
+        extras = [s for gi in gis for s in groups[gi].slots if s.tensor not in own]
+        if any(s.tensor.startswith(tuple(f"{n}." for n in names)) for s in extras) or any(
+            shapes.get(s.tensor, ())[s.dim : s.dim + 1] != (heads,) for s in extras
+        ):
+            continue  # something else reached: _attention_heads names it
+        slots = []
+        for (
+            n
+        ) in names:  # each attention's own head slots, as _attention_heads makes them (names made absolute)
+            (own_group,) = _attention_heads(modules[n], [])
+            slots += [
+                Slot(n + s.tensor, s.dim, s.role, s.kind, s.is_weight, n + s.layer, s.positions)
+                for s in own_group.slots
+            ]
+        seen = set()
+        for s in extras:
+            if (s.tensor, s.dim) not in seen:
+                seen.add((s.tensor, s.dim))
+                slots.append(
+                    Slot(
+                        s.tensor,
+                        s.dim,
+                        s.role,
+                        s.kind,
+                        s.is_weight,
+                        s.layer,
+                        torch.arange(heads)[:, None, None],
+                    )
+                )
+        groups = [g for gi, g in enumerate(groups) if gi not in set(gis)]
+        groups.append(ChannelGroup(f"{names[0]}.heads", heads, slots, unit_kind="head"))
+        handled |= set(names)
+        hits = {}  # indices moved: recompute for the next component
+        for gi, g in enumerate(groups):
+            reached = {where[(s.tensor, s.dim)] for s in g.slots if (s.tensor, s.dim) in where}
+            if reached and g.unit_kind != "head":
+                hits[gi] = reached
+    return groups, handled
+
+
+def _split_qkv_biases(module: nn.Module, name: str, dim: int) -> dict[str, str]:
+    """The biases of q, k and v kept apart from a bias-free ``qkv`` Linear and added as ``cat(q_bias, k_bias,
+    v_bias)`` (SwinV2, EVA; ``k_bias`` is a buffer of zeros): ``{tensor name: layer}``, each ``dim`` long and
+    indexed like its part of the rows (head h, channel j at ``h * head_dim + j``)."""
+    out = {}
+    tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+    for part in ("q", "k", "v"):
+        t = tensors.get(f"{part}_bias")
+        if t is not None and t.dim() == 1 and t.shape[0] == dim:
+            out[f"{name}.{part}_bias"] = name
+    return out
+
+
+def _shared_within_heads(module: nn.Module, name: str, slot: Slot, head_dim: int) -> bool:
+    """A tensor of the attention itself whose traced dimension is one head wide: a layer applied to every head
+    alike (MViTv2's pooling convolutions and LayerNorms over a head's channels, its decomposed relative
+    positions ``[positions, head_dim]``). Heads move whole, each head's channels in order, so such a tensor
+    stays where it is; it is left out of the head group (tensors in no group are averaged across members: shared
+    by all heads, it cannot be kept per member, so the concatenation is not the ensemble, as with LayerNorm)."""
+    if not slot.tensor.startswith(name + "."):
+        return False
+    local = slot.tensor[len(name) + 1 :]
+    t = dict(module.named_parameters()).get(local)
+    if t is None:
+        t = dict(module.named_buffers()).get(local)
+    return t is not None and t.dim() > slot.dim and t.shape[slot.dim] == head_dim
 
 
 def _slot(spec, layer: str, positions: torch.Tensor) -> Slot:
@@ -1954,3 +2186,67 @@ def verify_permutation_invariance(
                 f"{', '.join(g.layers[:6])}{f' and {len(g.layers) - 6} more' if len(g.layers) > 6 else ''})"
             )
     raise FusionError("permuting the traced channel groups changes the model's output; fusion refused")
+
+
+# ---------------------------------------------------------------------------- head-major attention
+def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(num_heads, key_dim, val_dim)`` of an attention whose one ``qkv`` Linear makes its rows head by head, each
+    head's q, k and v together: ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])`` (TinyViT,
+    LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), and a ``proj`` reading
+    ``num_heads * val_dim`` channels. Head h is rows ``h * (2 key_dim + val_dim) + j`` of qkv and columns
+    ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
+    sizes are the same, so the attributes decide)."""
+    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+    heads, kd = getattr(module, "num_heads", None), getattr(module, "key_dim", None)
+    vd = getattr(module, "val_dim", None)
+    if (
+        not isinstance(vd, int)
+        and isinstance(kd, int)
+        and isinstance(getattr(module, "attn_ratio", None), (int, float))
+    ):
+        vd = int(module.attn_ratio * kd)
+    if qkv is None or proj is None or not all(isinstance(v, int) and v > 0 for v in (heads, kd, vd)):
+        return None
+    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
+        return None
+    return heads, kd, vd
+
+
+def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Replace the groups on every head-major attention's qkv rows and proj columns (see :func:`head_major_layout`)
+    by one group of whole heads, with the module's per-head parameters (TinyViT's ``attention_biases``
+    ``[heads, offsets]``). A group that also reaches other tensors is refused by name."""
+    for name, module in skeleton.named_modules():
+        layout = head_major_layout(module)
+        if layout is None:
+            continue
+        heads, kd, vd = layout
+        width = 2 * kd + vd
+        per_head = _per_head_params(module, name, heads, (("qkv", 1),))
+        qkv = module.qkv
+        rows = {f"{name}.qkv.weight"} | ({f"{name}.qkv.bias"} if qkv.bias is not None else set())
+        proj_w = f"{name}.proj.weight"
+        mine = {(t, 0) for t in rows} | {(proj_w, 1)} | set(per_head)
+        hits = {gi for gi, g in enumerate(groups) for s in g.slots if (s.tensor, s.dim) in mine}
+        for gi in hits:
+            extra = [s.tensor for s in groups[gi].slots if s.tensor not in {t for t, _ in mine}]
+            if extra:
+                raise FusionError(
+                    f"attention {name!r} (heads of q, k and v together): its q/k/v channels are coupled to "
+                    f"{extra[0]!r}; not supported"
+                )
+        kind = "linear" if isinstance(qkv, nn.Linear) else "conv"
+        pos = torch.arange(heads * width).reshape(heads, width, 1)
+        slots = [
+            Slot(t, 0, OUT, kind, t.endswith("weight"), f"{name}.qkv", pos)
+            for t in sorted(rows, reverse=True)
+        ]
+        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        slots.append(
+            Slot(proj_w, 1, IN, kind, True, f"{name}.proj", torch.arange(heads * vd).reshape(heads, vd, 1))
+        )
+        for tensor, d in per_head:
+            slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
+        groups = [g for gi, g in enumerate(groups) if gi not in hits]
+        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+    return groups
