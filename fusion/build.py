@@ -19,6 +19,7 @@ from .trace import (
     call,
     check_kernels,
     full_state,
+    key_value_dims,
     map_inputs,
 )
 
@@ -74,24 +75,15 @@ def _fix_head_major_attention(model: nn.Module) -> None:
     as attributes; they follow the fused qkv and proj (each head keeps its key and value widths)."""
     for module in model.modules():
         qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-        kd = getattr(module, "key_dim", None)
-        vd = getattr(module, "val_dim", None)
-        if (
-            not isinstance(vd, int)
-            and isinstance(kd, int)
-            and isinstance(getattr(module, "attn_ratio", None), (int, float))
-        ):
-            vd = int(module.attn_ratio * kd)
+        dims = key_value_dims(module)
         if not (
-            isinstance(qkv, nn.Linear)
+            dims is not None
+            and isinstance(qkv, nn.Linear)
             and isinstance(proj, nn.Linear)
             and isinstance(getattr(module, "num_heads", None), int)
-            and isinstance(kd, int)
-            and isinstance(vd, int)
-            and kd > 0
-            and vd > 0
         ):
             continue
+        kd, vd = dims
         heads, rest = divmod(qkv.out_features, 2 * kd + vd)
         if rest or proj.in_features != heads * vd:
             continue

@@ -2197,19 +2197,28 @@ def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
     ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
     sizes are the same, so the attributes decide)."""
     qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
-    heads, kd = getattr(module, "num_heads", None), getattr(module, "key_dim", None)
-    vd = getattr(module, "val_dim", None)
+    heads, dims = getattr(module, "num_heads", None), key_value_dims(module)
+    if qkv is None or proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
+        return None
+    kd, vd = dims
+    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
+        return None
+    return heads, kd, vd
+
+
+def key_value_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(key_dim, val_dim)`` per head of an attention that keeps them (``val_dim``, or ``attn_ratio * key_dim``),
+    else None."""
+    kd, vd = getattr(module, "key_dim", None), getattr(module, "val_dim", None)
     if (
         not isinstance(vd, int)
         and isinstance(kd, int)
         and isinstance(getattr(module, "attn_ratio", None), (int, float))
     ):
         vd = int(module.attn_ratio * kd)
-    if qkv is None or proj is None or not all(isinstance(v, int) and v > 0 for v in (heads, kd, vd)):
+    if not all(isinstance(v, int) and v > 0 for v in (kd, vd)):
         return None
-    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
-        return None
-    return heads, kd, vd
+    return kd, vd
 
 
 def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
