@@ -7,9 +7,11 @@ in a worker process with a time limit per model:
    of its own pretrained config (recorded as ``input``), and "skipped" if it does not run there either;
 1. torch-pruning's dependency graph on the model, as fusion builds it (if it cannot be built: "not traceable");
 2. ``fusion.channel_groups`` with its permutation self-check (a refusal: ``FusionError``, its reason);
-3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models without
-   normalization across channels (LayerNorm / GroupNorm / weight-standardized convolutions make the
-   concatenation differ from the ensemble by design, see the README), where it must agree to a relative error
+3. NT at sparsity 0 against the output-averaging ensemble of two random members -- only for models whose
+   concatenation is their ensemble: not with normalization across channels (LayerNorm / GroupNorm /
+   weight-standardized convolutions), tensors shared by all channels (averaged across members) or products
+   summing over channels outside a recognised attention (a single-head attention's q @ k), which make the
+   concatenation differ from the ensemble by design (see the README); it must agree to a relative error
    below 1e-3. A model whose own attributes fix some channel counts (split sizes) cannot be widened: the
    fused model at sparsity 0 does not run, and the model is recorded as fused at the members' width only;
 4. default NT and averaging: the fused state loads strictly into a fresh model and that model runs.
@@ -85,6 +87,20 @@ def _cross_channel_norm(model) -> str | None:
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in name or "StdConv" in name:
             return name
     return None
+
+
+def _averaged_tensors(graph, model) -> list[str]:
+    """Float tensors no channel group holds, outside the output layers (whose bias averages exactly into the
+    output average): one value shared by all channels (HGNetV2's learnable affine scalars), averaged across
+    members by fusion, so the concatenation is not the ensemble (as with a LayerNorm)."""
+    from fusion.trace import full_state
+
+    outputs = tuple(f"{name}." for name in graph.output_layers)
+    return [
+        name
+        for name, t in full_state(model).items()
+        if t.is_floating_point() and name not in graph.tensor_dims and not name.startswith(outputs)
+    ]
 
 
 def _rel_err(a, b) -> float:
@@ -187,12 +203,26 @@ def check_model(name: str) -> dict:
         result["trace_s"] = round(time.perf_counter() - t, 3)
         result["groups"] = len(graph.groups)
         norm = _cross_channel_norm(members[0])
+        shared = _averaged_tensors(graph, members[0])
+        contracted = getattr(graph, "contracted_channels", None)
         with torch.no_grad():
+            # the oracle: NT at sparsity 0 is the ensemble of the members; where the concatenation differs from
+            # the ensemble by design, it is still the member itself when both members are one model (a norm's
+            # statistics and an averaged shared tensor are the member's); not even that for a product over
+            # channels (the member's q @ k summed twice)
+            twins = None
             if norm is not None:
-                result["ensemble_check"] = f"skipped: {norm} normalizes across channels"
+                twins = f"{norm} normalizes across channels"
+            elif shared:
+                twins = f"{len(shared)} tensors shared by all channels are averaged across members (e.g. {shared[0]!r})"
+            if contracted:
+                result["ensemble_check"] = (
+                    f"skipped: a product sums over the channels of all members ({contracted})"[:300]
+                )
             else:
+                pair = members if twins is None else [members[0], members[0]]
                 try:
-                    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+                    wide = fusion.fuse(pair, "nt", example_inputs=x, sparsity=0.0)
                 except fusion.FusionError as exc:
                     if "the fused model does not run" not in str(exc):
                         raise
@@ -202,14 +232,18 @@ def check_model(name: str) -> dict:
                     result["width"] = "members' only"
                     result["ensemble_check"] = f"not possible, NT cannot widen it: {str(exc)[:200]}"
                 if wide is not None:
-                    err = _ensemble_err(wide, members, x)
-                    result["ensemble_rel_err"] = err
+                    err = _ensemble_err(wide, pair, x)
+                    if twins is None:
+                        result["ensemble_rel_err"] = err
+                        wrong = f"NT at sparsity 0 is not the ensemble ({err:.2e})"
+                    else:
+                        result["twin_rel_err"] = err
+                        result["ensemble_check"] = (
+                            f"against the member itself (NT at sparsity 0 of two copies of it): {twins}"
+                        )
+                        wrong = f"NT at sparsity 0 of two copies of one member is not that member ({err:.2e})"
                     if not err < 1e-3:
-                        return {
-                            **result,
-                            "status": "wrong",
-                            "reason": f"NT at sparsity 0 is not the ensemble ({err:.2e})",
-                        }
+                        return {**result, "status": "wrong", "reason": wrong}
             for method in ("nt", "avg"):
                 fused = fusion.fuse(members, method, example_inputs=x)
                 fresh = _create(name, size=size).eval()

@@ -408,6 +408,8 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
     } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
+    # products over channels outside the attentions recognised by layout (whose heads keep members apart)
+    contracted = _contracted_layers(getattr(dg, "fusion_contractions", []), module_names, attention)
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
@@ -438,11 +440,13 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+    graph.contracted_channels = contracted
     _check_coverage(graph)
     interleaved = _interleaved_dims(graph)
     if interleaved:
         groups = _one_slot_per_segment(groups, interleaved)
         graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+        graph.contracted_channels = contracted
         interleaved = _interleaved_dims(graph)
         if interleaved:
             tensor, d = sorted(interleaved)[0]
@@ -1179,6 +1183,34 @@ def _reshapes_follow_channel_axis(dg) -> dict:
     return axes
 
 
+def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
+    """The layers whose channels products sum over (``q @ k`` of a single-head attention whose q and k carry
+    the channels, iFormer's), named by the nearest layer upstream of each operand, or None. Such channels are a
+    symmetry of each member (the self-check passes), but in the concatenation of several members the product
+    also sums over the other members' channels, so NT at sparsity 0 is not their ensemble (as with a LayerNorm
+    across channels); kept on the graph as ``graph.contracted_channels``."""
+    found = []
+    for node in nodes:
+        names = []
+        for src in node.inputs[:2]:
+            seen, todo = set(), [src]
+            while todo:
+                n = todo.pop(0)
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.module in module_names:
+                    names.append(module_names[n.module])
+                    break
+                todo.extend(n.inputs)
+        if any(n in attention for n in names):
+            continue
+        pair = " x ".join(repr(n) for n in names)
+        if pair and pair not in found:
+            found.append(pair)
+    return "; ".join(found) or None
+
+
 def _matmul_operands(dg, axes: dict) -> None:
     """A matrix product ``a @ b`` keeps the channels of ``a``'s rows (axis -2) and of ``b``'s columns (axis
     -1); torch-pruning takes it for an element-wise operation, so the indices of the other operand flow into
@@ -1190,6 +1222,7 @@ def _matmul_operands(dg, axes: dict) -> None:
     then a coupling the trace misses, which the self-check refuses by name."""
     nodes = list(dg.module2node.values())
     node_of = {n.grad_fn: n for n in nodes if n.grad_fn is not None}
+    dg.fusion_contractions = []  # products summing over the channel axis of both operands (see _trace)
     for node in nodes:
         gf = node.grad_fn
         if gf is None or not type(gf).__name__.startswith(("BmmBackward", "MmBackward")):
@@ -1199,6 +1232,8 @@ def _matmul_operands(dg, axes: dict) -> None:
         if out is None or len(args) != 2 or any(n is None for n, _, _ in args):
             continue
         nd = len(out)
+        if axes.get(id(args[0][0])) == nd - 1 and axes.get(id(args[1][0])) == nd - 2:
+            dg.fusion_contractions.append(node)
         keeps = [axes.get(id(n)) == nd - 2 + k for k, (n, _, _) in enumerate(args)]
         if not any(keeps):
             continue

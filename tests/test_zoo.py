@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fusion
 from bench import cli, zoo
 from bench.zoo import check_model, load_results, write_table
 
@@ -24,6 +25,60 @@ def test_a_layernorm_model_fuses_with_the_ensemble_check_explained(one_thread):
     res = check_model("test_vit")
     assert res["status"] == "fused", res
     assert "normalizes across channels" in res["ensemble_check"] and "ensemble_rel_err" not in res
+    assert res["twin_rel_err"] < 1e-9  # NT at sparsity 0 of two copies of one member is that member
+
+
+class _ScalarAffineNet(nn.Module):
+    """Convolutions with a learnable scale shared by all channels (HGNetV2's LearnableAffineBlock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x):
+        return self.fc((self.scale * torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+class _SingleHeadNet(nn.Module):
+    """A single-head attention over positions whose q and k are 1x1 convolutions (iFormer's): q @ k sums over
+    the channels, so a concatenation sums over both members' channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.q, self.k = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        q, k, v = self.q(x).flatten(2), self.k(x).flatten(2), x.flatten(2)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)  # (B, HW, HW)
+        return self.fc((x + (v @ attn.transpose(-2, -1)).view_as(x)).mean((2, 3)))
+
+
+def test_a_shared_scalar_is_checked_against_the_member_itself(monkeypatch, one_thread):
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _ScalarAffineNet())
+    res = check_model("scalar")
+    assert res["status"] == "fused", res
+    assert (
+        "1 tensors shared by all channels are averaged" in res["ensemble_check"]
+        and "'scale'" in res["ensemble_check"]
+    )
+    assert res["twin_rel_err"] < 1e-9 and "ensemble_rel_err" not in res
+
+
+def test_a_product_over_channels_skips_the_ensemble_check_with_its_layers(monkeypatch, one_thread):
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _SingleHeadNet())
+    res = check_model("single_head")
+    assert res["status"] == "fused", res
+    assert res["ensemble_check"] == "skipped: a product sums over the channels of all members ('q' x 'k')"
+    # and that is true: NT at sparsity 0 is not the ensemble here
+    torch.manual_seed(0)
+    members = [_SingleHeadNet().eval() for _ in range(2)]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+        assert zoo._rel_err(wide(x), fusion.ensemble(members)(x)) > 1e-3
 
 
 @pytest.mark.slow
