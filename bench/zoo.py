@@ -209,16 +209,20 @@ def check_model(name: str) -> dict:
             # the oracle: NT at sparsity 0 is the ensemble of the members; where the concatenation differs from
             # the ensemble by design, it is still the member itself when both members are one model (a norm's
             # statistics and an averaged shared tensor are the member's); not even that for a product over
-            # channels (the member's q @ k summed twice)
-            twins = None
-            if norm is not None:
+            # channels (the member's q @ k summed twice) or a weight standardized over all members' inputs
+            twins, skip = None, None
+            if norm is not None and "StdConv" in norm:
+                # weight standardization takes each filter's statistics over all its input channels, the other
+                # members' zeros included: not even two copies of one member give that member
+                skip = f"{norm} standardizes each filter over the input channels of all members"
+            elif norm is not None:
                 twins = f"{norm} normalizes across channels"
             elif shared:
                 twins = f"{len(shared)} tensors shared by all channels are averaged across members (e.g. {shared[0]!r})"
             if contracted:
-                result["ensemble_check"] = (
-                    f"skipped: a product sums over the channels of all members ({contracted})"[:300]
-                )
+                skip = f"a product sums over the channels of all members ({contracted})"
+            if skip:
+                result["ensemble_check"] = f"skipped: {skip}"[:300]
             else:
                 pair = members if twins is None else [members[0], members[0]]
                 try:

@@ -56,6 +56,40 @@ class _SingleHeadNet(nn.Module):
         return self.fc((x + (v @ attn.transpose(-2, -1)).view_as(x)).mean((2, 3)))
 
 
+class _WeightStandardizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from timm.layers import StdConv2d
+
+        self.conv, self.conv2, self.fc = (
+            StdConv2d(3, 8, 3, padding=1),
+            StdConv2d(8, 8, 3, padding=1),
+            nn.Linear(8, 5),
+        )
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_weight_standardization_skips_the_oracle_by_name(monkeypatch, one_thread):
+    """A standardized filter's statistics cover all members' input channels (their zeros too): not even two copies
+    of one member concatenate to that member, so neither oracle applies (nf_resnet50 read 'wrong' by the twin
+    oracle before)."""
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _WeightStandardizedNet())
+    res = check_model("stdconv")
+    assert res["status"] == "fused", res
+    assert (
+        res["ensemble_check"]
+        == "skipped: StdConv2d standardizes each filter over the input channels of all members"
+    )
+    torch.manual_seed(0)
+    member = _WeightStandardizedNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        twin = fusion.fuse([member, member], "nt", example_inputs=x, sparsity=0.0)
+        assert zoo._rel_err(twin(x), member(x)) > 1e-3
+
+
 def test_a_shared_scalar_is_checked_against_the_member_itself(monkeypatch, one_thread):
     monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _ScalarAffineNet())
     res = check_model("scalar")
