@@ -329,26 +329,8 @@ def test_layers_shared_by_all_heads_stay_and_heads_move_whole():
     fresh.load_state_dict(fused.state_dict(), strict=True)
     assert torch.allclose(_out(fresh, x), _out(fused, x))
     # channels moved within a head (each channel its own unit) break the shared layers: caught
-    gi = graph.groups.index(heads)
-    chans = [
-        Slot(
-            s.tensor,
-            s.dim,
-            s.role,
-            s.kind,
-            s.is_weight,
-            s.layer,
-            s.positions.reshape(-1, 1, s.positions.shape[2]),
-        )
-        for s in heads.slots
-    ]
-    broken = ChannelGraph(
-        groups=[*graph.groups[:gi], ChannelGroup(heads.name, 16, chans), *graph.groups[gi + 1 :]],
-        output_layers=graph.output_layers,
-        shapes=graph.shapes,
-    )
     with pytest.raises(fusion.FusionError, match="not traced completely"):
-        verify_permutation_invariance(members[0], broken, x)
+        verify_permutation_invariance(members[0], _heads_as_channels(graph, heads), x)
 
 
 # ---------------------------------------------------------------------------- F.linear with split biases, rotary
@@ -392,26 +374,8 @@ def test_functional_qkv_with_split_biases_and_rotary_moves_whole_heads():
     fresh.load_state_dict(fused.state_dict(), strict=True)
     assert torch.allclose(_out(fresh, x), _out(fused, x))
     # channels moved within a head break the rotary pairs: caught
-    gi = graph.groups.index(heads)
-    chans = [
-        Slot(
-            s.tensor,
-            s.dim,
-            s.role,
-            s.kind,
-            s.is_weight,
-            s.layer,
-            s.positions.reshape(-1, 1, s.positions.shape[2]),
-        )
-        for s in heads.slots
-    ]
-    broken = ChannelGraph(
-        groups=[*graph.groups[:gi], ChannelGroup(heads.name, 16, chans), *graph.groups[gi + 1 :]],
-        output_layers=graph.output_layers,
-        shapes=graph.shapes,
-    )
     with pytest.raises(fusion.FusionError, match="not traced completely"):
-        verify_permutation_invariance(members[0], broken, x)
+        verify_permutation_invariance(members[0], _heads_as_channels(graph, heads), x)
 
 
 # ---------------------------------------------------------------------------- a per-head table shared by blocks
@@ -451,3 +415,27 @@ def test_heads_sharing_a_table_move_together():
     assert torch.allclose(_out(fresh, x), _out(fused, x))
     with pytest.raises(fusion.FusionError, match="not traced completely"):  # the shared rows left in place
         verify_permutation_invariance(members[0], _without_slot(graph, "rel_pos.mlp.fc2.weight", 0), x)
+
+
+def _heads_as_channels(graph: ChannelGraph, heads: ChannelGroup) -> ChannelGraph:
+    """``graph`` with the head group split into single channels (each its own unit): a trace that lets channels
+    move within and across heads."""
+    gi = graph.groups.index(heads)
+    chans = [
+        Slot(
+            s.tensor,
+            s.dim,
+            s.role,
+            s.kind,
+            s.is_weight,
+            s.layer,
+            s.positions.reshape(-1, 1, s.positions.shape[2]),
+        )
+        for s in heads.slots
+    ]
+    n = chans[0].positions.shape[0]
+    return ChannelGraph(
+        groups=[*graph.groups[:gi], ChannelGroup(heads.name, n, chans), *graph.groups[gi + 1 :]],
+        output_layers=graph.output_layers,
+        shapes=graph.shapes,
+    )
