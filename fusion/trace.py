@@ -1203,7 +1203,8 @@ def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
                     names.append(module_names[n.module])
                     break
                 todo.extend(n.inputs)
-        if any(n in attention for n in names):
+        inside = tuple(f"{a.rsplit('.', 1)[0]}." for a in attention)  # the recognised attention modules
+        if any(n in attention or n.startswith(inside) for n in names):
             continue
         pair = " x ".join(repr(n) for n in names)
         if pair and pair not in found:
