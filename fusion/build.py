@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -19,33 +18,22 @@ from .trace import (
     call,
     check_kernels,
     full_state,
-    key_value_dims,
+    head_major_layout,
     map_inputs,
 )
 
 
-def _fix_attention(model: nn.Module) -> None:
-    """timm attention keeps its head count and width as attributes; make them follow the fused qkv."""
-    for module in model.modules():
-        qkv, head_dim = getattr(module, "qkv", None), getattr(module, "head_dim", None)
-        if (
-            isinstance(qkv, nn.Linear)
-            and isinstance(head_dim, int)
-            and isinstance(getattr(module, "num_heads", None), int)
-        ):
-            module.num_heads = qkv.out_features // (3 * head_dim)
-            if hasattr(module, "attn_dim"):
-                module.attn_dim = module.num_heads * head_dim
-
-
 def _head_widths(template: nn.Module) -> dict[str, int]:
-    """Head width of every attention fusion traces by heads (see ``trace.attention_layout``), read from the
-    template before its tensors are replaced: the fused model keeps the width, its head count follows."""
+    """Head width of every attention fusion traces by heads (see ``trace.attention_layout`` and
+    ``trace.head_major_layout``: the width ``proj`` reads per head), read from the template before its tensors
+    are replaced: the fused model keeps the width, its head count follows."""
     widths = {}
     for name, module in template.named_modules():
         layout = attention_layout(module)
         if layout is not None:
             widths[name] = layout[1]
+        elif (major := head_major_layout(module)) is not None:
+            widths[name] = major[2]  # proj reads each head's value width
     return widths
 
 
@@ -70,32 +58,6 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
                 setattr(sub, attr, value[:-1] + (heads,))
 
 
-def _fix_head_major_attention(model: nn.Module) -> None:
-    """A head-major attention (``trace.head_major_layout``: TinyViT's) keeps its head count and its output width
-    as attributes; they follow the fused qkv and proj (each head keeps its key and value widths)."""
-    for module in model.modules():
-        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-        dims = key_value_dims(module)
-        if not (
-            dims is not None
-            and isinstance(qkv, nn.Linear)
-            and isinstance(proj, nn.Linear)
-            and isinstance(getattr(module, "num_heads", None), int)
-        ):
-            continue
-        kd, vd = dims
-        heads, rest = divmod(qkv.out_features, 2 * kd + vd)
-        if rest or proj.in_features != heads * vd:
-            continue
-        module.num_heads = heads
-        if isinstance(getattr(module, "out_dim", None), int):
-            module.out_dim = heads * vd
-
-
-# functions fn(model) that fix module attributes beyond the per-layer ones
-ATTRIBUTE_FIXERS: list[Callable[[nn.Module], None]] = [_fix_attention, _fix_head_major_attention]
-
-
 def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A deep copy of ``template``'s structure whose parameters and buffers are ``state`` (no extra copies)."""
     memo = attribute_memo(template, lambda t: t)
@@ -111,8 +73,6 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
             heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
             _follow_head_count(module, heads, widths[name])
-    for fix in ATTRIBUTE_FIXERS:
-        fix(model)
     return model.eval()
 
 

@@ -2233,7 +2233,7 @@ def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
     ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
     sizes are the same, so the attributes decide)."""
     qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
-    heads, dims = getattr(module, "num_heads", None), key_value_dims(module)
+    heads, dims = getattr(module, "num_heads", None), _key_value_dims(module)
     if qkv is None or proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
         return None
     kd, vd = dims
@@ -2242,7 +2242,7 @@ def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
     return heads, kd, vd
 
 
-def key_value_dims(module: nn.Module) -> tuple[int, int] | None:
+def _key_value_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(key_dim, val_dim)`` per head of an attention that keeps them (``val_dim``, or ``attn_ratio * key_dim``),
     else None."""
     kd, vd = getattr(module, "key_dim", None), getattr(module, "val_dim", None)
