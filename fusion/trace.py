@@ -1189,6 +1189,7 @@ def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
     symmetry of each member (the self-check passes), but in the concatenation of several members the product
     also sums over the other members' channels, so NT at sparsity 0 is not their ensemble (as with a LayerNorm
     across channels); kept on the graph as ``graph.contracted_channels``."""
+    inside = tuple(f"{a.rsplit('.', 1)[0]}." for a in attention)  # the recognised attention modules
     found = []
     for node in nodes:
         names = []
@@ -1203,7 +1204,6 @@ def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
                     names.append(module_names[n.module])
                     break
                 todo.extend(n.inputs)
-        inside = tuple(f"{a.rsplit('.', 1)[0]}." for a in attention)  # the recognised attention modules
         if any(n in attention or n.startswith(inside) for n in names):
             continue
         pair = " x ".join(repr(n) for n in names)
@@ -1707,11 +1707,6 @@ def _axis_factors(ins: list[int], out: list[int], axis: int) -> list[int] | None
         factors.append(out[i])
         i += 1
     return factors if total == ins[axis] else None
-
-
-def _is_attention(module: nn.Module) -> bool:
-    """timm-style self-attention (see :func:`attention_layout`)."""
-    return attention_layout(module) is not None
 
 
 def _per_head_params(module: nn.Module, name: str, heads: int, producers) -> list[tuple[str, int]]:
