@@ -81,11 +81,18 @@ def _cross_channel_norm(model) -> str | None:
     import torch.nn as nn
 
     for m in model.modules():
-        name = type(m).__name__
-        # weight standardization (NF-nets' StdConv) normalizes each filter over its input channels: the
-        # concatenation's zero blocks change the statistics, as a LayerNorm's stream does
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in name or "StdConv" in name:
-            return name
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in type(m).__name__:
+            return type(m).__name__
+    return None
+
+
+def _weight_standardized(model) -> str | None:
+    """A convolution that standardizes each filter over its input channels (NF-nets' StdConv): in a
+    concatenation the statistics take in the other members' zeros, so not even two copies of one member give
+    that member."""
+    for m in model.modules():
+        if "StdConv" in type(m).__name__:
+            return type(m).__name__
     return None
 
 
@@ -129,9 +136,11 @@ def _ensemble_err(wide, members, x) -> float:
 
 def _members(name: str, size: int) -> list:
     """Two random members at ``size`` px, with distinct, non-trivial normalization statistics, and no all-zero
-    parameter: a fresh timm ResNet's zero-initialised last BatchNorm scale switches its residual branches off,
-    which would make the ensemble oracle blind to them."""
+    parameter (``fusion.trace.live_parameters``): a fresh timm ResNet's zero-initialised last BatchNorm scale
+    switches its residual branches off, which would make the ensemble oracle blind to them."""
     import torch
+
+    from fusion.trace import full_state, live_parameters
 
     torch.manual_seed(0)
     members = [_create(name, size=size).eval() for _ in range(2)]
@@ -142,13 +151,22 @@ def _members(name: str, size: int) -> list:
                 if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
                     mod.running_mean.normal_(0, 0.1, generator=gen)
                     mod.running_var.uniform_(0.5, 1.5, generator=gen)
-            for p in m.parameters():
-                if p.is_floating_point() and p.numel() and not p.any():
-                    if p.dim() >= 2:
-                        p.normal_(0, max(1, p[0].numel()) ** -0.5, generator=gen)
-                    else:
-                        p.uniform_(0.5, 1.5, generator=gen)
+            state = full_state(m)
+            live = live_parameters(m, state, gen)
+            for pname, p in m.named_parameters():
+                if live[pname] is not state[pname]:
+                    p.copy_(live[pname])
     return members
+
+
+def _run_once(members, x) -> None:
+    """Every member runs once, as trained members have: a model may size buffers at its first forward (ConViT's
+    GPSA computes its relative indices for the input's grid), and members must agree."""
+    import torch
+
+    with torch.no_grad():
+        for m in members:
+            m(x)
 
 
 def check_model(name: str) -> dict:
@@ -169,11 +187,7 @@ def check_model(name: str) -> dict:
         }
     x = torch.randn(2, 3, size, size)
     try:
-        with torch.no_grad():
-            # every member runs once, as trained members have: a model may size buffers at its first forward
-            # (ConViT's GPSA computes its relative indices for the input's grid), and members must agree
-            for m in members:
-                m(x)
+        _run_once(members, x)
     except Exception as exc:  # noqa: BLE001 - the model itself, not fusion: try the size it was made for
         native = _native_size(members[0])
         reason = f"the model does not run at {size}px: {type(exc).__name__}: {exc}"
@@ -183,9 +197,7 @@ def check_model(name: str) -> dict:
         try:
             members = _members(name, size)
             x = torch.randn(2, 3, size, size)
-            with torch.no_grad():
-                for m in members:
-                    m(x)
+            _run_once(members, x)
         except Exception as exc2:  # noqa: BLE001
             reason += f"; nor at its own {size}px: {type(exc2).__name__}: {exc2}"
             return {**result, "status": "skipped", "reason": reason[:300]}
@@ -202,7 +214,7 @@ def check_model(name: str) -> dict:
             raise
         result["trace_s"] = round(time.perf_counter() - t, 3)
         result["groups"] = len(graph.groups)
-        norm = _cross_channel_norm(members[0])
+        norm, standardized = _cross_channel_norm(members[0]), _weight_standardized(members[0])
         shared = _averaged_tensors(graph, members[0])
         contracted = getattr(graph, "contracted_channels", None)
         with torch.no_grad():
@@ -211,10 +223,8 @@ def check_model(name: str) -> dict:
             # statistics and an averaged shared tensor are the member's); not even that for a product over
             # channels (the member's q @ k summed twice) or a weight standardized over all members' inputs
             twins, skip = None, None
-            if norm is not None and "StdConv" in norm:
-                # weight standardization takes each filter's statistics over all its input channels, the other
-                # members' zeros included: not even two copies of one member give that member
-                skip = f"{norm} standardizes each filter over the input channels of all members"
+            if standardized is not None:
+                skip = f"{standardized} standardizes each filter over the input channels of all members"
             elif norm is not None:
                 twins = f"{norm} normalizes across channels"
             elif shared:

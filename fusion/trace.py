@@ -2114,15 +2114,15 @@ def _float64_reference(model: nn.Module, state: dict, inputs):
     return (skeleton, inputs64, reference, state64), None
 
 
-def _live_parameters(model: nn.Module, state: dict, seed: int) -> dict:
-    """``state`` with every all-zero float parameter replaced by random values, for the self-check only.
+def live_parameters(model: nn.Module, state: dict, generator: torch.Generator) -> dict:
+    """``state`` with every all-zero float parameter replaced by random values drawn from ``generator`` (new
+    tensors; ``state`` and the model are untouched), for the self-check, and for ``fusebench zoo``'s members.
 
     A fresh timm ResNet's last BatchNorm scale in every block is zero (zero_init_last), so the block's branch
     contributes nothing and a coupling missed inside it would pass the check; a zero bias hides nothing but
     costs nothing to fill. The trace is a property of the architecture, so the check may run at any weights:
     scales and biases get U(0.5, 1.5), matrices N(0, 1 / fan-in). Parameters are only tested with a full read
     when their first entries are zero (trained weights are not)."""
-    gen = torch.Generator().manual_seed(seed)
     out = state
     for name, _ in model.named_parameters():
         t = state.get(name)
@@ -2132,9 +2132,9 @@ def _live_parameters(model: nn.Module, state: dict, seed: int) -> dict:
         if bool(flat[:64].any()) or bool(t.any()):
             continue
         if t.dim() >= 2:
-            fill = torch.randn(t.shape, generator=gen) / max(1, t[0].numel()) ** 0.5
+            fill = torch.randn(t.shape, generator=generator) / max(1, t[0].numel()) ** 0.5
         else:
-            fill = torch.rand(t.shape, generator=gen) + 0.5
+            fill = torch.rand(t.shape, generator=generator) + 0.5
         if out is state:
             out = dict(state)
         out[name] = fill.to(device=t.device, dtype=t.dtype)
@@ -2164,7 +2164,7 @@ def verify_permutation_invariance(
     rounding. A model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the
     reason is kept on the graph as ``graph.check_precision``.
     """
-    state = _live_parameters(model, full_state(model), seed)
+    state = live_parameters(model, full_state(model), torch.Generator().manual_seed(seed))
     device = next(iter(state.values())).device if state else torch.device("cpu")
     inputs = inputs32 = map_inputs(example_inputs, lambda t: t.to(device))
     ready, why = _float64_reference(model, state, inputs)
