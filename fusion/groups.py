@@ -75,6 +75,11 @@ class ChannelGraph:
     shapes: dict[str, tuple[int, ...]]
     # tensor name -> dim -> list of (group index, slot index)
     tensor_dims: dict[str, dict[int, list[tuple[int, int]]]] = field(default_factory=dict)
+    # channels that cannot be permuted (mixed with each other across the channel axis, e.g. ECA's 1-D
+    # convolution over channels): one description per such coupled set. They belong to no group, so every
+    # method keeps them in place: ``assemble`` averages the tensors that hold them, and a layer that reads a
+    # group into pinned channels is scaled by 1/N like the classifier (its output is the members' average)
+    pinned: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.tensor_dims:

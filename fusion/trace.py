@@ -408,13 +408,13 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
     } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
-    # products over channels outside the attentions recognised by layout (whose heads keep members apart)
-    contracted = _contracted_layers(getattr(dg, "fusion_contractions", []), module_names, attention)
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
+    pinned = []  # channels mixed with each other in any other pattern: (description, their tensor dims)
     for n_root, items, mixed in tp_groups:
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
-        meetings = _meetings(mixed, module_names, root_name) if mixed and root_name not in attention else None
+        meetings = _meetings(mixed, module_names) if mixed and root_name not in attention else None
+        roots = _equal_parts(n_root, meetings[0]) if meetings is not None else None
         slots, links = [], []
         for item in items:
             target = item.dep.target
@@ -432,20 +432,35 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 if by_root.shape[1] != 1:
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
                 links.append((link, by_root[:, 0]))
-        if meetings is not None:
-            paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
+        if meetings is not None and roots is None:
+            pinned.append(
+                (
+                    f"the {n_root} channels of the group rooted at {root_name!r} are mixed with each other at "
+                    f"{meetings[1]!r} (an operation across the channel axis, e.g. ECA's 1-D convolution over channels)",
+                    {(spec.tensor, spec.dim) for spec, _, _ in slots},
+                )
+            )
+        elif meetings is not None:
+            paired.append(_coupled_units(root_name, roots, slots, links))
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
+    raw, paired, pinned, pinned_dims = _pin_joined(raw, paired, pinned)
+    # products over channels outside the attentions recognised by layout (whose heads keep members apart) and
+    # outside pinned channels (averaged, so one member's worth)
+    pinned_layers = {tensor.rsplit(".", 1)[0] for tensor, d in pinned_dims if d == 0}
+    contracted = _contracted_layers(
+        getattr(dg, "fusion_contractions", []), module_names, attention, pinned_layers
+    )
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
-    graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+    graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes, pinned=pinned)
     graph.contracted_channels = contracted
     _check_coverage(graph)
     interleaved = _interleaved_dims(graph)
     if interleaved:
         groups = _one_slot_per_segment(groups, interleaved)
-        graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
+        graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes, pinned=pinned)
         graph.contracted_channels = contracted
         interleaved = _interleaved_dims(graph)
         if interleaved:
@@ -459,32 +474,49 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     return graph
 
 
-def _meetings(mixed, module_names: dict, root_name: str) -> tuple[list[tuple[int, int]], str]:
-    """The pairs of root channels of one group that meet, and the refusal to give if they do not form units
-    (see :func:`_coupled_units`): it names where they meet, a model layer when one is among the nodes."""
+def _pin_joined(raw, paired, pinned):
+    """Pinned channels keep their place in every tensor dimension they occupy, so a group that shares such a
+    dimension (another root reached them again, e.g. ECA's one-channel convolution walked back to the
+    channels it gates) cannot move either: it is pinned too, until no group shares a pinned dimension.
+    Returns the remaining raw and coupled groups, the pinned descriptions and the pinned tensor dimensions."""
+    dims = set().union(*(d for _, d in pinned)) if pinned else set()
+    notes = [text for text, _ in pinned]
+    changed = bool(dims)
+    while changed:
+        changed = False
+        for kept in (raw, paired):
+            for g in list(kept):
+                if isinstance(g, ChannelGroup):
+                    name, g_dims = g.name, {(s.tensor, s.dim) for s in g.slots}
+                else:
+                    name, g_dims = g[0], {(spec.tensor, spec.dim) for spec, _, _ in g[2]}
+                shared = sorted(g_dims & dims)
+                if shared:
+                    kept.remove(g)
+                    dims |= g_dims
+                    tensor, d = shared[0]
+                    notes.append(
+                        f"the group rooted at {name!r} shares pinned channels ({tensor!r}, dimension {d})"
+                    )
+                    changed = True
+    return raw, paired, notes, dims
+
+
+def _meetings(mixed, module_names: dict) -> tuple[list[tuple[int, int]], str]:
+    """The pairs of root channels of one group that meet, and where they meet: a model layer when one is
+    among the nodes, else the tracer's operation type."""
     named = [module_names[n.module] for n, _, _ in mixed if n.module in module_names]
     where = named[0] if named else type(mixed[0][0].module).__name__
-    refusal = (
-        f"the channels of the group rooted at {root_name!r} are mixed with each other at {where!r} (an operation "
-        "across the channel axis, e.g. a reshape into a 1-D convolution over channels as in ECA): permuting "
-        "channels changes the function; fusion refused"
-    )
-    return [(int(a), int(b)) for _, a, b in mixed], refusal
+    return [(int(a), int(b)) for _, a, b in mixed], where
 
 
-def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: str = "") -> ChannelGroup:
-    """One group whose units are the root channels that meet (connected components of ``pairs``), each unit's
-    channels in root order along the repeat axis of every slot.
-
-    Accepted only when the channel axis is k equal parts whose i-th channels meet, i.e. unit i is the roots
+def _equal_parts(n_root: int, pairs) -> torch.Tensor | None:
+    """The units of a group whose root channels meet (connected components of ``pairs``) as ``roots[U, k]``,
+    when the channel axis is k equal parts whose i-th channels meet, i.e. unit i is the roots
     ``i, i + U, ..., i + (k-1) U`` for U >= 2 units: a gated MLP (timm's GluMlp: fc1 -> chunk(2) -> a * b,
     unit i = rows (i, H + i)), a softmax over the k paths of selective-kernel / split attention (a view
-    ``(B, k, C)``). The repeat axis keeps that layout when units are selected: a new model's rows are the kept
-    units' first parts, then their second parts..., so its chunk or view still pairs them. Any other pattern
-    (ECA's 1-D convolution across channels joins every channel into one unit) is refused with ``refusal``.
-    Every unit must also have the same shape in every tensor (be reached at the same repeats): otherwise the
-    parts have fixed sizes (a split into unequal parts) that selecting units would break; refused by name.
-    """
+    ``(B, k, C)``). None for any other pattern: channels mixed with each other (ECA's 1-D convolution across
+    channels joins every channel into one unit), which no permutation may move."""
     parent = list(range(n_root))
 
     def find(x):
@@ -500,12 +532,20 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: st
         comps.setdefault(find(r), []).append(r)
     units = sorted(comps.values())
     n_units, k = len(units), len(units[0])
-    # [U, k] strided parts; components of unequal sizes (k * U != the root's channels) are no such layout
-    roots = torch.arange(n_root).reshape(k, n_units).T if n_root == k * n_units else None
-    if n_units < 2 or roots is None or units != roots.tolist():
-        raise FusionError(
-            refusal or f"the channels of the group rooted at {root_name!r} meet; fusion refused"
-        )
+    if n_units < 2 or n_root != k * n_units:  # components of unequal sizes are no such layout
+        return None
+    roots = torch.arange(n_root).reshape(k, n_units).T
+    return roots if units == roots.tolist() else None
+
+
+def _coupled_units(root_name: str, roots: torch.Tensor, slots, links) -> ChannelGroup:
+    """One group whose units are root channels coupled across k equal parts (``roots[U, k]``, see
+    :func:`_equal_parts`), each unit's channels in root order along the repeat axis of every slot. The repeat
+    axis keeps that layout when units are selected: a new model's rows are the kept units' first parts, then
+    their second parts..., so its chunk or view still pairs them. Every unit must also have the same shape in
+    every tensor (be reached at the same repeats): otherwise the parts have fixed sizes (a split into unequal
+    parts) that selecting units would break; refused by name."""
+    n_units, k = roots.shape
     where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
     if links:
         raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
@@ -687,7 +727,16 @@ def _all_groups(dg, ignored_layers, root_types):
     channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
     ignored |= label_axes(dg)  # Linears over positions (token mixing): their outputs root no group
     covered: dict = {}  # id(module) -> its output channels some group already holds
-    for m in list(dg.module2node.keys()):
+    # roots with one output channel last: such a "channel" may be a sequence position (ECA's 1-D convolution
+    # over the channel axis, rooted first, would hold the channels it gates as repeats of its one channel
+    # instead of finding them mixed with each other)
+    single = {
+        id(m)
+        for m, p in ((m, dg.get_pruner_of_module(m)) for m in dg.module2node)
+        if p is not None and isinstance(m, tuple(root_types)) and p.get_out_channels(m) == 1
+    }
+    roots = sorted(dg.module2node.keys(), key=lambda m: id(m) in single)  # stable: torch-pruning's order
+    for m in roots:
         if id(m) in ignored or not isinstance(m, tuple(root_types)):
             continue
         pruner = dg.get_pruner_of_module(m)
@@ -1183,12 +1232,13 @@ def _reshapes_follow_channel_axis(dg) -> dict:
     return axes
 
 
-def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
+def _contracted_layers(nodes, module_names: dict, attention: set, pinned: set = frozenset()) -> str | None:
     """The layers whose channels products sum over (``q @ k`` of a single-head attention whose q and k carry
     the channels, iFormer's), named by the nearest layer upstream of each operand, or None. Such channels are a
     symmetry of each member (the self-check passes), but in the concatenation of several members the product
     also sums over the other members' channels, so NT at sparsity 0 is not their ensemble (as with a LayerNorm
-    across channels); kept on the graph as ``graph.contracted_channels``."""
+    across channels); kept on the graph as ``graph.contracted_channels``. Products of ``pinned`` layers (whose
+    output channels are pinned: averaged, never concatenated) are not counted."""
     inside = tuple(f"{a.rsplit('.', 1)[0]}." for a in attention)  # the recognised attention modules
     found = []
     for node in nodes:
@@ -1204,7 +1254,7 @@ def _contracted_layers(nodes, module_names: dict, attention: set) -> str | None:
                     names.append(module_names[n.module])
                     break
                 todo.extend(n.inputs)
-        if any(n in attention or n.startswith(inside) for n in names):
+        if any(n in attention or n.startswith(inside) for n in names) or (names and set(names) <= pinned):
             continue
         pair = " x ".join(repr(n) for n in names)
         if pair and pair not in found:

@@ -122,6 +122,7 @@ def store(digest: str | None, graph: ChannelGraph) -> None:
         "groups": groups,
         "output_layers": graph.output_layers,
         "shapes": {n: list(s) for n, s in graph.shapes.items()},
+        "pinned": list(graph.pinned),
         "extras": extras,
     }
     tmp = None
@@ -157,6 +158,7 @@ def load(digest: str | None) -> ChannelGraph | None:
             groups=groups,
             output_layers=list(meta["output_layers"]),
             shapes={n: tuple(s) for n, s in meta["shapes"].items()},
+            pinned=list(meta["pinned"]),
         )
         for k, v in meta["extras"].items():
             setattr(graph, k, v)

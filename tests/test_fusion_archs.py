@@ -14,6 +14,7 @@ so only one architecture's members are alive at a time). The largest models run 
 from __future__ import annotations
 
 import gc
+import re
 from functools import cached_property
 
 import pytest
@@ -272,19 +273,106 @@ def test_metaformer_mlp_head_its_last_layer_is_the_output_layer():
     assert torch.isfinite(_out(fresh, x)).all()
 
 
-def test_a_convolution_across_channels_is_refused_by_name_and_fast():
-    """ECA (ecaresnet*, eca_nfnet*) reshapes channels into a sequence and convolves along it: no channel
-    permutation is a symmetry. Refused by name; torch-pruning's own group walk took 160 s on ecaresnet26t
-    (the same channels re-walked from every root), the per-channel closure takes a fraction of a second."""
-    import time
+class _Eca(nn.Module):
+    """ECA (as timm's EcaModule): a 1-D convolution over the channel axis of the pooled features gates the
+    channels, so channel c's gate reads channels c - 1 and c + 1: no permutation of them is a symmetry."""
 
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        return x * y.sigmoid().view(x.shape[0], -1, 1, 1)
+
+
+class _EcaNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1, self.eca = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _Eca()
+        self.c2, self.bn2, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(6, 5)
+
+    def front(self, x):
+        return torch.relu(self.eca(self.bn1(self.c1(x))))
+
+    def head(self, h):
+        return self.fc(torch.relu(self.bn2(self.c2(h))).mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.front(x))
+
+
+def _eca_member(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _EcaNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+    return model
+
+
+def test_channels_mixed_across_the_channel_axis_are_pinned_and_averaged():
+    """Channels that an operation mixes with each other (ECA) cannot be permuted, so they are pinned: in no
+    group, named on the graph, kept in place by every method. Oracles: permuting them does change the
+    function; NT at sparsity 0 is the members' ensemble over the *averaged* pinned features (the layers
+    reading a group into pinned channels are scaled by 1/N, as the classifier is); every method averages the
+    tensors that only pinned channels hold."""
+    x = torch.randn(4, 3, 12, 12)
+    members = [_eca_member(s) for s in (0, 1)]
+    graph = fusion.channel_groups(members[0], x)
+    (pinned,) = graph.pinned
+    assert "8 channels" in pinned and "'c1'" in pinned and "'eca.conv'" in pinned
+    assert not any("c1" in g.layers or "bn1" in g.layers for g in graph.groups)
+    assert any("c2" in g.layers and g.n_units == 6 for g in graph.groups)
+
+    # why: a permutation of c1's channels (everything they touch moved with them) changes the function
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in members[0].state_dict().items()}
+    for k in ("c1.weight", "c1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        state[k] = state[k][perm]
+    state["c2.weight"] = state["c2.weight"][:, perm]
+    moved = torch.func.functional_call(members[0], state, (x,))
+    assert rel_err(moved, _out(members[0], x)) > 1e-3
+
+    # NT at sparsity 0: mean over members of their own head on the averaged front
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    front = _eca_member(0)
+    front.load_state_dict(fusion.fuse(members, "avg", example_inputs=x).state_dict())
+    with torch.no_grad():
+        expected = torch.stack([m.head(front.front(x)) for m in members]).mean(0)
+    assert rel_err(_out(wide, x), expected) < 1e-5
+    assert rel_err(_out(wide, x), _out(fusion.ensemble(members), x)) > 1e-3  # the hybrid is not the ensemble
+    # two copies of one member give that member
+    twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
+    assert rel_err(_out(twin, x), _out(members[0], x)) < 1e-6
+
+    for method in ("nt", "avg", "ot", "weight_matching"):
+        fused = fusion.fuse(members, method, example_inputs=x).state_dict()
+        for k in ("c1.weight", "bn1.weight", "eca.conv.weight"):
+            mean = (members[0].state_dict()[k] + members[1].state_dict()[k]) / 2
+            assert torch.allclose(fused[k], mean, atol=1e-6), (method, k)
+        fresh = _EcaNet().eval()
+        fresh.load_state_dict(fused, strict=True)
+        assert torch.isfinite(fresh(x)).all()
+
+
+def test_eca_resnets_fuse_with_their_residual_streams_pinned():
+    """timm's ECA-ResNet: every stage's residual stream is read by an ECA gate, so the four streams are pinned
+    (by name) and the bottlenecks' inner channels still fuse; NT at sparsity 0 of two copies of a member is that
+    member."""
     import timm
 
     model = timm.create_model("ecaresnet26t", num_classes=5).eval()
-    start = time.perf_counter()
-    with pytest.raises(fusion.FusionError, match=r"mixed with each other at 'layer\d\.\d\.se\.conv'.*ECA"):
-        fusion.channel_groups(model, torch.randn(1, 3, 32, 32))
-    assert time.perf_counter() - start < 15
+    x = torch.randn(1, 3, 32, 32)
+    graph = fusion.channel_groups(model, x)
+    assert len(graph.pinned) == 4
+    assert all(re.search(r"mixed with each other at 'layer\d\.\d\.se\.conv'", p) for p in graph.pinned)
+    assert len(graph.groups) >= 8
+    twin = fusion.fuse([model, model], "nt", example_inputs=x, sparsity=0.0)
+    assert rel_err(_out(twin, x), _out(model, x)) < 1e-5
 
 
 class _CachedBias(nn.Module):

@@ -405,9 +405,9 @@ def test_coupled_units_only_over_equal_parts():
     pairs (0, 2) and (1, 3) meet, but only the second reaches ``scale``. Selecting pairs would change the parts'
     sizes, so the group is refused. (torch-pruning 1.6.1 maps such a split -> concat wrongly, which is refused
     earlier; the pairing is checked here on the slots it would get.) Meetings that are not k equal parts
-    (neighbours, as ECA's convolution across channels makes) are refused with the caller's reason."""
+    (neighbours, as ECA's convolution across channels makes) are no units at all: those channels are pinned."""
     from fusion.layers import OUT, SlotSpec
-    from fusion.trace import _coupled_units
+    from fusion.trace import _coupled_units, _equal_parts
 
     fc1 = SlotSpec("fc1.weight", 0, OUT, "linear", True)
     scale = SlotSpec("scale", 0, OUT, "param", True)
@@ -415,15 +415,57 @@ def test_coupled_units_only_over_equal_parts():
         (fc1, "fc1", torch.tensor([[0], [1], [2], [3]])),
         (scale, "scale", torch.tensor([[-1], [-1], [-1], [0]])),
     ]
+    roots = _equal_parts(4, [(0, 2), (1, 3)])
+    assert roots.tolist() == [[0, 2], [1, 3]]
     with pytest.raises(fusion.FusionError, match=r"'scale' is reached by some of the coupled units only"):
-        _coupled_units("fc1", 4, slots, [], [(0, 2), (1, 3)])
+        _coupled_units("fc1", roots, slots, [])
     # uniform pairs are units of two channels along the repeat axis
-    group = _coupled_units("fc1", 4, slots[:1], [], [(0, 2), (1, 3)])
+    group = _coupled_units("fc1", roots, slots[:1], [])
     assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
-    # neighbours, a chain, a lone pair, components of unequal sizes ({0, 1, 2} and {3}: edgenext crashed here)
-    for pairs in ([(0, 1), (2, 3)], [(0, 1), (1, 2), (2, 3)], [(0, 2)], [(0, 1), (1, 2)]):
-        with pytest.raises(fusion.FusionError, match="mixed here"):
-            _coupled_units("fc1", 4, slots[:1], [], pairs, "mixed here")
+    assert _equal_parts(6, [(0, 2), (2, 4), (1, 3), (3, 5)]).tolist() == [[0, 2, 4], [1, 3, 5]]
+    # neighbours, a chain, a lone pair, components of unequal sizes ({0, 1, 2} and {3}: edgenext crashed here),
+    # everything in one unit
+    for pairs in (
+        [(0, 1), (2, 3)],
+        [(0, 1), (1, 2), (2, 3)],
+        [(0, 2)],
+        [(0, 1), (1, 2)],
+        [(0, 2), (1, 3), (0, 1)],
+    ):
+        assert _equal_parts(4, pairs) is None, pairs
+
+
+def test_a_group_sharing_a_pinned_dimension_is_pinned_too():
+    """Pinned channels stay in place in every dimension they occupy, so a group on one of those dimensions is
+    pinned as well, and so on transitively; a group on other dimensions of the same tensors stays free."""
+    from fusion.groups import ChannelGroup
+    from fusion.layers import IN, OUT, SlotSpec
+    from fusion.trace import _pin_joined, _slot
+
+    def raw(root, *dims):
+        return (
+            root,
+            2,
+            [(SlotSpec(t, d, OUT, "linear", True), t, torch.tensor([[0], [1]])) for t, d in dims],
+            [],
+        )
+
+    pinned = [("mixed at 'eca'", {("c1.weight", 0), ("c2.weight", 1)})]
+    a = raw("a", ("c1.weight", 0), ("x.weight", 0))  # shares c1 rows
+    b = raw("b", ("x.weight", 1))  # x's columns: another dimension of a pinned tensor, free
+    c = raw("c", ("x.weight", 0), ("y.weight", 0))  # shares x rows, joined through a
+    free = raw("free", ("c2.weight", 0), ("fc.weight", 1))  # c2's rows, not its pinned columns
+    paired = [
+        ChannelGroup(
+            "glu", 2, [_slot(SlotSpec("y.weight", 1, IN, "linear", True), "y", torch.zeros(2, 1, 1))]
+        )
+    ]
+    kept_raw, kept_paired, notes, dims = _pin_joined([a, b, c, free], paired, pinned)
+    assert [g[0] for g in kept_raw] == ["b", "free"] and kept_paired == paired
+    assert notes[0] == "mixed at 'eca'"
+    assert {n.split("'")[1] for n in notes[1:]} == {"a", "c"}
+    assert "('c1.weight', dimension 0)" in notes[1]
+    assert ("y.weight", 0) in dims and ("x.weight", 1) not in dims
 
 
 # ---------------------------------------------------------------------------- per-channel buffers and params

@@ -101,6 +101,16 @@ def test_a_shared_scalar_is_checked_against_the_member_itself(monkeypatch, one_t
     assert res["twin_rel_err"] < 1e-9 and "ensemble_rel_err" not in res
 
 
+def test_pinned_channels_are_checked_against_the_member_itself(monkeypatch, one_thread):
+    from test_fusion_archs import _EcaNet
+
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _EcaNet())
+    res = check_model("eca")
+    assert res["status"] == "fused" and res["pinned"] == 1, res
+    assert "1 channel sets are pinned" in res["ensemble_check"] and "'eca.conv'" in res["ensemble_check"]
+    assert res["twin_rel_err"] < 1e-6 and "ensemble_rel_err" not in res
+
+
 def test_a_product_over_channels_skips_the_ensemble_check_with_its_layers(monkeypatch, one_thread):
     monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _SingleHeadNet())
     res = check_model("single_head")
@@ -213,13 +223,15 @@ def test_table_counts_and_reason_classes(tmp_path):
         "c": {"model": "c", "status": "refused", "reason": "channel tracing is inconsistent for 'y.weight' (dimension 1 of size 40)"},
         "d": {"model": "d", "status": "not traceable", "reason": "RuntimeError: no"},
         "e": {"model": "e", "status": "fused", "width": "members' only", "ensemble_check": "not possible, NT cannot widen it: x"},
+        "f": {"model": "f", "status": "fused", "pinned": 2},
     }  # fmt: skip
     text = write_table(rows, tmp_path / "t.md")
-    assert "| fused | 2 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
+    assert "| fused | 3 |" in text and "| refused | 2 |" in text and "| not traceable | 1 |" in text
     assert (
-        "Of the 4 models torch-pruning builds a dependency graph for, 2 fuse (50.0 %; 1 of them only at the members' width"
+        "Of the 5 models torch-pruning builds a dependency graph for, 3 fuse (60.0 %; 1 of them only at the members' width"
         in text
     )
+    assert "NT cannot widen them; 1 with some channels pinned" in text
     assert "| e | — | fused | not possible, NT cannot widen it: x |" in text
     # one refusal class for both models: names and sizes are not part of the class
     assert "| refused | channel tracing is inconsistent for '…' (dimension N of size N) | 2 |" in text
