@@ -111,6 +111,33 @@ def test_pinned_channels_are_checked_against_the_member_itself(monkeypatch, one_
     assert res["twin_rel_err"] < 1e-6 and "ensemble_rel_err" not in res
 
 
+class _PinnedSingleHeadNet(_SingleHeadNet):
+    """The single-head attention with ECA gates on q and k: their channels are pinned (averaged), so q @ k sums
+    over one member's worth of channels and the product is no reason to skip the oracle."""
+
+    def __init__(self):
+        from test_fusion_archs import _Eca
+
+        super().__init__()
+        self.eq, self.ek = _Eca(), _Eca()
+
+    def get_classifier(self):  # registered after fc, a gate would otherwise be taken for the output layer
+        return self.fc
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        q, k, v = self.eq(self.q(x)).flatten(2), self.ek(self.k(x)).flatten(2), x.flatten(2)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.fc((x + (v @ attn.transpose(-2, -1)).view_as(x)).mean((2, 3)))
+
+
+def test_a_product_of_pinned_channels_is_not_a_product_over_members(monkeypatch, one_thread):
+    monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _PinnedSingleHeadNet())
+    res = check_model("pinned_single_head")
+    assert res["status"] == "fused" and res["pinned"] == 1, res  # q and k: one set (the product couples them)
+    assert res["twin_rel_err"] < 1e-6, res
+
+
 def test_a_product_over_channels_skips_the_ensemble_check_with_its_layers(monkeypatch, one_thread):
     monkeypatch.setattr(zoo, "_create", lambda name, device="cpu", size=64: _SingleHeadNet())
     res = check_model("single_head")
