@@ -27,7 +27,7 @@ import torch_pruning as tp
 from . import trace_cache
 from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes
 from .errors import FusionError
-from .groups import ChannelGraph, ChannelGroup, Slot
+from .groups import ChannelGraph, ChannelGroup, Slot, serial
 from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
 
 _CACHE: OrderedDict = OrderedDict()
@@ -223,7 +223,8 @@ def channel_groups(
         stored = trace_cache.key(model, key)
         graph = trace_cache.load(stored)  # verified in an earlier process
         if graph is None:
-            graph = _trace(model, example_inputs, output_layers)
+            with serial():  # small index tensors only: thread barriers would cost more than the work
+                graph = _trace(model, example_inputs, output_layers)
             if verify:
                 verify_permutation_invariance(model, graph, example_inputs)
                 graph._verified = True
