@@ -91,15 +91,19 @@ def _run_key(model: nn.Module, example_inputs) -> tuple:
 
 
 @torch.no_grad()
-def check_runs(model: nn.Module, example_inputs) -> None:
+def check_runs(model: nn.Module, example_inputs, like: nn.Module | None = None) -> None:
     """The fused model must run on the example inputs; a model that does not is never returned.
 
     A forward pass reads every weight (for timm vgg11 it is most of a fusion's time), so a model whose run
-    key (see ``_RAN``) already ran in this process is not run again."""
+    key (see ``_RAN``) already ran in this process is not run again, nor one whose run key is that of ``like``
+    (the member it was built from): the same structure, tensor shapes and types, index tables and device run
+    through the member's own code path, so the fused model runs wherever the member does (only a model NT
+    widens or narrows, or whose attributes fusion changed, has a key of its own and is run)."""
     if example_inputs is None:
         return
     key = _run_key(model, example_inputs)
-    if key in _RAN:
+    if key in _RAN or (like is not None and key == _run_key(like, example_inputs)):
+        _RAN[key] = True
         _RAN.move_to_end(key)
         return
     device = next(model.parameters()).device

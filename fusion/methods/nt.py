@@ -65,7 +65,7 @@ def transplant(models, example_inputs, sparsity, p, verify=True, method="nt", in
         selection = select_units(graph, states, sparsity, p)
         state = graph.assemble(states, selection)
     fused = build_model(models[0], state)
-    check_runs(fused, example_inputs)
+    check_runs(fused, example_inputs, like=models[0])
     prov = from_selection(method, len(models), selection)
     if inner is not None:
         prov = compose(prov, inner, [g.n_units for g in graph.groups])

@@ -507,7 +507,7 @@ def optimal_transport(
         verify=verify,
     )
     fused = average_aligned("ot", models, graph, member_plans, template_index=anchor)
-    check_runs(fused, example_inputs if example_inputs is not None else data)
+    check_runs(fused, example_inputs if example_inputs is not None else data, like=models[anchor])
     return fused
 
 

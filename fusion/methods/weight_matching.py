@@ -148,7 +148,7 @@ def weight_matching(models, *, example_inputs=None, max_iter=100, seed=0, verify
         models, example_inputs=example_inputs, max_iter=max_iter, seed=seed, verify=verify
     )
     fused = average_aligned("weight_matching", models, graph, member_plans)
-    check_runs(fused, example_inputs)
+    check_runs(fused, example_inputs, like=models[0])
     return fused
 
 
