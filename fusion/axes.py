@@ -26,6 +26,7 @@ the coverage check and the float64 permutation self-check, as for any other trac
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch.nn as nn
 
@@ -455,6 +456,11 @@ def channel_fastest_merges(dg) -> None:
                     dep.index_mapping = [_RepeatEvery(channels, merged, True), None]
 
 
+# one trace at a time may replace F.linear: two threads patching and restoring it in turn would leave one of
+# them tracing with the plain function (or F.linear patched for good)
+_PATCH_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def functional_linears_as_modules(model: nn.Module):
     """While torch-pruning traces ``model``: a ``F.linear(x, layer.weight, bias)`` written outside ``layer``'s own
@@ -466,7 +472,6 @@ def functional_linears_as_modules(model: nn.Module):
 
     owners = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
     running: set[int] = set()
-    original = F.linear
 
     def enter(module, args):
         running.add(id(module))
@@ -485,10 +490,12 @@ def functional_linears_as_modules(model: nn.Module):
     for m in owners.values():
         handles.append(m.register_forward_pre_hook(enter))
         handles.append(m.register_forward_hook(leave))
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = original
-        for h in handles:
-            h.remove()
+    with _PATCH_LOCK:
+        original = F.linear  # read by linear() above
+        F.linear = linear
+        try:
+            yield
+        finally:
+            F.linear = original
+            for h in handles:
+                h.remove()

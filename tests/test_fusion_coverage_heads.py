@@ -439,3 +439,30 @@ def _heads_as_channels(graph: ChannelGraph, heads: ChannelGroup) -> ChannelGraph
         output_layers=graph.output_layers,
         shapes=graph.shapes,
     )
+
+
+def test_functional_linear_is_patched_by_one_trace_at_a_time():
+    """Tracing replaces ``F.linear`` for its duration; a second thread's trace waits for the first to end
+    (two threads patching and restoring in turn would leave one tracing with the plain function), and the
+    plain function is back afterwards."""
+    import threading
+
+    import torch.nn.functional as F
+
+    from fusion.axes import functional_linears_as_modules
+
+    plain = F.linear
+    model = nn.Sequential(nn.Linear(4, 4))
+    entered = threading.Event()
+
+    def second():
+        with functional_linears_as_modules(model):
+            entered.set()
+
+    with functional_linears_as_modules(model):
+        assert F.linear is not plain
+        worker = threading.Thread(target=second)
+        worker.start()
+        assert not entered.wait(0.3)  # blocked while this trace holds F.linear
+    worker.join(10)
+    assert entered.is_set() and F.linear is plain
