@@ -8,6 +8,7 @@ leaves no run and no cache entry; anything that fails later leaves the run FAILE
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -252,6 +253,7 @@ class Experiment:
         return options
 
     def fuse(self) -> None:
+        import fusion
         from bench.measure import latency_ms, macs_and_params, measure_fusion
         from bench.train import evaluate
 
@@ -279,6 +281,8 @@ class Experiment:
         cost[schema.FUSED_LATENCY_MS] = latency_ms(self.fused, lat_batch)
         cost[schema.ENSEMBLE_LATENCY_MS] = latency_ms(self.ensemble, lat_batch)
         cost[schema.FUSED_ACC_RAW] = evaluate(self.fused, self.data.test)[0]
+        with contextlib.suppress(fusion.FusionError):  # the trace the fusion used (cached), if it traced
+            cost[schema.PINNED_CHANNEL_SETS] = len(fusion.channel_groups(self.models[0], self.example).pinned)
         self.timings["cost_measure"] = time.perf_counter() - t
         self._log(cost)
 

@@ -108,6 +108,7 @@ MEMBER_PARAMS = "member_params"
 FUSED_MACS = "fused_macs"
 MEMBER_MACS = "member_macs"
 FUSED_LATENCY_MS = "fused_latency_ms"
+PINNED_CHANNEL_SETS = "pinned_channel_sets"
 ENSEMBLE_LATENCY_MS = "ensemble_latency_ms"
 TRAIN_TIME_S = "train_time_s"
 FINETUNE_TIME_S = "finetune_time_s"
@@ -146,6 +147,8 @@ METRICS: dict[str, str] = {
     FUSED_MACS: "multiply-accumulates of the fused model",
     MEMBER_MACS: "multiply-accumulates of one member",
     FUSED_LATENCY_MS: "median batch inference latency of the fused model",
+    PINNED_CHANNEL_SETS: "channel sets mixed across the channel axis (e.g. ECA), kept in place and averaged by "
+    "every method: NT on such a model is part transplant, part average (README: Pinned channels)",
     ENSEMBLE_LATENCY_MS: "median batch inference latency of the ensemble",
     TRAIN_TIME_S: "wall time of member training",
     FINETUNE_TIME_S: "wall time of the fine-tune",
