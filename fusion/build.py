@@ -13,6 +13,7 @@ from .errors import FusionError
 from .layers import resize_module
 from .trace import (
     _fingerprint,
+    _wrapped_pointwise,
     attention_layout,
     attribute_memo,
     call,
@@ -41,13 +42,13 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
     """Make an attention module's bookkeeping follow its new head count ``heads`` (each ``width`` wide): the head
     count under the name it keeps it (``num_heads``, Hiera's ``heads``); its attention width when it keeps one
     equal to the heads' width (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``: their forwards reshape
-    the heads' outputs to it); and in its submodules (timm's relative position biases ``RelPosBias`` /
+    the heads' outputs to it; LeViT's ``val_attn_dim``); and in its submodules (timm's relative position biases ``RelPosBias`` /
     ``RelPosMlp``) the head count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes
     the fused model fail to run (refused)."""
     key = "num_heads" if hasattr(module, "num_heads") else "heads"
     old = getattr(module, key)
     setattr(module, key, heads)
-    for attr in ("attn_dim", "dim_out", "out_dim"):
+    for attr in ("attn_dim", "dim_out", "out_dim", "val_attn_dim"):
         if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old * width:
             setattr(module, attr, heads * width)
     for sub in list(module.modules())[1:]:
@@ -71,7 +72,8 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     for name, module in model.named_modules():
         resize_module(module, name)
         if name in widths:  # the fused projection reads the kept heads, each as wide as before
-            heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
+            proj = _wrapped_pointwise(module, "proj")[1]  # (proj itself is resized later)
+            heads = proj.weight.shape[1] // widths[name]
             _follow_head_count(module, heads, widths[name])
     return model.eval()
 

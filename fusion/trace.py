@@ -407,7 +407,12 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         for n, mod in skeleton.named_modules()
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
-    } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
+    } | {
+        f"{n}.{_wrapped_pointwise(mod, attr)[0]}"
+        for n, mod in skeleton.named_modules()
+        if (major := head_major_layout(mod)) is not None
+        for attr, _ in major[3]
+    }
     # products over channels outside the attentions recognised by layout (whose heads keep members apart)
     contracted = _contracted_layers(getattr(dg, "fusion_contractions", []), module_names, attention)
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
@@ -2220,21 +2225,55 @@ def verify_permutation_invariance(
 
 
 # ---------------------------------------------------------------------------- head-major attention
-def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
-    """``(num_heads, key_dim, val_dim)`` of an attention whose one ``qkv`` Linear makes its rows head by head, each
-    head's q, k and v together: ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])`` (TinyViT,
-    LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), and a ``proj`` reading
-    ``num_heads * val_dim`` channels. Head h is rows ``h * (2 key_dim + val_dim) + j`` of qkv and columns
-    ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
-    sizes are the same, so the attributes decide)."""
-    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+def head_major_layout(module: nn.Module) -> tuple[int, int, int, tuple[tuple[str, int], ...]] | None:
+    """``(num_heads, key_dim, val_dim, producers)`` of an attention whose producers make their rows head by head,
+    each head's parts together: one ``qkv`` Linear, ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim,
+    val_dim])`` (TinyViT, LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), or a
+    ``q`` and such a ``kv`` (LeViT's subsampling attention); and a ``proj`` reading ``num_heads * val_dim``
+    channels. ``producers``: ``(attribute, rows per head)``. Head h is rows ``h * width + j`` of each producer
+    and columns ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with
+    ``attn_ratio`` 1 the sizes are the same, so the attributes decide). The layers may be wrapped with a
+    per-channel norm (see :func:`_wrapped_pointwise`)."""
     heads, dims = getattr(module, "num_heads", None), _key_value_dims(module)
-    if qkv is None or proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
+    proj = _wrapped_pointwise(module, "proj")
+    if proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
         return None
     kd, vd = dims
-    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
+    for producers in ((("qkv", 2 * kd + vd),), (("q", kd), ("kv", kd + vd))):
+        layers = [_wrapped_pointwise(module, attr) for attr, _ in producers]
+        if (
+            all(
+                layer is not None and _pointwise(layer[1])[1] == heads * width
+                for layer, (_, width) in zip(layers, producers)
+            )
+            and _pointwise(proj[1])[0] == heads * vd
+        ):
+            return heads, kd, vd, producers
+    return None
+
+
+def _wrapped_pointwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
+    """``(path, layer)``: attribute ``attr`` of ``module`` when it is a Linear or 1x1 convolution (see
+    :func:`_pointwise`), or the one such layer inside it when everything else there keeps the channels apart
+    (LeViT's ``LinearNorm``, a Linear and a BatchNorm over its outputs; its ``proj``, an activation and a
+    ``LinearNorm``): per-channel norms and parameter-free modules. ``path`` is relative to ``module``."""
+    top = getattr(module, attr, None)
+    if not isinstance(top, nn.Module):
         return None
-    return heads, kd, vd
+    if _pointwise(top) is not None:
+        return attr, top
+    layers = [(n, m) for n, m in top.named_modules() if _is_layer(m)]
+    if len(layers) != 1 or _pointwise(layers[0][1]) is None:
+        return None
+    inner = {layers[0][1]} | set(layers[0][1].modules())
+    for m in top.modules():
+        if (
+            m not in inner
+            and list(m.parameters(recurse=False))
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ):
+            return None
+    return f"{attr}.{layers[0][0]}", layers[0][1]
 
 
 def _key_value_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -2260,13 +2299,13 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
         layout = head_major_layout(module)
         if layout is None:
             continue
-        heads, kd, vd = layout
-        width = 2 * kd + vd
-        per_head = _per_head_params(module, name, heads, (("qkv", 1),))
-        qkv = module.qkv
-        rows = {f"{name}.qkv.weight"} | ({f"{name}.qkv.bias"} if qkv.bias is not None else set())
-        proj_w = f"{name}.proj.weight"
-        mine = {(t, 0) for t in rows} | {(proj_w, 1)} | set(per_head)
+        heads, _, vd, producers = layout
+        per_head = _per_head_params(module, name, heads, producers)
+        paths = {attr: _wrapped_pointwise(module, attr)[0] for attr, _ in producers}
+        proj_path, proj = _wrapped_pointwise(module, "proj")
+        rows = {attr: _row_tensors(module, name, attr, paths[attr]) for attr, _ in producers}
+        proj_w = f"{name}.{proj_path}.weight"
+        mine = {(t, 0) for r in rows.values() for t in r} | {(proj_w, 1)} | set(per_head)
         hits = {gi for gi, g in enumerate(groups) for s in g.slots if (s.tensor, s.dim) in mine}
         for gi in hits:
             extra = [s.tensor for s in groups[gi].slots if s.tensor not in {t for t, _ in mine}]
@@ -2275,18 +2314,54 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
                     f"attention {name!r} (heads of q, k and v together): its q/k/v channels are coupled to "
                     f"{extra[0]!r}; not supported"
                 )
-        kind = "linear" if isinstance(qkv, nn.Linear) else "conv"
-        pos = torch.arange(heads * width).reshape(heads, width, 1)
         slots = [
-            Slot(t, 0, OUT, kind, t.endswith("weight"), f"{name}.qkv", pos)
-            for t in sorted(rows, reverse=True)
+            Slot(
+                t,
+                0,
+                OUT,
+                kind,
+                t.endswith("weight"),
+                layer,
+                torch.arange(heads * width).reshape(heads, width, 1),
+            )
+            for attr, width in producers
+            for t, (kind, layer) in sorted(rows[attr].items(), reverse=True)
         ]
-        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        kind = "linear" if isinstance(proj, nn.Linear) else "conv"
         slots.append(
-            Slot(proj_w, 1, IN, kind, True, f"{name}.proj", torch.arange(heads * vd).reshape(heads, vd, 1))
+            Slot(
+                proj_w,
+                1,
+                IN,
+                kind,
+                True,
+                f"{name}.{proj_path}",
+                torch.arange(heads * vd).reshape(heads, vd, 1),
+            )
         )
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in hits]
-        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+        groups.append(ChannelGroup(f"{name}.{paths[producers[0][0]]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _row_tensors(module: nn.Module, name: str, attr: str, path: str) -> dict[str, tuple[str, str]]:
+    """``{tensor: (kind, layer)}``: the output rows of the layer at ``path`` inside ``module`` (named ``name``) and
+    those of a per-channel norm over its outputs inside the same attribute ``attr`` (see
+    :func:`_wrapped_pointwise`), all indexed like the layer's rows."""
+    rows = {}
+    for sub, m in getattr(module, attr).named_modules(prefix=f"{name}.{attr}"):
+        if sub == f"{name}.{path}" or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            kind = (
+                "bn"
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                else ("linear" if isinstance(m, nn.Linear) else "conv")
+            )
+            tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+            rows |= {
+                f"{sub}.{t}": (kind, sub)
+                for t, v in tensors.items()
+                if v is not None and v.dim() >= 1 and t != "num_batches_tracked"
+            }
+    return rows
