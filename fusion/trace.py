@@ -1494,6 +1494,7 @@ _QKV_LAYOUTS = (
     (("q", 1), ("k", 1), ("v", 1)),
     (("wq", 1), ("wk", 1), ("wv", 1)),  # CrossViT's cross-attention (its q from the class token only)
     (("qk", 2), ("v", 1)),
+    (("v", 1),),  # VOLO's outlook attention: its attention weights are a Linear's "head-blocks" rows
 )
 
 
@@ -1576,7 +1577,10 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
 def _attention_orders(dg, skeleton: nn.Module) -> dict:
     """``{(module name, attribute): order}`` for the attention layers whose channels are not in ViT's order:
     ``"head-first"`` q/k/v producers (see :func:`_producer_row_order`), a ``"head-last"`` ``proj`` (see
-    :func:`_proj_column_order`)."""
+    :func:`_proj_column_order`); and ``"head-blocks"``, another Linear or 1x1 convolution of the attention
+    whose rows are reshaped head first into several values per head (VOLO's outlook attention makes its
+    attention weights ``[heads, k * k, k * k]`` per position with a Linear ``attn``): its rows move with the
+    heads, one block per head."""
     orders = {}
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
@@ -1593,6 +1597,16 @@ def _attention_orders(dg, skeleton: nn.Module) -> dict:
         node = dg.module2node.get(module.proj)
         if node is not None and _proj_column_order(node, module.proj, heads, hd) == "head-last":
             orders[(name, "proj")] = "head-last"
+        own = {attr for attr, _ in producers} | {"proj"}
+        for sub_name, sub in module.named_modules():
+            node = dg.module2node.get(sub)
+            width = _pointwise(sub)
+            if sub_name.split(".", 1)[0] in own or node is None or width is None or width[1] % heads:
+                continue
+            for factors in _channel_splits(node, sub, "outputs"):
+                if width[1] > heads and [f for f in factors if f != 1][:1] == [heads]:
+                    orders[(name, sub_name)] = "head-blocks"
+                break
     return orders
 
 
@@ -1811,6 +1825,14 @@ def _attention_heads(
         per_head = _per_head_params(module, name, heads, producers)
         proj_w = f"{name}.proj.weight"
         rows = {f"{name}.{attr}.{t}" for attr, _ in producers for t in ("weight", "bias")}
+        blocks = {  # "head-blocks" layers: {tensor: (layer, rows per head)}
+            f"{name}.{sub}.{t}": (f"{name}.{sub}", _pointwise(module.get_submodule(sub))[1] // heads)
+            for (owner, sub), order in orders.items()
+            if owner == name and order == "head-blocks"
+            for t, p in module.get_submodule(sub).named_parameters(recurse=False)
+            if t in ("weight", "bias") and p is not None
+        }
+        rows |= set(blocks)
         per_head_names = {t for t, _ in per_head}
         per_head_dims = set(per_head)
         hits = [
@@ -1861,6 +1883,10 @@ def _attention_heads(
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         for tensor, layer in split_biases.items():
             slots.append(Slot(tensor, 0, OUT, "linear", False, layer, (h * hd + j)[:, :, None]))
+        for tensor, (layer, n) in blocks.items():
+            kind = "linear" if isinstance(module.get_submodule(layer[len(name) + 1 :]), nn.Linear) else "conv"
+            pos = torch.arange(heads * n).reshape(heads, n, 1)
+            slots.append(Slot(tensor, 0, OUT, kind, tensor.endswith("weight"), layer, pos))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
