@@ -308,6 +308,12 @@ def _tolerant_index_mapping():
 
 
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
+    outputs: dict = {}  # output-heads attention -> the grad_fn of its output (see _cut_output_heads)
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.grad_fn))
+        for n, m in skeleton.named_modules()
+        if output_heads_layout(m) is not None
+    ]
     with (
         torch.enable_grad(),
         warnings.catch_warnings(),
@@ -328,7 +334,11 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
             raise FusionError(
                 f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            for h in hooks:
+                h.remove()
     _channel_axis_of_feature_maps(dg)
+    _cut_output_heads(dg, skeleton, outputs)
     return dg
 
 
@@ -420,29 +430,14 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
         meetings = _meetings(mixed, module_names, root_name) if mixed and root_name not in attention else None
-        slots, links = [], []
-        for item in items:
-            target = item.dep.target
-            mod = target.module
-            name = param_names.get(mod) if isinstance(mod, nn.Parameter) else module_names.get(mod)
-            if name is None:
-                continue  # an operation node of the tracer, not a model tensor
-            specs, link = item_slots(mod, name, item.dep.handler, getattr(target, "pruning_dim", -1))
-            if not specs and link is None:
-                continue
-            by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
-            for spec in specs:
-                slots.append((spec, name, by_root))
-            if link is not None:
-                if by_root.shape[1] != 1:
-                    raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
-                links.append((link, by_root[:, 0]))
+        slots, links = _item_slots(items, n_root, module_names, param_names)
         if meetings is not None:
             paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
         elif slots or links:
             raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
+    groups = _output_heads(skeleton, groups, _output_slots(dg, skeleton, module_names, param_names))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     graph.contracted_channels = contracted
@@ -462,6 +457,29 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 "fusion refused"
             )
     return graph
+
+
+def _item_slots(items, n_root: int, module_names: dict, param_names: dict) -> tuple[list, list]:
+    """The tensor slots ``(SlotSpec, layer, positions[n_root, r])`` and grouped-convolution links of a walk's
+    items (see :func:`fusion.layers.item_slots`); operation nodes of the tracer hold no tensor."""
+    slots, links = [], []
+    for item in items:
+        target = item.dep.target
+        mod = target.module
+        name = param_names.get(mod) if isinstance(mod, nn.Parameter) else module_names.get(mod)
+        if name is None:
+            continue  # an operation node of the tracer, not a model tensor
+        specs, link = item_slots(mod, name, item.dep.handler, getattr(target, "pruning_dim", -1))
+        if not specs and link is None:
+            continue
+        by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
+        for spec in specs:
+            slots.append((spec, name, by_root))
+        if link is not None:
+            if by_root.shape[1] != 1:
+                raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
+            links.append((link, by_root[:, 0]))
+    return slots, links
 
 
 def _meetings(mixed, module_names: dict, root_name: str) -> tuple[list[tuple[int, int]], str]:
@@ -747,7 +765,12 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
             name = ".".join(parts[:cut])
             module = modules.get(name)
             heads = _head_count(module) if module is not None else None
-            if isinstance(heads, int) and heads > 0 and attention_layout(module) is None:
+            if (
+                isinstance(heads, int)
+                and heads > 0
+                and attention_layout(module) is None
+                and output_heads_layout(module) is None
+            ):
                 return _unknown_attention_message(modules, name, module, heads, parts[cut], root)
     return None
 
@@ -2391,3 +2414,114 @@ def _row_tensors(module: nn.Module, name: str, attr: str, path: str) -> dict[str
                 if v is not None and v.dim() >= 1 and t != "num_batches_tracked"
             }
     return rows
+
+
+def output_heads_layout(module: nn.Module) -> tuple[int, int, dict[str, torch.Tensor]] | None:
+    """``(num_heads, dim_head_v, rows)`` of an attention with no ``proj`` whose output is its heads' values, head by
+    head (channel ``h * dim_head_v + j``), read by the layers after it: timm's ``BottleneckAttn`` (BoTNet: one
+    1x1-conv ``qkv`` making blocks of q, k and v, each head by head) and ``HaloAttn`` (a ``q``, and a ``kv``
+    making each head's k and v together), which keep ``dim_head_qk`` and ``dim_head_v``. ``rows``: per producer,
+    the rows of each head, ``[heads, width, repeats]`` (-1 pads), repeats in the layer's order (q, k, v blocks),
+    so that assembly keeps it."""
+    heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_head_qk", "dim_head_v"))
+    if not all(isinstance(v, int) and v > 0 for v in (heads, dqk, dv)) or hasattr(module, "proj"):
+        return None
+    qkv, q, kv = (_pointwise(getattr(module, a, None)) for a in ("qkv", "q", "kv"))
+    if qkv is not None and qkv[1] == heads * (2 * dqk + dv):
+        h, j = torch.arange(heads)[:, None], torch.arange(max(dqk, dv))[None, :]
+        blocks = [(0, dqk), (heads * dqk, dqk), (2 * heads * dqk, dv)]
+        rows = torch.stack([torch.where(j < w, start + h * w + j, -1) for start, w in blocks], -1)
+        return heads, dv, {"qkv": rows}
+    if q is not None and kv is not None and q[1] == heads * dqk and kv[1] == heads * (dqk + dv):
+        return (
+            heads,
+            dv,
+            {
+                "q": torch.arange(heads * dqk).reshape(heads, dqk, 1),
+                "kv": torch.arange(heads * (dqk + dv)).reshape(heads, dqk + dv, 1),
+            },
+        )
+    return None
+
+
+def _cut_output_heads(dg, skeleton: nn.Module, outputs: dict) -> None:
+    """Cut torch-pruning's graph around every attention :func:`output_heads_layout` recognises: after its
+    producers and before its output (``outputs``: the grad_fn of each one's output, recorded while the graph was
+    built). Inside, channels are reshaped into heads next to the spatial positions (see
+    :func:`_cut_attention_internals`); what couples them is the layout, and the channels of the output are
+    walked from the output on (:func:`_output_slots`). The graph node of each output is kept on the graph as
+    ``dg.fusion_attention_outputs``."""
+    found = {}
+    modules = dict(skeleton.named_modules())
+    by_grad_fn = {id(node.grad_fn): node for node in dg.module2node.values() if node.grad_fn is not None}
+    for name, grad_fn in outputs.items():
+        node = by_grad_fn.get(id(grad_fn))
+        if node is None:
+            raise FusionError(
+                f"attention {name!r}: its output is not in torch-pruning's graph; fusion refused"
+            )
+        for attr in output_heads_layout(modules[name])[2]:
+            producer = dg.module2node.get(getattr(modules[name], attr))
+            if producer is not None:
+                _cut_edges(producer, producer.outputs)
+        _cut_edges(node, node.inputs)
+        found[name] = node
+    dg.fusion_attention_outputs = found
+
+
+def _output_slots(dg, skeleton: nn.Module, module_names: dict, param_names: dict) -> dict:
+    """Per attention :func:`output_heads_layout` recognises, the slots of the tensors its output channels reach
+    (the walk from its output node, as for a layer's output channels: the norm after it, the columns of the
+    next layer...): ``{attention: [(SlotSpec, layer, positions[channels, r])]}``."""
+    modules = dict(skeleton.named_modules())
+    out = {}
+    for name, node in getattr(dg, "fusion_attention_outputs", {}).items():
+        heads, dv, _ = output_heads_layout(modules[name])
+        pruner = dg.get_pruner_of_module(node.module)
+        items, mixed = _pruning_group(dg, node.module, pruner.prune_out_channels, list(range(heads * dv)))
+        slots, links = _item_slots(items, heads * dv, module_names, param_names)
+        if mixed or links:
+            raise FusionError(
+                f"attention {name!r}: the channels of its output are mixed with each other or read by a grouped "
+                "convolution after it; fusion refused"
+            )
+        out[name] = slots
+    return out
+
+
+def _output_heads(skeleton: nn.Module, groups: list[ChannelGroup], outputs: dict) -> list[ChannelGroup]:
+    """One group of whole heads per attention :func:`output_heads_layout` recognises: its producers' rows of each
+    head and the tensors its output channels reach (``outputs``, see :func:`_output_slots`), channel
+    ``h * dim_head_v + j`` being head h's. The groups the cut walks left on the producers' rows or on those
+    tensors are replaced; one that also holds other tensors is refused by name. Such attentions have no
+    per-head parameters: their relative-position tables ``[positions, dim_head_qk]`` are read by every head
+    (with 8 heads of 8 channels a size says nothing), so they stay out of the group and are averaged across
+    members; a per-head tensor would be left unpermuted, which the self-check refuses."""
+    for name, module in skeleton.named_modules():
+        layout = output_heads_layout(module)
+        if layout is None:
+            continue
+        heads, dv, rows = layout
+        slots = []
+        for attr, pos in rows.items():
+            layer = getattr(module, attr)
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            for t in ("weight", "bias"):
+                if getattr(layer, t, None) is not None:
+                    slots.append(
+                        Slot(f"{name}.{attr}.{t}", 0, OUT, kind, t == "weight", f"{name}.{attr}", pos)
+                    )
+        for spec, layer, by_root in outputs.get(name, []):
+            slots.append(_slot(spec, layer, by_root.reshape(heads, dv, -1)))
+        mine = {(sl.tensor, sl.dim) for sl in slots}
+        hits = {gi for gi, g in enumerate(groups) for sl in g.slots if (sl.tensor, sl.dim) in mine}
+        for gi in hits:
+            extra = [sl.tensor for sl in groups[gi].slots if (sl.tensor, sl.dim) not in mine]
+            if extra:
+                raise FusionError(
+                    f"attention {name!r} (its output is its heads' values): its channels are coupled to "
+                    f"{extra[0]!r}; not supported"
+                )
+        groups = [g for gi, g in enumerate(groups) if gi not in hits]
+        groups.append(ChannelGroup(f"{name}.{next(iter(rows))}", heads, slots, unit_kind="head"))
+    return groups
