@@ -441,7 +441,10 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     graph.contracted_channels = contracted
-    _check_coverage(graph)
+    try:
+        _check_coverage(graph)
+    except FusionError as exc:
+        raise FusionError(_outside_queries_reason(skeleton, graph, exc) or str(exc)) from None
     interleaved = _interleaved_dims(graph)
     if interleaved:
         groups = _one_slot_per_segment(groups, interleaved)
@@ -772,6 +775,39 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
                 and output_heads_layout(module) is None
             ):
                 return _unknown_attention_message(modules, name, module, heads, parts[cut], root)
+    return None
+
+
+def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionError) -> str | None:
+    """A refusal naming the structure for an inconsistent trace (``exc``, see :func:`_check_coverage`) inside an
+    attention whose ``qkv`` Linear makes only keys and values (``2 * num_heads * head_dim`` rows, ``proj`` reading
+    ``num_heads * head_dim``): its queries come in from outside it (GCViT's global query, made once per stage
+    from the stage's input and read by every other block), so its heads are also channels of the tensor they
+    come from, which no layout fusion knows describes; else None."""
+    modules = dict(model.named_modules())
+    tensors = [t for t in graph.tensor_dims if t in str(exc)]
+    for tensor in tensors:
+        parts = tensor.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:cut])
+            module = modules.get(name)
+            if module is None or attention_layout(module) is not None:
+                continue
+            heads, hd = _head_count(module), getattr(module, "head_dim", None)
+            qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+            if (
+                isinstance(heads, int)
+                and isinstance(hd, int)
+                and qkv is not None
+                and proj is not None
+                and qkv[1] == 2 * heads * hd == 2 * proj[0]
+            ):
+                return (
+                    f"attention {name!r} ({type(module).__name__}) makes only keys and values (its qkv has 2 x "
+                    f"{heads} heads x {hd} rows): its queries come from outside it (a global query shared by "
+                    "several attentions), so its heads are channels of that tensor too, which fusion does not "
+                    "trace as heads; fusion refused"
+                )
     return None
 
 

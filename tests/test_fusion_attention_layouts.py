@@ -246,3 +246,25 @@ def test_attention_whose_output_is_its_heads_values(kind, size):
             ),
             x,
         )
+
+
+# ---------------------------------------------------------------------------- queries from outside (GCViT)
+class GlobalQueryNet(nn.Module):
+    """stem -> timm's GCViT stage (its second block's ``WindowAttentionGlobal`` makes only k and v: its queries
+    are the stage's global query, made from the stage's input) -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.gcvit import GlobalContextVitStage
+
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.stage = GlobalContextVitStage(8, 2, 2, feat_size=(8, 8), window_size=(4, 4), downsample=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.stage(self.stem(x)).mean((2, 3)))
+
+
+def test_attention_with_queries_from_outside_is_refused_by_name():
+    with pytest.raises(fusion.FusionError, match=r"'stage.blocks.1.attn' .* makes only keys and values"):
+        fusion.channel_groups(GlobalQueryNet().eval(), torch.randn(2, 3, 8, 8))
