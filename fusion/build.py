@@ -50,8 +50,8 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
     """Make an attention module's bookkeeping follow its new head count ``heads``: the head count under the name
     it keeps it (``num_heads``, Hiera's ``heads``); the widths it keeps for all heads together, ``old * w`` for
     the traced head ``width`` or a per-head width ``w`` it keeps (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``, LeViT's
-    ``val_attn_dim``, BoTNet's and HaloNet's ``dim_out_qk`` and ``dim_out_v``: their forwards reshape or split
-    by them); and in its submodules (timm's relative position biases ``RelPosBias`` / ``RelPosMlp``) the head
+    ``val_attn_dim``, EfficientFormerV2's ``dh``, BoTNet's and HaloNet's ``dim_out_qk`` and ``dim_out_v``: their
+    forwards reshape or split by them); and in its submodules (timm's relative position biases ``RelPosBias`` / ``RelPosMlp``) the head
     count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes the fused model fail to run
     (refused)."""
     key = "num_heads" if hasattr(module, "num_heads") else "heads"
@@ -60,7 +60,7 @@ def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
     per_head = [width] + [
         getattr(module, a) for a in _PER_HEAD_WIDTHS if isinstance(getattr(module, a, None), int)
     ]
-    for attr in ("attn_dim", "dim_out", "out_dim", "val_attn_dim", "dim_out_qk", "dim_out_v"):
+    for attr in ("attn_dim", "dim_out", "out_dim", "val_attn_dim", "dim_out_qk", "dim_out_v", "dh"):
         value = getattr(module, attr, None)
         for w in per_head:
             if isinstance(value, int) and value == old * w:

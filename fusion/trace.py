@@ -418,10 +418,15 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
     } | {
-        f"{n}.{_wrapped_pointwise(mod, attr)[0]}"
+        f"{n}.{path}"
         for n, mod in skeleton.named_modules()
         if (major := head_major_layout(mod)) is not None
-        for attr, _ in major[3]
+        for path in [_wrapped_pointwise(mod, attr)[0] for attr, _ in major[3]]
+        + [
+            _wrapped_depthwise(mod, sub)[0]
+            for subs in _depthwise_rows(mod, major[3]).values()
+            for sub in subs
+        ]
     }
     # products over channels outside the attentions recognised by layout (whose heads keep members apart)
     contracted = _contracted_layers(getattr(dg, "fusion_contractions", []), module_names, attention)
@@ -1619,7 +1624,8 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
     :func:`_attention_heads` builds the whole head group (q/k/v rows, ``proj``'s columns, the per-head
     parameters) from the layout, and the self-check verifies it. A coupling the cut hides (a producer's output
     also read outside the attention, a normalization between the heads and ``proj``) leaves a tensor that a
-    permutation of the heads does not follow, which the self-check refuses."""
+    permutation of the heads does not follow, which the self-check refuses. The same for head-major attentions
+    (see :func:`head_major_layout`), after the norms wrapped with their layers."""
     for module in skeleton.modules():
         layout = attention_layout(module)
         if layout is None or _has_inner_layers(module, layout[2]):
@@ -1629,6 +1635,26 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
             if node is not None:
                 _cut_edges(node, node.outputs)
         node = dg.module2node.get(module.proj)
+        if node is not None:
+            _cut_edges(node, node.inputs)
+    for module in skeleton.modules():
+        layout = head_major_layout(module)
+        if layout is None:
+            continue
+        # the wrapped layers' outputs are those of the norm after them (EfficientFormerV2's ConvNorm); a
+        # depthwise convolution over a producer's rows (v_local) is added to the heads' output
+        subs = [attr for attr, _ in layout[3]] + [
+            a for s in _depthwise_rows(module, layout[3]).values() for a in s
+        ]
+        for attr in subs:
+            top = getattr(module, attr)
+            last = [
+                m for m in top.modules() if _is_layer(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ][-1]
+            node = dg.module2node.get(last)
+            if node is not None:
+                _cut_edges(node, node.outputs)
+        node = dg.module2node.get(_wrapped_pointwise(module, "proj")[1])
         if node is not None:
             _cut_edges(node, node.inputs)
 
@@ -2324,7 +2350,11 @@ def head_major_layout(module: nn.Module) -> tuple[int, int, int, tuple[tuple[str
     if proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
         return None
     kd, vd = dims
-    for producers in ((("qkv", 2 * kd + vd),), (("q", kd), ("kv", kd + vd))):
+    for producers in (
+        (("qkv", 2 * kd + vd),),
+        (("q", kd), ("kv", kd + vd)),
+        (("q", kd), ("k", kd), ("v", vd)),
+    ):
         layers = [_wrapped_pointwise(module, attr) for attr, _ in producers]
         if (
             all(
@@ -2341,16 +2371,21 @@ def _wrapped_pointwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | 
     """``(path, layer)``: attribute ``attr`` of ``module`` when it is a Linear or 1x1 convolution (see
     :func:`_pointwise`), or the one such layer inside it when everything else there keeps the channels apart
     (LeViT's ``LinearNorm``, a Linear and a BatchNorm over its outputs; its ``proj``, an activation and a
-    ``LinearNorm``): per-channel norms and parameter-free modules. ``path`` is relative to ``module``."""
+    ``LinearNorm``; EfficientFormerV2's ``ConvNorm``): per-channel norms and parameter-free modules. A query
+    made by a last such layer after layers over the attention's input (EfficientFormerV2's ``LocalGlobalQuery``:
+    a depthwise convolution and a pooling of the input, then ``proj``) is that last layer: its rows are the
+    query's. ``path`` is relative to ``module``."""
     top = getattr(module, attr, None)
     if not isinstance(top, nn.Module):
         return None
     if _pointwise(top) is not None:
         return attr, top
     layers = [(n, m) for n, m in top.named_modules() if _is_layer(m)]
-    if len(layers) != 1 or _pointwise(layers[0][1]) is None:
+    if not layers or _pointwise(layers[-1][1]) is None:
         return None
-    inner = {layers[0][1]} | set(layers[0][1].modules())
+    if len(layers) > 1 and not (attr == "q" and all(_is_depthwise(m) for _, m in layers[:-1])):
+        return None
+    inner = {m for _, layer in layers for m in layer.modules()}
     for m in top.modules():
         if (
             m not in inner
@@ -2358,7 +2393,11 @@ def _wrapped_pointwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | 
             and not isinstance(m, nn.modules.batchnorm._BatchNorm)
         ):
             return None
-    return f"{attr}.{layers[0][0]}", layers[0][1]
+    return f"{attr}.{layers[-1][0]}", layers[-1][1]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels > 1
 
 
 def _key_value_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -2389,6 +2428,9 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
         paths = {attr: _wrapped_pointwise(module, attr)[0] for attr, _ in producers}
         proj_path, proj = _wrapped_pointwise(module, "proj")
         rows = {attr: _row_tensors(module, name, attr, paths[attr]) for attr, _ in producers}
+        for attr, subs in _depthwise_rows(module, producers).items():
+            for sub in subs:
+                rows[attr] |= _row_tensors(module, name, sub, _wrapped_depthwise(module, sub)[0])
         proj_w = f"{name}.{proj_path}.weight"
         mine = {(t, 0) for r in rows.values() for t in r} | {(proj_w, 1)} | set(per_head)
         hits = {gi for gi, g in enumerate(groups) for s in g.slots if (s.tensor, s.dim) in mine}
@@ -2429,6 +2471,46 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
         groups = [g for gi, g in enumerate(groups) if gi not in hits]
         groups.append(ChannelGroup(f"{name}.{paths[producers[0][0]]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _wrapped_depthwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
+    """``(path, conv)``: attribute ``attr`` of ``module`` when it is a depthwise convolution, or the one
+    convolution inside it when it is depthwise and the rest are per-channel norms (EfficientFormerV2's
+    ``ConvNorm``)."""
+    top = getattr(module, attr, None)
+    if not isinstance(top, nn.Module):
+        return None
+    layers = [(n, m) for n, m in top.named_modules() if _is_layer(m)]
+    others = [
+        m
+        for m in top.modules()
+        if list(m.parameters(recurse=False))
+        and not _is_layer(m)
+        and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if len(layers) != 1 or others:
+        return None
+    path, conv = layers[0]
+    if not _is_depthwise(conv):
+        return None
+    return (f"{attr}.{path}" if path else attr), conv
+
+
+def _depthwise_rows(module: nn.Module, producers) -> dict[str, list[str]]:
+    """``{producer: [attributes]}``: depthwise convolutions of an attention over one producer's rows
+    (EfficientFormerV2's ``v_local``, a depthwise convolution of v added to the heads' output), found by their
+    width: a width two producers share, or no producer has, is left to the self-check. Their channels are the
+    producer's rows, so they move with them."""
+    widths = {attr: _pointwise(_wrapped_pointwise(module, attr)[1])[1] for attr, _ in producers}
+    out: dict = {}
+    for attr, _ in module.named_children():
+        conv = _wrapped_depthwise(module, attr)
+        if attr in widths or attr == "proj" or conv is None:
+            continue
+        owners = [p for p, w in widths.items() if w == conv[1].out_channels]
+        if len(owners) == 1:
+            out.setdefault(owners[0], []).append(attr)
+    return out
 
 
 def _row_tensors(module: nn.Module, name: str, attr: str, path: str) -> dict[str, tuple[str, str]]:

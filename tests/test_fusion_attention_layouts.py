@@ -131,6 +131,66 @@ def test_levit_attention_behind_linear_norms_moves_whole_heads(downsample):
     _refused(members[0], _replace_slots(graph, lambda s: None if s.tensor == f"{rows}.bn.weight" else s), x)
 
 
+# ---------------------------------------------------------------------------- EfficientFormerV2
+class ConvNormAttnNet(nn.Module):
+    """stem -> timm's EfficientFormerV2 ``Attention2d`` (q, k, v and proj are ``ConvNorm``: a 1x1 conv and a
+    BatchNorm; v also read by a depthwise ``v_local`` added to the heads' output; talking heads) or
+    ``Attention2dDownsample`` (its q a ``LocalGlobalQuery``: a depthwise conv and a pooling, then ``proj``) ->
+    classifier."""
+
+    def __init__(self, downsample: bool = False):
+        super().__init__()
+        from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
+
+        self.stem = nn.Conv2d(3, 8, 1)
+        if downsample:
+            self.attn = Attention2dDownsample(
+                8, key_dim=4, num_heads=2, attn_ratio=2, resolution=4, out_dim=12
+            )
+        else:
+            self.attn = Attention2d(8, key_dim=4, num_heads=2, attn_ratio=2, resolution=4)
+        self.fc = nn.Linear(12 if downsample else 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.attn(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_conv_norm_attention_with_local_values_moves_whole_heads(downsample):
+    x = torch.randn(2, 3, 4, 4)
+    members = _members(lambda: ConvNormAttnNet(downsample))
+    graph = fusion.channel_groups(members[0], x)
+    heads = _head_group(graph)
+    tensors = {(s.tensor, s.dim): s for s in heads.slots}
+    q = "attn.q.proj.conv" if downsample else "attn.q.conv"
+    assert heads.n_units == 2
+    assert tensors[(f"{q}.weight", 0)].positions[1, :, 0].tolist() == [4, 5, 6, 7]
+    # v_local's channels are v's rows
+    assert (
+        tensors[("attn.v_local.conv.weight", 0)].positions.tolist()
+        == tensors[("attn.v.conv.weight", 0)].positions.tolist()
+    )
+    assert {
+        ("attn.v_local.bn.running_var", 0),
+        ("attn.proj.conv.weight", 1),
+        ("attn.attention_biases", 0),
+    } <= set(tensors)
+    _permuted_keeps_function(lambda: ConvNormAttnNet(downsample), members[0], graph, x)
+    wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
+    assert wide.attn.num_heads == 4 and wide.attn.dh == 4 * 8
+    assert _ensemble_err(wide, members, x) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = ConvNormAttnNet(downsample)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # the depthwise convolution over v left in place: its channels would not follow v's
+    _refused(
+        members[0],
+        _replace_slots(graph, lambda s: None if s.tensor.startswith("attn.v_local.conv") else s),
+        x,
+    )
+
+
 # ---------------------------------------------------------------------------- VOLO's outlook attention
 class OutlookNet(nn.Module):
     """a 4x4 channels-last map -> embed -> timm's VOLO ``OutlookAttention`` (v and proj Linears, the attention
