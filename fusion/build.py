@@ -24,8 +24,17 @@ from .trace import (
     output_heads_layout,
 )
 
-# the per-head widths an attention may keep (``head_dim``: Swin, EVA...; ``val_dim``: LeViT, TinyViT; ...)
-_PER_HEAD_WIDTHS = ("head_dim", "key_dim", "val_dim", "dim_head_qk", "dim_head_v")
+# widths of all heads together that an attention keeps, and the attribute holding the per-head width each is a
+# multiple of (None: the traced head width, the width of each head's values)
+_ALL_HEADS_WIDTHS = {
+    "attn_dim": None,
+    "dim_out": None,
+    "out_dim": None,
+    "val_attn_dim": None,
+    "dh": None,
+    "dim_out_qk": "dim_head_qk",
+    "dim_out_v": "dim_head_v",
+}
 
 
 def _head_widths(template: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -47,25 +56,24 @@ def _head_widths(template: nn.Module) -> dict[str, tuple[str, int, int]]:
 
 
 def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
-    """Make an attention module's bookkeeping follow its new head count ``heads``: the head count under the name
-    it keeps it (``num_heads``, Hiera's ``heads``); the widths it keeps for all heads together, ``old * w`` for
-    the traced head ``width`` or a per-head width ``w`` it keeps (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``, LeViT's
-    ``val_attn_dim``, EfficientFormerV2's ``dh``, BoTNet's and HaloNet's ``dim_out_qk`` and ``dim_out_v``: their
-    forwards reshape or split by them); and in its submodules (timm's relative position biases ``RelPosBias`` / ``RelPosMlp``) the head
-    count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes the fused model fail to run
-    (refused)."""
+    """Make an attention module's bookkeeping follow its new head count ``heads`` (each ``width`` wide): the head
+    count under the name it keeps it (``num_heads``, Hiera's ``heads``); the widths of all heads together that
+    it keeps (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``, LeViT's ``val_attn_dim``,
+    EfficientFormerV2's ``dh``; BoTNet's and HaloNet's ``dim_out_qk`` and ``dim_out_v``, multiples of
+    ``dim_head_qk`` and ``dim_head_v``: their forwards reshape or split by them); and in its submodules (timm's
+    relative position biases ``RelPosBias`` / ``RelPosMlp``) the head count and ``bias_shape = (window, window,
+    num_heads)``. Anything left stale makes the fused model fail to run (refused)."""
     key = "num_heads" if hasattr(module, "num_heads") else "heads"
     old = getattr(module, key)
     setattr(module, key, heads)
-    per_head = [width] + [
-        getattr(module, a) for a in _PER_HEAD_WIDTHS if isinstance(getattr(module, a, None), int)
-    ]
-    for attr in ("attn_dim", "dim_out", "out_dim", "val_attn_dim", "dim_out_qk", "dim_out_v", "dh"):
-        value = getattr(module, attr, None)
-        for w in per_head:
-            if isinstance(value, int) and value == old * w:
-                setattr(module, attr, heads * w)
-                break
+    for attr, per_head in _ALL_HEADS_WIDTHS.items():
+        w = width if per_head is None else getattr(module, per_head, None)
+        if (
+            isinstance(w, int)
+            and isinstance(getattr(module, attr, None), int)
+            and getattr(module, attr) == old * w
+        ):
+            setattr(module, attr, heads * w)
     for sub in list(module.modules())[1:]:
         for attr, value in list(vars(sub).items()):
             if attr in ("num_heads", "heads") and value == old:
