@@ -421,12 +421,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         f"{n}.{path}"
         for n, mod in skeleton.named_modules()
         if (major := head_major_layout(mod)) is not None
-        for path in [_wrapped_pointwise(mod, attr)[0] for attr, _ in major[3]]
-        + [
-            _wrapped_depthwise(mod, sub)[0]
-            for subs in _depthwise_rows(mod, major[3]).values()
-            for sub in subs
-        ]
+        for path in _head_major_row_layers(mod, major[3]).values()
     }
     # products over channels outside the attentions recognised by layout (whose heads keep members apart)
     contracted = _contracted_layers(getattr(dg, "fusion_contractions", []), module_names, attention)
@@ -788,7 +783,7 @@ def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionEr
     attention whose ``qkv`` Linear makes only keys and values (``2 * num_heads * head_dim`` rows, ``proj`` reading
     ``num_heads * head_dim``): its queries come in from outside it (GCViT's global query, made once per stage
     from the stage's input and read by every other block), so its heads are also channels of the tensor they
-    come from, which no layout fusion knows describes; else None."""
+    come from, which none of the layouts fusion knows describes; else None."""
     modules = dict(model.named_modules())
     tensors = [t for t in graph.tensor_dims if t in str(exc)]
     for tensor in tensors:
@@ -1643,10 +1638,7 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
             continue
         # the wrapped layers' outputs are those of the norm after them (EfficientFormerV2's ConvNorm); a
         # depthwise convolution over a producer's rows (v_local) is added to the heads' output
-        subs = [attr for attr, _ in layout[3]] + [
-            a for s in _depthwise_rows(module, layout[3]).values() for a in s
-        ]
-        for attr in subs:
+        for attr in _head_major_row_layers(module, layout[3]):
             top = getattr(module, attr)
             last = [
                 m for m in top.modules() if _is_layer(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -2339,9 +2331,9 @@ def verify_permutation_invariance(
 def head_major_layout(module: nn.Module) -> tuple[int, int, int, tuple[tuple[str, int], ...]] | None:
     """``(num_heads, key_dim, val_dim, producers)`` of an attention whose producers make their rows head by head,
     each head's parts together: one ``qkv`` Linear, ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim,
-    val_dim])`` (TinyViT, LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), or a
-    ``q`` and such a ``kv`` (LeViT's subsampling attention); and a ``proj`` reading ``num_heads * val_dim``
-    channels. ``producers``: ``(attribute, rows per head)``. Head h is rows ``h * width + j`` of each producer
+    val_dim])`` (TinyViT, LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), a ``q``
+    and such a ``kv`` (LeViT's subsampling attention), or ``q``, ``k`` and ``v`` of ``key_dim``, ``key_dim`` and
+    ``val_dim`` rows per head (EfficientFormerV2); and a ``proj`` reading ``num_heads * val_dim`` channels. ``producers``: ``(attribute, rows per head)``. Head h is rows ``h * width + j`` of each producer
     and columns ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with
     ``attn_ratio`` 1 the sizes are the same, so the attributes decide). The layers may be wrapped with a
     per-channel norm (see :func:`_wrapped_pointwise`)."""
@@ -2471,6 +2463,15 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
         groups = [g for gi, g in enumerate(groups) if gi not in hits]
         groups.append(ChannelGroup(f"{name}.{paths[producers[0][0]]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _head_major_row_layers(module: nn.Module, producers) -> dict[str, str]:
+    """``{attribute: path of its layer}`` for the layers that make a head-major attention's rows: its producers
+    (see :func:`_wrapped_pointwise`) and the depthwise convolutions over them (see :func:`_depthwise_rows`)."""
+    out = {attr: _wrapped_pointwise(module, attr)[0] for attr, _ in producers}
+    for subs in _depthwise_rows(module, producers).values():
+        out |= {sub: _wrapped_depthwise(module, sub)[0] for sub in subs}
+    return out
 
 
 def _wrapped_depthwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
