@@ -22,6 +22,7 @@ from .trace import (
     head_major_layout,
     map_inputs,
     output_heads_layout,
+    outside_query_layout,
 )
 
 # widths of all heads together that an attention keeps, and the attribute holding the per-head width each is a
@@ -38,8 +39,8 @@ _ALL_HEADS_WIDTHS = {
 
 
 def _head_widths(template: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """Per attention fusion traces by heads (see ``trace.attention_layout``, ``trace.head_major_layout`` and
-    ``trace.output_heads_layout``), the layer and dimension that hold ``heads * width`` channels and that width
+    """Per attention fusion traces by heads (see ``trace.attention_layout``, ``trace.head_major_layout``,
+    ``trace.outside_query_layout`` and ``trace.output_heads_layout``), the layer and dimension that hold ``heads * width`` channels and that width
     (``proj``'s columns per head; the last producer's rows per head where there is no ``proj``), read from the
     template before its tensors are replaced: the fused model keeps the width, its head count follows."""
     widths = {}
@@ -49,6 +50,8 @@ def _head_widths(template: nn.Module) -> dict[str, tuple[str, int, int]]:
             widths[name] = ("proj", 1, layout[1])
         elif (major := head_major_layout(module)) is not None:
             widths[name] = (_wrapped_pointwise(module, "proj")[0], 1, major[2])  # each head's value width
+        elif (outside := outside_query_layout(module)) is not None:
+            widths[name] = ("proj", 1, outside[1])
         elif (out := output_heads_layout(module)) is not None:
             attr, rows = list(out[2].items())[-1]
             widths[name] = (attr, 0, int((rows >= 0).sum()) // out[0])

@@ -438,6 +438,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     groups = _output_heads(skeleton, groups, _output_slots(dg, skeleton, module_names, param_names))
+    groups = _outside_query_heads(skeleton, groups)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes)
     graph.contracted_channels = contracted
@@ -791,17 +792,9 @@ def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionEr
         for cut in range(len(parts) - 1, 0, -1):
             name = ".".join(parts[:cut])
             module = modules.get(name)
-            if module is None or attention_layout(module) is not None:
-                continue
-            heads, hd = _head_count(module), getattr(module, "head_dim", None)
-            qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
-            if (
-                isinstance(heads, int)
-                and isinstance(hd, int)
-                and qkv is not None
-                and proj is not None
-                and qkv[1] == 2 * heads * hd == 2 * proj[0]
-            ):
+            layout = outside_query_layout(module) if module is not None else None
+            if layout is not None:
+                heads, hd = layout
                 return (
                     f"attention {name!r} ({type(module).__name__}) makes only keys and values (its qkv has 2 x "
                     f"{heads} heads x {hd} rows): its queries come from outside it (a global query shared by "
@@ -2644,3 +2637,81 @@ def _output_heads(skeleton: nn.Module, groups: list[ChannelGroup], outputs: dict
         groups = [g for gi, g in enumerate(groups) if gi not in hits]
         groups.append(ChannelGroup(f"{name}.{next(iter(rows))}", heads, slots, unit_kind="head"))
     return groups
+
+
+# ---------------------------------------------------------------------------- queries from outside the attention
+def outside_query_layout(module: nn.Module) -> tuple[int, int] | None:
+    """``(num_heads, head_dim)`` of an attention whose ``qkv`` Linear makes only keys and values (``2 * num_heads *
+    head_dim`` rows: k, then v, each head by head) and whose ``proj`` reads ``num_heads * head_dim`` channels: its
+    queries come from outside it (GCViT's ``WindowAttentionGlobal``: the stage's global query, made from the
+    stage's input by convolutions with a shortcut, read by every other block), channel ``h * head_dim + j`` of
+    that tensor being channel j of head h. Else None."""
+    heads, hd = _head_count(module), getattr(module, "head_dim", None)
+    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+    if (
+        not (isinstance(heads, int) and isinstance(hd, int) and heads > 0 and hd > 0)
+        or qkv is None
+        or proj is None
+    ):
+        return None
+    if attention_layout(module) is not None or not qkv[1] == 2 * heads * hd == 2 * proj[0]:
+        return None
+    return heads, hd
+
+
+def _outside_query_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Trace attentions whose queries come from outside them (see :func:`outside_query_layout`) as heads of the
+    channel group that carries those queries: the walk reaches their keys from the queries (``q @ k``), so that
+    group holds their qkv rows. Its units become whole heads, channel ``h * head_dim + j`` of its root being
+    channel j of head h (every layer of that group, a whole stage's residual stream in GCViT, then moves head by
+    head); each attention's k and v rows, ``proj``'s columns and per-head parameters move with its heads. Groups
+    that hold only those tensors are replaced; anything else is left to the coverage check and the self-check."""
+    found: dict = {}  # group index -> [(attention name, module, heads, head_dim)]
+    for name, module in skeleton.named_modules():
+        layout = outside_query_layout(module)
+        if layout is None:
+            continue
+        gis = [
+            gi
+            for gi, g in enumerate(groups)
+            for s in g.slots
+            if (s.tensor, s.dim) == (f"{name}.qkv.weight", 0)
+        ]
+        if len(set(gis)) == 1:
+            found.setdefault(gis[0], []).append((name, module, *layout))
+    drop = set()
+    for gi, attentions in found.items():
+        g = groups[gi]
+        heads = {h for _, _, h, _ in attentions}
+        hds = {hd for _, _, _, hd in attentions}
+        if len(heads) != 1 or len(hds) != 1:
+            continue
+        heads, hd = heads.pop(), hds.pop()
+        own = {}  # (tensor, dim) -> slot, laid out by the attentions
+        for name, module, _, _ in attentions:
+            h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(2), indexing="ij")
+            rows = r * heads * hd + h * hd + j
+            for t in ("weight", "bias"):
+                if getattr(module.qkv, t, None) is not None:
+                    own[(f"{name}.qkv.{t}", 0)] = Slot(
+                        f"{name}.qkv.{t}", 0, OUT, "linear", t == "weight", f"{name}.qkv", rows
+                    )
+            cols = torch.arange(heads * hd).reshape(heads, hd, 1)
+            own[(f"{name}.proj.weight", 1)] = Slot(
+                f"{name}.proj.weight", 1, IN, "linear", True, f"{name}.proj", cols
+            )
+            for tensor, d in _per_head_params(module, name, heads, (("qkv", 2),)):
+                own[(tensor, d)] = Slot(
+                    tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]
+                )
+        others = [s for s in g.slots if (s.tensor, s.dim) not in own]
+        if g.n_units != heads * hd or any(s.positions.shape[1] != 1 for s in others):
+            continue
+        slots = [_slot(s, s.layer, s.positions.reshape(heads, hd, -1)) for s in others] + list(own.values())
+        groups[gi] = ChannelGroup(g.name, heads, slots, unit_kind="head")
+        drop |= {
+            other
+            for other, og in enumerate(groups)
+            if other != gi and og.slots and all((s.tensor, s.dim) in own for s in og.slots)
+        }
+    return [g for gi, g in enumerate(groups) if gi not in drop]

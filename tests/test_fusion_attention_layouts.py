@@ -311,20 +311,69 @@ def test_attention_whose_output_is_its_heads_values(kind, size):
 # ---------------------------------------------------------------------------- queries from outside (GCViT)
 class GlobalQueryNet(nn.Module):
     """stem -> timm's GCViT stage (its second block's ``WindowAttentionGlobal`` makes only k and v: its queries
-    are the stage's global query, made from the stage's input) -> classifier."""
+    are the stage's global query, made from the stage's input by a convolution block with a shortcut, then a
+    LayerNorm) -> classifier. Blocks normalize channels last, as in ``GlobalContextVit``."""
 
     def __init__(self):
         super().__init__()
         from timm.models.gcvit import GlobalContextVitStage
 
-        self.stem = nn.Conv2d(3, 8, 1)
-        self.stage = GlobalContextVitStage(8, 2, 2, feat_size=(8, 8), window_size=(4, 4), downsample=False)
-        self.fc = nn.Linear(8, 5)
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.stage = GlobalContextVitStage(
+            16, 2, 2, feat_size=(8, 8), window_size=(4, 4), downsample=False, global_norm=True,
+            norm_layer_cl=nn.LayerNorm,
+        )  # fmt: skip
+        self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
         return self.fc(self.stage(self.stem(x)).mean((2, 3)))
 
 
-def test_attention_with_queries_from_outside_is_refused_by_name():
-    with pytest.raises(fusion.FusionError, match=r"'stage.blocks.1.attn' .* makes only keys and values"):
-        fusion.channel_groups(GlobalQueryNet().eval(), torch.randn(2, 3, 8, 8))
+def test_queries_from_outside_make_their_stream_move_by_heads():
+    x = torch.randn(2, 3, 8, 8)
+    members = _members(GlobalQueryNet)
+    graph = fusion.channel_groups(members[0], x)
+    (stream,) = [g for g in graph.groups if g.unit_kind == "head" and "stage.blocks.1.attn.qkv" in g.layers]
+    tensors = {(s.tensor, s.dim): s for s in stream.slots}
+    assert stream.n_units == 2  # the residual stream of the stage, head by head: its channel h * 8 + j
+    assert tensors[("stem.weight", 0)].positions[1, :, 0].tolist() == list(range(8, 16))
+    assert tensors[("stage.blocks.1.attn.qkv.weight", 0)].positions[1].T.tolist() == [
+        list(range(8, 16)),
+        list(range(24, 32)),
+    ]  # its k and v rows of head 1
+    assert {
+        ("stage.global_norm.weight", 0),
+        ("stage.blocks.1.attn.rel_pos.relative_position_bias_table", 1),
+    } <= set(tensors)
+    _permuted_keeps_function(GlobalQueryNet, members[0], graph, x)
+    twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)  # LayerNorms: the twin
+    assert twin.stage.blocks[1].attn.num_heads == 4
+    assert _rel(_out(twin, x), _out(members[0], x)) < 1e-5
+    fused = fusion.fuse(members, "nt", example_inputs=x)
+    fresh = GlobalQueryNet()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    # the layer making the global query, or the global attention's per-head table, left in place
+    query = ("stage.global_block.blocks.conv1.conv_pw.weight", 0)
+    _refused(members[0], _replace_slots(graph, lambda s: None if (s.tensor, s.dim) == query else s), x)
+    table = "stage.blocks.1.attn.rel_pos.relative_position_bias_table"
+    _refused(members[0], _replace_slots(graph, lambda s: None if s.tensor == table else s), x)
+
+
+def test_a_tensor_between_two_members_only_is_zero():
+    """Rows from one group, columns from another: where NT keeps only member 0's units of the first and only
+    member 1's of the second (few units per group: a stream moving by heads), every entry lies between the two
+    members and is zero in their concatenation."""
+    graph = ChannelGraph(
+        groups=[
+            ChannelGroup(
+                "a", 2, [Slot("w", 0, "out", "linear", True, "w", torch.arange(2).reshape(2, 1, 1))]
+            ),
+            ChannelGroup("b", 3, [Slot("w", 1, "in", "linear", True, "w", torch.arange(3).reshape(3, 1, 1))]),
+        ],
+        output_layers=[],
+        shapes={"w": (2, 3)},
+    )
+    states = [{"w": torch.randn(2, 3)}, {"w": torch.randn(2, 3)}]
+    selection = [(torch.tensor([0]), torch.tensor([1])), (torch.tensor([1, 1]), torch.tensor([0, 2]))]
+    assert torch.equal(graph.assemble(states, selection)["w"], torch.zeros(1, 2))
