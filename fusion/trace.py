@@ -781,10 +781,9 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
 
 def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionError) -> str | None:
     """A refusal naming the structure for an inconsistent trace (``exc``, see :func:`_check_coverage`) inside an
-    attention whose ``qkv`` Linear makes only keys and values (``2 * num_heads * head_dim`` rows, ``proj`` reading
-    ``num_heads * head_dim``): its queries come in from outside it (GCViT's global query, made once per stage
-    from the stage's input and read by every other block), so its heads are also channels of the tensor they
-    come from, which none of the layouts fusion knows describes; else None."""
+    attention whose queries come from outside it (see :func:`outside_query_layout`) that
+    :func:`_outside_query_heads` could not trace as heads of the group carrying the queries (no single group
+    holds its keys, several head counts meet in it, or it reads channels several times); else None."""
     modules = dict(model.named_modules())
     tensors = [t for t in graph.tensor_dims if t in str(exc)]
     for tensor in tensors:
@@ -797,9 +796,9 @@ def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionEr
                 heads, hd = layout
                 return (
                     f"attention {name!r} ({type(module).__name__}) makes only keys and values (its qkv has 2 x "
-                    f"{heads} heads x {hd} rows): its queries come from outside it (a global query shared by "
-                    "several attentions), so its heads are channels of that tensor too, which fusion does not "
-                    "trace as heads; fusion refused"
+                    f"{heads} heads x {hd} rows): its queries come from outside it, so its heads are channels of "
+                    "the tensor they come from, and the channel group carrying them could not be traced as "
+                    f"{heads} heads of {hd} channels; fusion refused"
                 )
     return None
 
