@@ -310,7 +310,9 @@ def _tolerant_index_mapping():
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
     outputs: dict = {}  # output-heads attention -> the grad_fn of its output (see _cut_output_heads)
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.grad_fn))
+        m.register_forward_hook(
+            lambda _m, _i, out, n=n: outputs.__setitem__(n, getattr(out, "grad_fn", None))
+        )
         for n, m in skeleton.named_modules()
         if output_heads_layout(m) is not None
     ]
@@ -2566,7 +2568,7 @@ def _cut_output_heads(dg, skeleton: nn.Module, outputs: dict) -> None:
     modules = dict(skeleton.named_modules())
     by_grad_fn = {id(node.grad_fn): node for node in dg.module2node.values() if node.grad_fn is not None}
     for name, grad_fn in outputs.items():
-        node = by_grad_fn.get(id(grad_fn))
+        node = by_grad_fn.get(id(grad_fn)) if grad_fn is not None else None
         if node is None:
             raise FusionError(
                 f"attention {name!r}: its output is not in torch-pruning's graph; fusion refused"
@@ -2589,6 +2591,10 @@ def _output_slots(dg, skeleton: nn.Module, module_names: dict, param_names: dict
     for name, node in getattr(dg, "fusion_attention_outputs", {}).items():
         heads, dv, _ = output_heads_layout(modules[name])
         pruner = dg.get_pruner_of_module(node.module)
+        if pruner is None:
+            raise FusionError(
+                f"attention {name!r}: torch-pruning has no rule for the operation making its output; fusion refused"
+            )
         items, mixed = _pruning_group(dg, node.module, pruner.prune_out_channels, list(range(heads * dv)))
         slots, links = _item_slots(items, heads * dv, module_names, param_names)
         if mixed or links:
