@@ -13,6 +13,7 @@ from .errors import FusionError
 from .layers import resize_module
 from .trace import (
     _fingerprint,
+    _wrapped_pointwise,
     attention_layout,
     attribute_memo,
     call,
@@ -20,36 +21,62 @@ from .trace import (
     full_state,
     head_major_layout,
     map_inputs,
+    output_heads_layout,
+    outside_query_layout,
 )
 
+# widths of all heads together that an attention keeps, and the attribute holding the per-head width each is a
+# multiple of (None: the traced head width, the width of each head's values)
+_ALL_HEADS_WIDTHS = {
+    "attn_dim": None,
+    "dim_out": None,
+    "out_dim": None,
+    "val_attn_dim": None,
+    "dh": None,
+    "dim_out_qk": "dim_head_qk",
+    "dim_out_v": "dim_head_v",
+}
 
-def _head_widths(template: nn.Module) -> dict[str, int]:
-    """Head width of every attention fusion traces by heads (see ``trace.attention_layout`` and
-    ``trace.head_major_layout``: the width ``proj`` reads per head), read from the template before its tensors
-    are replaced: the fused model keeps the width, its head count follows."""
+
+def _head_widths(template: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Per attention fusion traces by heads (see ``trace.attention_layout``, ``trace.head_major_layout``,
+    ``trace.outside_query_layout`` and ``trace.output_heads_layout``), the layer and dimension that hold ``heads * width`` channels and that width
+    (``proj``'s columns per head; the last producer's rows per head where there is no ``proj``), read from the
+    template before its tensors are replaced: the fused model keeps the width, its head count follows."""
     widths = {}
     for name, module in template.named_modules():
         layout = attention_layout(module)
         if layout is not None:
-            widths[name] = layout[1]
+            widths[name] = ("proj", 1, layout[1])
         elif (major := head_major_layout(module)) is not None:
-            widths[name] = major[2]  # proj reads each head's value width
+            widths[name] = (_wrapped_pointwise(module, "proj")[0], 1, major[2])  # each head's value width
+        elif (outside := outside_query_layout(module)) is not None:
+            widths[name] = ("proj", 1, outside[1])
+        elif (out := output_heads_layout(module)) is not None:
+            attr, rows = list(out[2].items())[-1]
+            widths[name] = (attr, 0, int((rows >= 0).sum()) // out[0])
     return widths
 
 
 def _follow_head_count(module: nn.Module, heads: int, width: int) -> None:
     """Make an attention module's bookkeeping follow its new head count ``heads`` (each ``width`` wide): the head
-    count under the name it keeps it (``num_heads``, Hiera's ``heads``); its attention width when it keeps one
-    equal to the heads' width (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``: their forwards reshape
-    the heads' outputs to it); and in its submodules (timm's relative position biases ``RelPosBias`` /
-    ``RelPosMlp``) the head count and ``bias_shape = (window, window, num_heads)``. Anything left stale makes
-    the fused model fail to run (refused)."""
+    count under the name it keeps it (``num_heads``, Hiera's ``heads``); the widths of all heads together that
+    it keeps (``attn_dim``, Hiera's ``dim_out``, TinyViT's ``out_dim``, LeViT's ``val_attn_dim``,
+    EfficientFormerV2's ``dh``; BoTNet's and HaloNet's ``dim_out_qk`` and ``dim_out_v``, multiples of
+    ``dim_head_qk`` and ``dim_head_v``: their forwards reshape or split by them); and in its submodules (timm's
+    relative position biases ``RelPosBias`` / ``RelPosMlp``) the head count and ``bias_shape = (window, window,
+    num_heads)``. Anything left stale makes the fused model fail to run (refused)."""
     key = "num_heads" if hasattr(module, "num_heads") else "heads"
     old = getattr(module, key)
     setattr(module, key, heads)
-    for attr in ("attn_dim", "dim_out", "out_dim"):
-        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old * width:
-            setattr(module, attr, heads * width)
+    for attr, per_head in _ALL_HEADS_WIDTHS.items():
+        w = width if per_head is None else getattr(module, per_head, None)
+        if (
+            isinstance(w, int)
+            and isinstance(getattr(module, attr, None), int)
+            and getattr(module, attr) == old * w
+        ):
+            setattr(module, attr, heads * w)
     for sub in list(module.modules())[1:]:
         for attr, value in list(vars(sub).items()):
             if attr in ("num_heads", "heads") and value == old:
@@ -70,9 +97,10 @@ def build_model(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     model = copy.deepcopy(template, memo)
     for name, module in model.named_modules():
         resize_module(module, name)
-        if name in widths:  # the fused projection reads the kept heads, each as wide as before
-            heads = module.proj.weight.shape[1] // widths[name]  # (proj itself is resized later)
-            _follow_head_count(module, heads, widths[name])
+        if name in widths:  # the fused layer holds the kept heads, each as wide as before
+            path, dim, width = widths[name]
+            heads = module.get_submodule(path).weight.shape[dim] // width  # (the layer is resized later)
+            _follow_head_count(module, heads, width)
     return model.eval()
 
 

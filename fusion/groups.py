@@ -234,6 +234,10 @@ def _assemble_tensor(ref, shape, tensors, picks, scale: float, dtype: torch.dtyp
 
     slotted = sorted({d for member in picks if member is not None for d in member})
     live = [(t, member) for t, member in zip(tensors, picks) if member is not None]
+    if not live:
+        # no member has both its rows and its columns here (one group kept only one member's units, another
+        # only another's): every entry lies between two members, zero in their concatenation
+        return zeros()
     # per live member and slotted dimension: its destination positions as a slice when they are one run
     runs = [{d: _as_range(dst) for d, (dst, _) in member.items()} for _, member in live]
     blocks = all(r.get(0) is not None and r.get(1) is not None for r in runs)  # rows x columns, both runs

@@ -309,6 +309,14 @@ def _tolerant_index_mapping():
 
 
 def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
+    outputs: dict = {}  # output-heads attention -> the grad_fn of its output (see _cut_output_heads)
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, _i, out, n=n: outputs.__setitem__(n, getattr(out, "grad_fn", None))
+        )
+        for n, m in skeleton.named_modules()
+        if output_heads_layout(m) is not None
+    ]
     with (
         torch.enable_grad(),
         warnings.catch_warnings(),
@@ -329,7 +337,11 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
             raise FusionError(
                 f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            for h in hooks:
+                h.remove()
     _channel_axis_of_feature_maps(dg)
+    _cut_output_heads(dg, skeleton, outputs)
     return dg
 
 
@@ -408,7 +420,12 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         for n, mod in skeleton.named_modules()
         if (layout := attention_layout(mod)) is not None
         for attr, _ in layout[2]
-    } | {f"{n}.qkv" for n, mod in skeleton.named_modules() if head_major_layout(mod) is not None}
+    } | {
+        f"{n}.{path}"
+        for n, mod in skeleton.named_modules()
+        if (major := head_major_layout(mod)) is not None
+        for path in _head_major_row_layers(mod, major[3]).values()
+    }
     paired = []  # groups whose root channels meet across equal parts (gated MLPs, split attention): coupled units
     pinned = []  # channels mixed with each other in any other pattern: (description, their tensor dims)
     for n_root, items, mixed in tp_groups:
@@ -416,23 +433,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         # attention: q and k meet per head, handled by _attention_heads
         meetings = _meetings(mixed, module_names) if mixed and root_name not in attention else None
         roots = _equal_parts(n_root, meetings[0]) if meetings is not None else None
-        slots, links = [], []
-        for item in items:
-            target = item.dep.target
-            mod = target.module
-            name = param_names.get(mod) if isinstance(mod, nn.Parameter) else module_names.get(mod)
-            if name is None:
-                continue  # an operation node of the tracer, not a model tensor
-            specs, link = item_slots(mod, name, item.dep.handler, getattr(target, "pruning_dim", -1))
-            if not specs and link is None:
-                continue
-            by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
-            for spec in specs:
-                slots.append((spec, name, by_root))
-            if link is not None:
-                if by_root.shape[1] != 1:
-                    raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
-                links.append((link, by_root[:, 0]))
+        slots, links = _item_slots(items, n_root, module_names, param_names)
         if meetings is not None and roots is None:
             pinned.append(
                 (
@@ -454,10 +455,15 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     )
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
+    groups = _output_heads(skeleton, groups, _output_slots(dg, skeleton, module_names, param_names))
+    groups = _outside_query_heads(skeleton, groups)
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
     graph = ChannelGraph(groups=groups, output_layers=list(output_layers), shapes=shapes, pinned=pinned)
     graph.contracted_channels = contracted
-    _check_coverage(graph)
+    try:
+        _check_coverage(graph)
+    except FusionError as exc:
+        raise FusionError(_outside_queries_reason(skeleton, graph, exc) or str(exc)) from None
     interleaved = _interleaved_dims(graph)
     if interleaved:
         groups = _one_slot_per_segment(groups, interleaved)
@@ -473,6 +479,29 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 "fusion refused"
             )
     return graph
+
+
+def _item_slots(items, n_root: int, module_names: dict, param_names: dict) -> tuple[list, list]:
+    """The tensor slots ``(SlotSpec, layer, positions[n_root, r])`` and grouped-convolution links of a walk's
+    items (see :func:`fusion.layers.item_slots`); operation nodes of the tracer hold no tensor."""
+    slots, links = [], []
+    for item in items:
+        target = item.dep.target
+        mod = target.module
+        name = param_names.get(mod) if isinstance(mod, nn.Parameter) else module_names.get(mod)
+        if name is None:
+            continue  # an operation node of the tracer, not a model tensor
+        specs, link = item_slots(mod, name, item.dep.handler, getattr(target, "pruning_dim", -1))
+        if not specs and link is None:
+            continue
+        by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
+        for spec in specs:
+            slots.append((spec, name, by_root))
+        if link is not None:
+            if by_root.shape[1] != 1:
+                raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
+            links.append((link, by_root[:, 0]))
+    return slots, links
 
 
 def _pin_joined(raw, paired, pinned):
@@ -792,8 +821,37 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
             name = ".".join(parts[:cut])
             module = modules.get(name)
             heads = _head_count(module) if module is not None else None
-            if isinstance(heads, int) and heads > 0 and attention_layout(module) is None:
+            if (
+                isinstance(heads, int)
+                and heads > 0
+                and attention_layout(module) is None
+                and output_heads_layout(module) is None
+            ):
                 return _unknown_attention_message(modules, name, module, heads, parts[cut], root)
+    return None
+
+
+def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionError) -> str | None:
+    """A refusal naming the structure for an inconsistent trace (``exc``, see :func:`_check_coverage`) inside an
+    attention whose queries come from outside it (see :func:`outside_query_layout`) that
+    :func:`_outside_query_heads` could not trace as heads of the group carrying the queries (no single group
+    holds its keys, several head counts meet in it, or it reads channels several times); else None."""
+    modules = dict(model.named_modules())
+    tensors = [t for t in graph.tensor_dims if t in str(exc)]
+    for tensor in tensors:
+        parts = tensor.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:cut])
+            module = modules.get(name)
+            layout = outside_query_layout(module) if module is not None else None
+            if layout is not None:
+                heads, hd = layout
+                return (
+                    f"attention {name!r} ({type(module).__name__}) makes only keys and values (its qkv has 2 x "
+                    f"{heads} heads x {hd} rows): its queries come from outside it, so its heads are channels of "
+                    "the tensor they come from, and the channel group carrying them could not be traced as "
+                    f"{heads} heads of {hd} channels; fusion refused"
+                )
     return None
 
 
@@ -1540,6 +1598,7 @@ _QKV_LAYOUTS = (
     (("q", 1), ("k", 1), ("v", 1)),
     (("wq", 1), ("wk", 1), ("wv", 1)),  # CrossViT's cross-attention (its q from the class token only)
     (("qk", 2), ("v", 1)),
+    (("v", 1),),  # VOLO's outlook attention: its attention weights are a Linear's "head-blocks" rows
 )
 
 
@@ -1605,7 +1664,8 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
     :func:`_attention_heads` builds the whole head group (q/k/v rows, ``proj``'s columns, the per-head
     parameters) from the layout, and the self-check verifies it. A coupling the cut hides (a producer's output
     also read outside the attention, a normalization between the heads and ``proj``) leaves a tensor that a
-    permutation of the heads does not follow, which the self-check refuses."""
+    permutation of the heads does not follow, which the self-check refuses. The same for head-major attentions
+    (see :func:`head_major_layout`), after the norms wrapped with their layers."""
     for module in skeleton.modules():
         layout = attention_layout(module)
         if layout is None or _has_inner_layers(module, layout[2]):
@@ -1617,12 +1677,32 @@ def _cut_attention_internals(dg, skeleton: nn.Module) -> None:
         node = dg.module2node.get(module.proj)
         if node is not None:
             _cut_edges(node, node.inputs)
+    for module in skeleton.modules():
+        layout = head_major_layout(module)
+        if layout is None:
+            continue
+        # the wrapped layers' outputs are those of the norm after them (EfficientFormerV2's ConvNorm); a
+        # depthwise convolution over a producer's rows (v_local) is added to the heads' output
+        for attr in _head_major_row_layers(module, layout[3]):
+            top = getattr(module, attr)
+            last = [
+                m for m in top.modules() if _is_layer(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ][-1]
+            node = dg.module2node.get(last)
+            if node is not None:
+                _cut_edges(node, node.outputs)
+        node = dg.module2node.get(_wrapped_pointwise(module, "proj")[1])
+        if node is not None:
+            _cut_edges(node, node.inputs)
 
 
 def _attention_orders(dg, skeleton: nn.Module) -> dict:
     """``{(module name, attribute): order}`` for the attention layers whose channels are not in ViT's order:
     ``"head-first"`` q/k/v producers (see :func:`_producer_row_order`), a ``"head-last"`` ``proj`` (see
-    :func:`_proj_column_order`)."""
+    :func:`_proj_column_order`); and ``"head-blocks"``, another Linear or 1x1 convolution of the attention
+    whose rows are reshaped head first into several values per head (VOLO's outlook attention makes its
+    attention weights ``[heads, k * k, k * k]`` per position with a Linear ``attn``): its rows move with the
+    heads, one block per head."""
     orders = {}
     for name, module in skeleton.named_modules():
         layout = attention_layout(module)
@@ -1639,6 +1719,16 @@ def _attention_orders(dg, skeleton: nn.Module) -> dict:
         node = dg.module2node.get(module.proj)
         if node is not None and _proj_column_order(node, module.proj, heads, hd) == "head-last":
             orders[(name, "proj")] = "head-last"
+        own = {attr for attr, _ in producers} | {"proj"}
+        for sub_name, sub in module.named_modules():
+            node = dg.module2node.get(sub)
+            width = _pointwise(sub)
+            if sub_name.split(".", 1)[0] in own or node is None or width is None or width[1] % heads:
+                continue
+            for factors in _channel_splits(node, sub, "outputs"):
+                if width[1] > heads and [f for f in factors if f != 1][:1] == [heads]:
+                    orders[(name, sub_name)] = "head-blocks"
+                break
     return orders
 
 
@@ -1857,6 +1947,14 @@ def _attention_heads(
         per_head = _per_head_params(module, name, heads, producers)
         proj_w = f"{name}.proj.weight"
         rows = {f"{name}.{attr}.{t}" for attr, _ in producers for t in ("weight", "bias")}
+        blocks = {  # "head-blocks" layers: {tensor: (layer, rows per head)}
+            f"{name}.{sub}.{t}": (f"{name}.{sub}", _pointwise(module.get_submodule(sub))[1] // heads)
+            for (owner, sub), order in orders.items()
+            if owner == name and order == "head-blocks"
+            for t, p in module.get_submodule(sub).named_parameters(recurse=False)
+            if t in ("weight", "bias") and p is not None
+        }
+        rows |= set(blocks)
         per_head_names = {t for t, _ in per_head}
         per_head_dims = set(per_head)
         hits = [
@@ -1907,6 +2005,10 @@ def _attention_heads(
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         for tensor, layer in split_biases.items():
             slots.append(Slot(tensor, 0, OUT, "linear", False, layer, (h * hd + j)[:, :, None]))
+        for tensor, (layer, n) in blocks.items():
+            kind = "linear" if isinstance(module.get_submodule(layer[len(name) + 1 :]), nn.Linear) else "conv"
+            pos = torch.arange(heads * n).reshape(heads, n, 1)
+            slots.append(Slot(tensor, 0, OUT, kind, tensor.endswith("weight"), layer, pos))
         groups = [g for gi, g in enumerate(groups) if gi not in set(hits)]
         groups.append(ChannelGroup(f"{name}.{producers[0][0]}", heads, slots, unit_kind="head"))
     return groups
@@ -2271,21 +2373,68 @@ def verify_permutation_invariance(
 
 
 # ---------------------------------------------------------------------------- head-major attention
-def head_major_layout(module: nn.Module) -> tuple[int, int, int] | None:
-    """``(num_heads, key_dim, val_dim)`` of an attention whose one ``qkv`` Linear makes its rows head by head, each
-    head's q, k and v together: ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])`` (TinyViT,
-    LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), and a ``proj`` reading
-    ``num_heads * val_dim`` channels. Head h is rows ``h * (2 key_dim + val_dim) + j`` of qkv and columns
-    ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with ``attn_ratio`` 1 the
-    sizes are the same, so the attributes decide)."""
-    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+def head_major_layout(module: nn.Module) -> tuple[int, int, int, tuple[tuple[str, int], ...]] | None:
+    """``(num_heads, key_dim, val_dim, producers)`` of an attention whose producers make their rows head by head,
+    each head's parts together: one ``qkv`` Linear, ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim,
+    val_dim])`` (TinyViT, LeViT and EfficientFormer keep ``key_dim`` and ``val_dim`` or ``attn_ratio``), a ``q``
+    and such a ``kv`` (LeViT's subsampling attention), or ``q``, ``k`` and ``v`` of ``key_dim``, ``key_dim`` and
+    ``val_dim`` rows per head (EfficientFormerV2); and a ``proj`` reading ``num_heads * val_dim`` channels. ``producers``: ``(attribute, rows per head)``. Head h is rows ``h * width + j`` of each producer
+    and columns ``h * val_dim + j`` of proj, unlike :func:`attention_layout`'s q, k and v blocks (with
+    ``attn_ratio`` 1 the sizes are the same, so the attributes decide). The layers may be wrapped with a
+    per-channel norm (see :func:`_wrapped_pointwise`)."""
     heads, dims = getattr(module, "num_heads", None), _key_value_dims(module)
-    if qkv is None or proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
+    proj = _wrapped_pointwise(module, "proj")
+    if proj is None or dims is None or not (isinstance(heads, int) and heads > 0):
         return None
     kd, vd = dims
-    if qkv[1] != heads * (2 * kd + vd) or proj[0] != heads * vd:
+    for producers in (
+        (("qkv", 2 * kd + vd),),
+        (("q", kd), ("kv", kd + vd)),
+        (("q", kd), ("k", kd), ("v", vd)),
+    ):
+        layers = [_wrapped_pointwise(module, attr) for attr, _ in producers]
+        if (
+            all(
+                layer is not None and _pointwise(layer[1])[1] == heads * width
+                for layer, (_, width) in zip(layers, producers)
+            )
+            and _pointwise(proj[1])[0] == heads * vd
+        ):
+            return heads, kd, vd, producers
+    return None
+
+
+def _wrapped_pointwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
+    """``(path, layer)``: attribute ``attr`` of ``module`` when it is a Linear or 1x1 convolution (see
+    :func:`_pointwise`), or the one such layer inside it when everything else there keeps the channels apart
+    (LeViT's ``LinearNorm``, a Linear and a BatchNorm over its outputs; its ``proj``, an activation and a
+    ``LinearNorm``; EfficientFormerV2's ``ConvNorm``): per-channel norms and parameter-free modules. A query
+    made by a last such layer after layers over the attention's input (EfficientFormerV2's ``LocalGlobalQuery``:
+    a depthwise convolution and a pooling of the input, then ``proj``) is that last layer: its rows are the
+    query's. ``path`` is relative to ``module``."""
+    top = getattr(module, attr, None)
+    if not isinstance(top, nn.Module):
         return None
-    return heads, kd, vd
+    if _pointwise(top) is not None:
+        return attr, top
+    layers = [(n, m) for n, m in top.named_modules() if _is_layer(m)]
+    if not layers or _pointwise(layers[-1][1]) is None:
+        return None
+    if len(layers) > 1 and not (attr == "q" and all(_is_depthwise(m) for _, m in layers[:-1])):
+        return None
+    inner = {m for _, layer in layers for m in layer.modules()}
+    for m in top.modules():
+        if (
+            m not in inner
+            and list(m.parameters(recurse=False))
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ):
+            return None
+    return f"{attr}.{layers[-1][0]}", layers[-1][1]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels > 1
 
 
 def _key_value_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -2311,13 +2460,16 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
         layout = head_major_layout(module)
         if layout is None:
             continue
-        heads, kd, vd = layout
-        width = 2 * kd + vd
-        per_head = _per_head_params(module, name, heads, (("qkv", 1),))
-        qkv = module.qkv
-        rows = {f"{name}.qkv.weight"} | ({f"{name}.qkv.bias"} if qkv.bias is not None else set())
-        proj_w = f"{name}.proj.weight"
-        mine = {(t, 0) for t in rows} | {(proj_w, 1)} | set(per_head)
+        heads, _, vd, producers = layout
+        per_head = _per_head_params(module, name, heads, producers)
+        paths = {attr: _wrapped_pointwise(module, attr)[0] for attr, _ in producers}
+        proj_path, proj = _wrapped_pointwise(module, "proj")
+        rows = {attr: _row_tensors(module, name, attr, paths[attr]) for attr, _ in producers}
+        for attr, subs in _depthwise_rows(module, producers).items():
+            for sub in subs:
+                rows[attr] |= _row_tensors(module, name, sub, _wrapped_depthwise(module, sub)[0])
+        proj_w = f"{name}.{proj_path}.weight"
+        mine = {(t, 0) for r in rows.values() for t in r} | {(proj_w, 1)} | set(per_head)
         hits = {gi for gi, g in enumerate(groups) for s in g.slots if (s.tensor, s.dim) in mine}
         for gi in hits:
             extra = [s.tensor for s in groups[gi].slots if s.tensor not in {t for t, _ in mine}]
@@ -2326,18 +2478,296 @@ def _head_major_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[C
                     f"attention {name!r} (heads of q, k and v together): its q/k/v channels are coupled to "
                     f"{extra[0]!r}; not supported"
                 )
-        kind = "linear" if isinstance(qkv, nn.Linear) else "conv"
-        pos = torch.arange(heads * width).reshape(heads, width, 1)
         slots = [
-            Slot(t, 0, OUT, kind, t.endswith("weight"), f"{name}.qkv", pos)
-            for t in sorted(rows, reverse=True)
+            Slot(
+                t,
+                0,
+                OUT,
+                kind,
+                t.endswith("weight"),
+                layer,
+                torch.arange(heads * width).reshape(heads, width, 1),
+            )
+            for attr, width in producers
+            for t, (kind, layer) in sorted(rows[attr].items(), reverse=True)
         ]
-        kind = "linear" if isinstance(module.proj, nn.Linear) else "conv"
+        kind = "linear" if isinstance(proj, nn.Linear) else "conv"
         slots.append(
-            Slot(proj_w, 1, IN, kind, True, f"{name}.proj", torch.arange(heads * vd).reshape(heads, vd, 1))
+            Slot(
+                proj_w,
+                1,
+                IN,
+                kind,
+                True,
+                f"{name}.{proj_path}",
+                torch.arange(heads * vd).reshape(heads, vd, 1),
+            )
         )
         for tensor, d in per_head:
             slots.append(Slot(tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in hits]
-        groups.append(ChannelGroup(f"{name}.qkv", heads, slots, unit_kind="head"))
+        groups.append(ChannelGroup(f"{name}.{paths[producers[0][0]]}", heads, slots, unit_kind="head"))
     return groups
+
+
+def _head_major_row_layers(module: nn.Module, producers) -> dict[str, str]:
+    """``{attribute: path of its layer}`` for the layers that make a head-major attention's rows: its producers
+    (see :func:`_wrapped_pointwise`) and the depthwise convolutions over them (see :func:`_depthwise_rows`)."""
+    out = {attr: _wrapped_pointwise(module, attr)[0] for attr, _ in producers}
+    for subs in _depthwise_rows(module, producers).values():
+        out |= {sub: _wrapped_depthwise(module, sub)[0] for sub in subs}
+    return out
+
+
+def _wrapped_depthwise(module: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
+    """``(path, conv)``: attribute ``attr`` of ``module`` when it is a depthwise convolution, or the one
+    convolution inside it when it is depthwise and the rest are per-channel norms (EfficientFormerV2's
+    ``ConvNorm``)."""
+    top = getattr(module, attr, None)
+    if not isinstance(top, nn.Module):
+        return None
+    layers = [(n, m) for n, m in top.named_modules() if _is_layer(m)]
+    others = [
+        m
+        for m in top.modules()
+        if list(m.parameters(recurse=False))
+        and not _is_layer(m)
+        and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if len(layers) != 1 or others:
+        return None
+    path, conv = layers[0]
+    if not _is_depthwise(conv):
+        return None
+    return (f"{attr}.{path}" if path else attr), conv
+
+
+def _depthwise_rows(module: nn.Module, producers) -> dict[str, list[str]]:
+    """``{producer: [attributes]}``: depthwise convolutions of an attention over one producer's rows
+    (EfficientFormerV2's ``v_local``, a depthwise convolution of v added to the heads' output), found by their
+    width: a width two producers share, or no producer has, is left to the self-check. Their channels are the
+    producer's rows, so they move with them."""
+    widths = {attr: _pointwise(_wrapped_pointwise(module, attr)[1])[1] for attr, _ in producers}
+    out: dict = {}
+    for attr, _ in module.named_children():
+        conv = _wrapped_depthwise(module, attr)
+        if attr in widths or attr == "proj" or conv is None:
+            continue
+        owners = [p for p, w in widths.items() if w == conv[1].out_channels]
+        if len(owners) == 1:
+            out.setdefault(owners[0], []).append(attr)
+    return out
+
+
+def _row_tensors(module: nn.Module, name: str, attr: str, path: str) -> dict[str, tuple[str, str]]:
+    """``{tensor: (kind, layer)}``: the output rows of the layer at ``path`` inside ``module`` (named ``name``) and
+    those of a per-channel norm over its outputs inside the same attribute ``attr`` (see
+    :func:`_wrapped_pointwise`), all indexed like the layer's rows."""
+    rows = {}
+    for sub, m in getattr(module, attr).named_modules(prefix=f"{name}.{attr}"):
+        if sub == f"{name}.{path}" or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            kind = (
+                "bn"
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                else ("linear" if isinstance(m, nn.Linear) else "conv")
+            )
+            tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+            rows |= {
+                f"{sub}.{t}": (kind, sub)
+                for t, v in tensors.items()
+                if v is not None and v.dim() >= 1 and t != "num_batches_tracked"
+            }
+    return rows
+
+
+def output_heads_layout(module: nn.Module) -> tuple[int, int, dict[str, torch.Tensor]] | None:
+    """``(num_heads, dim_head_v, rows)`` of an attention with no ``proj`` whose output is its heads' values, head by
+    head (channel ``h * dim_head_v + j``), read by the layers after it: timm's ``BottleneckAttn`` (BoTNet: one
+    1x1-conv ``qkv`` making blocks of q, k and v, each head by head) and ``HaloAttn`` (a ``q``, and a ``kv``
+    making each head's k and v together), which keep ``dim_head_qk`` and ``dim_head_v``. ``rows``: per producer,
+    the rows of each head, ``[heads, width, repeats]`` (-1 pads), repeats in the layer's order (q, k, v blocks),
+    so that assembly keeps it."""
+    heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_head_qk", "dim_head_v"))
+    if not all(isinstance(v, int) and v > 0 for v in (heads, dqk, dv)) or hasattr(module, "proj"):
+        return None
+    qkv, q, kv = (_pointwise(getattr(module, a, None)) for a in ("qkv", "q", "kv"))
+    if qkv is not None and qkv[1] == heads * (2 * dqk + dv):
+        h, j = torch.arange(heads)[:, None], torch.arange(max(dqk, dv))[None, :]
+        blocks = [(0, dqk), (heads * dqk, dqk), (2 * heads * dqk, dv)]
+        rows = torch.stack([torch.where(j < w, start + h * w + j, -1) for start, w in blocks], -1)
+        return heads, dv, {"qkv": rows}
+    if q is not None and kv is not None and q[1] == heads * dqk and kv[1] == heads * (dqk + dv):
+        return (
+            heads,
+            dv,
+            {
+                "q": torch.arange(heads * dqk).reshape(heads, dqk, 1),
+                "kv": torch.arange(heads * (dqk + dv)).reshape(heads, dqk + dv, 1),
+            },
+        )
+    return None
+
+
+def _cut_output_heads(dg, skeleton: nn.Module, outputs: dict) -> None:
+    """Cut torch-pruning's graph around every attention :func:`output_heads_layout` recognises: after its
+    producers and before its output (``outputs``: the grad_fn of each one's output, recorded while the graph was
+    built). Inside, channels are reshaped into heads next to the spatial positions (see
+    :func:`_cut_attention_internals`); what couples them is the layout, and the channels of the output are
+    walked from the output on (:func:`_output_slots`). The graph node of each output is kept on the graph as
+    ``dg.fusion_attention_outputs``."""
+    found = {}
+    modules = dict(skeleton.named_modules())
+    by_grad_fn = {id(node.grad_fn): node for node in dg.module2node.values() if node.grad_fn is not None}
+    for name, grad_fn in outputs.items():
+        node = by_grad_fn.get(id(grad_fn)) if grad_fn is not None else None
+        if node is None:
+            raise FusionError(
+                f"attention {name!r}: its output is not in torch-pruning's graph; fusion refused"
+            )
+        for attr in output_heads_layout(modules[name])[2]:
+            producer = dg.module2node.get(getattr(modules[name], attr))
+            if producer is not None:
+                _cut_edges(producer, producer.outputs)
+        _cut_edges(node, node.inputs)
+        found[name] = node
+    dg.fusion_attention_outputs = found
+
+
+def _output_slots(dg, skeleton: nn.Module, module_names: dict, param_names: dict) -> dict:
+    """Per attention :func:`output_heads_layout` recognises, the slots of the tensors its output channels reach
+    (the walk from its output node, as for a layer's output channels: the norm after it, the columns of the
+    next layer...): ``{attention: [(SlotSpec, layer, positions[channels, r])]}``."""
+    modules = dict(skeleton.named_modules())
+    out = {}
+    for name, node in getattr(dg, "fusion_attention_outputs", {}).items():
+        heads, dv, _ = output_heads_layout(modules[name])
+        pruner = dg.get_pruner_of_module(node.module)
+        if pruner is None:
+            raise FusionError(
+                f"attention {name!r}: torch-pruning has no rule for the operation making its output; fusion refused"
+            )
+        items, mixed = _pruning_group(dg, node.module, pruner.prune_out_channels, list(range(heads * dv)))
+        slots, links = _item_slots(items, heads * dv, module_names, param_names)
+        if mixed or links:
+            raise FusionError(
+                f"attention {name!r}: the channels of its output are mixed with each other or read by a grouped "
+                "convolution after it; fusion refused"
+            )
+        out[name] = slots
+    return out
+
+
+def _output_heads(skeleton: nn.Module, groups: list[ChannelGroup], outputs: dict) -> list[ChannelGroup]:
+    """One group of whole heads per attention :func:`output_heads_layout` recognises: its producers' rows of each
+    head and the tensors its output channels reach (``outputs``, see :func:`_output_slots`), channel
+    ``h * dim_head_v + j`` being head h's. The groups the cut walks left on the producers' rows or on those
+    tensors are replaced; one that also holds other tensors is refused by name. Such attentions have no
+    per-head parameters: their relative-position tables ``[positions, dim_head_qk]`` are read by every head
+    (with 8 heads of 8 channels a size says nothing), so they stay out of the group and are averaged across
+    members; a per-head tensor would be left unpermuted, which the self-check refuses."""
+    for name, module in skeleton.named_modules():
+        layout = output_heads_layout(module)
+        if layout is None:
+            continue
+        heads, dv, rows = layout
+        slots = []
+        for attr, pos in rows.items():
+            layer = getattr(module, attr)
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            for t in ("weight", "bias"):
+                if getattr(layer, t, None) is not None:
+                    slots.append(
+                        Slot(f"{name}.{attr}.{t}", 0, OUT, kind, t == "weight", f"{name}.{attr}", pos)
+                    )
+        for spec, layer, by_root in outputs.get(name, []):
+            slots.append(_slot(spec, layer, by_root.reshape(heads, dv, -1)))
+        mine = {(sl.tensor, sl.dim) for sl in slots}
+        hits = {gi for gi, g in enumerate(groups) for sl in g.slots if (sl.tensor, sl.dim) in mine}
+        for gi in hits:
+            extra = [sl.tensor for sl in groups[gi].slots if (sl.tensor, sl.dim) not in mine]
+            if extra:
+                raise FusionError(
+                    f"attention {name!r} (its output is its heads' values): its channels are coupled to "
+                    f"{extra[0]!r}; not supported"
+                )
+        groups = [g for gi, g in enumerate(groups) if gi not in hits]
+        groups.append(ChannelGroup(f"{name}.{next(iter(rows))}", heads, slots, unit_kind="head"))
+    return groups
+
+
+# ---------------------------------------------------------------------------- queries from outside the attention
+def outside_query_layout(module: nn.Module) -> tuple[int, int] | None:
+    """``(num_heads, head_dim)`` of an attention whose ``qkv`` Linear makes only keys and values (``2 * num_heads *
+    head_dim`` rows: k, then v, each head by head) and whose ``proj`` reads ``num_heads * head_dim`` channels: its
+    queries come from outside it (GCViT's ``WindowAttentionGlobal``: the stage's global query, made from the
+    stage's input by convolutions with a shortcut, read by every other block), channel ``h * head_dim + j`` of
+    that tensor being channel j of head h. Else None."""
+    heads, hd = _head_count(module), getattr(module, "head_dim", None)
+    qkv, proj = _pointwise(getattr(module, "qkv", None)), _pointwise(getattr(module, "proj", None))
+    if (
+        not (isinstance(heads, int) and isinstance(hd, int) and heads > 0 and hd > 0)
+        or qkv is None
+        or proj is None
+    ):
+        return None
+    if attention_layout(module) is not None or not qkv[1] == 2 * heads * hd == 2 * proj[0]:
+        return None
+    return heads, hd
+
+
+def _outside_query_heads(skeleton: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Trace attentions whose queries come from outside them (see :func:`outside_query_layout`) as heads of the
+    channel group that carries those queries: the walk reaches their keys from the queries (``q @ k``), so that
+    group holds their qkv rows. Its units become whole heads, channel ``h * head_dim + j`` of its root being
+    channel j of head h (every layer of that group, a whole stage's residual stream in GCViT, then moves head by
+    head); each attention's k and v rows, ``proj``'s columns and per-head parameters move with its heads. Groups
+    that hold only those tensors are replaced; anything else is left to the coverage check and the self-check."""
+    found: dict = {}  # group index -> [(attention name, module, heads, head_dim)]
+    for name, module in skeleton.named_modules():
+        layout = outside_query_layout(module)
+        if layout is None:
+            continue
+        gis = [
+            gi
+            for gi, g in enumerate(groups)
+            for s in g.slots
+            if (s.tensor, s.dim) == (f"{name}.qkv.weight", 0)
+        ]
+        if len(set(gis)) == 1:
+            found.setdefault(gis[0], []).append((name, module, *layout))
+    drop = set()
+    for gi, attentions in found.items():
+        g = groups[gi]
+        heads = {h for _, _, h, _ in attentions}
+        hds = {hd for _, _, _, hd in attentions}
+        if len(heads) != 1 or len(hds) != 1:
+            continue
+        heads, hd = heads.pop(), hds.pop()
+        own = {}  # (tensor, dim) -> slot, laid out by the attentions
+        for name, module, _, _ in attentions:
+            h, j, r = torch.meshgrid(torch.arange(heads), torch.arange(hd), torch.arange(2), indexing="ij")
+            rows = r * heads * hd + h * hd + j
+            for t in ("weight", "bias"):
+                if getattr(module.qkv, t, None) is not None:
+                    own[(f"{name}.qkv.{t}", 0)] = Slot(
+                        f"{name}.qkv.{t}", 0, OUT, "linear", t == "weight", f"{name}.qkv", rows
+                    )
+            cols = torch.arange(heads * hd).reshape(heads, hd, 1)
+            own[(f"{name}.proj.weight", 1)] = Slot(
+                f"{name}.proj.weight", 1, IN, "linear", True, f"{name}.proj", cols
+            )
+            for tensor, d in _per_head_params(module, name, heads, (("qkv", 2),)):
+                own[(tensor, d)] = Slot(
+                    tensor, d, OUT, "param", False, name, torch.arange(heads)[:, None, None]
+                )
+        others = [s for s in g.slots if (s.tensor, s.dim) not in own]
+        if g.n_units != heads * hd or any(s.positions.shape[1] != 1 for s in others):
+            continue
+        slots = [_slot(s, s.layer, s.positions.reshape(heads, hd, -1)) for s in others] + list(own.values())
+        groups[gi] = ChannelGroup(g.name, heads, slots, unit_kind="head")
+        drop |= {
+            other
+            for other, og in enumerate(groups)
+            if other != gi and og.slots and all((s.tensor, s.dim) in own for s in og.slots)
+        }
+    return [g for gi, g in enumerate(groups) if gi not in drop]
