@@ -401,7 +401,9 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     module_names = {m: n for n, m in skeleton.named_modules()}
     param_names = {p: n for n, p in skeleton.named_parameters()}
 
-    raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
+    # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C, r])],
+    # the part of each root channel (coupled parts, see _coupled_units) or None)
+    raw = []
     attention = {
         f"{n}.{attr}"
         for n, mod in skeleton.named_modules()
@@ -429,13 +431,17 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
             for spec in specs:
                 slots.append((spec, name, by_root))
             if link is not None:
-                if by_root.shape[1] != 1:
+                if by_root.shape[1] != 1 and meetings is None:
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
-                links.append((link, by_root[:, 0]))
-        if meetings is not None:
-            paired.append(_coupled_units(root_name, n_root, slots, links, *meetings))
+                links.append((link, by_root))
+        if meetings is not None and links:
+            # split attention: the coupled parts are blocks of a grouped convolution, units are made with its blocks
+            parts = _coupled_parts(root_name, n_root, *meetings)
+            raw.append((root_name, n_root, slots, links, parts))
+        elif meetings is not None:
+            paired.append(_coupled_units(root_name, n_root, slots, *meetings))
         elif slots or links:
-            raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
+            raw.extend(_split_by_reach((root_name, n_root, slots, links, None), _reach(items, n_root)))
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
@@ -472,7 +478,7 @@ def _meetings(mixed, module_names: dict, root_name: str) -> tuple[list[tuple[int
     return [(int(a), int(b)) for _, a, b in mixed], refusal
 
 
-def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: str = "") -> ChannelGroup:
+def _coupled_units(root_name: str, n_root: int, slots, pairs, refusal: str = "") -> ChannelGroup:
     """One group whose units are the root channels that meet (connected components of ``pairs``), each unit's
     channels in root order along the repeat axis of every slot.
 
@@ -485,6 +491,29 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: st
     Every unit must also have the same shape in every tensor (be reached at the same repeats): otherwise the
     parts have fixed sizes (a split into unequal parts) that selecting units would break; refused by name.
     """
+    parts = _coupled_parts(root_name, n_root, pairs, refusal)
+    k = int(parts.max()) + 1
+    n_units = n_root // k
+    roots = torch.arange(n_root).reshape(k, n_units).T
+    where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
+    out = []
+    for spec, name, by_root in slots:
+        pos = by_root[roots]  # [n_units, k, R]
+        pos = pos.reshape(n_units, 1, -1)
+        valid = pos >= 0
+        if not torch.equal(valid, valid[:1].expand_as(valid)):
+            raise FusionError(
+                f"{where}, but {name!r} is reached by some of the coupled units only (a split into parts of fixed "
+                "sizes): selecting units would change those sizes; fusion refused"
+            )
+        out.append(_slot(spec, name, pos))
+    return ChannelGroup(root_name, n_units, out, unit_kind="coupled channels")
+
+
+def _coupled_parts(root_name: str, n_root: int, pairs, refusal: str = "") -> torch.Tensor:
+    """The part of each root channel when the channels that meet (``pairs``) are k equal parts whose i-th
+    channels meet (see :func:`_coupled_units`): root r is channel ``r mod U`` of part ``r // U``. Any other
+    pattern is refused with ``refusal``."""
     parent = list(range(n_root))
 
     def find(x):
@@ -506,21 +535,7 @@ def _coupled_units(root_name: str, n_root: int, slots, links, pairs, refusal: st
         raise FusionError(
             refusal or f"the channels of the group rooted at {root_name!r} meet; fusion refused"
         )
-    where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
-    if links:
-        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
-    out = []
-    for spec, name, by_root in slots:
-        pos = by_root[roots]  # [n_units, k, R]
-        pos = pos.reshape(n_units, 1, -1)
-        valid = pos >= 0
-        if not torch.equal(valid, valid[:1].expand_as(valid)):
-            raise FusionError(
-                f"{where}, but {name!r} is reached by some of the coupled units only (a split into parts of fixed "
-                "sizes): selecting units would change those sizes; fusion refused"
-            )
-        out.append(_slot(spec, name, pos))
-    return ChannelGroup(root_name, n_units, out, unit_kind="coupled channels")
+    return torch.arange(n_root) // n_units
 
 
 def _interleaved_dims(graph: ChannelGraph) -> set:
@@ -996,6 +1011,25 @@ def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None]
             r, outer = nest
             same = r == 1 and outer == 1
             return b, None if same else _AxisMap(int(in_shape[axis]), r, outer, True)
+    return _pooled_split(in_shape, axis, out_shape)
+
+
+def _pooled_split(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap] | None:
+    """A per-channel vector (every axis but the batch and the channels of size 1) viewed as ``(parts,
+    channels)``: the attention weights over the paths of selective kernel and split attention (ResNeSt's
+    ``(B, radix * C, 1, 1) -> (B, cardinality, radix, C / cardinality)``, softmaxed over the radix). The
+    channels are the fastest-varying part (the last axis of size > 1 inside the channel axis) and channel i
+    of every part is the same channel: ``i -> i mod C``, so the parts' i-th channels meet (coupled units)."""
+    if any(int(n) != 1 for d, n in enumerate(in_shape) if d not in (0, axis)):
+        return None
+    for b in range(len(out_shape) - 1, 0, -1):
+        if int(out_shape[b]) == 1:
+            continue
+        nest = _nesting(out_shape, b, in_shape, axis)
+        if nest is None:
+            return None
+        r, outer = nest
+        return b, _AxisMap(int(out_shape[b]), r, outer, False)
     return None
 
 
@@ -1375,7 +1409,7 @@ def _split_by_reach(group, reach: torch.Tensor) -> list:
     slots and grouped-convolution links a class does not reach are dropped from it. A group whose channels
     all take the same paths comes back as it is.
     """
-    root, n_root, slots, links = group
+    root, n_root, slots, links, _ = group
     if n_root == 0 or reach.shape[1] == 0:
         return [group]
     kinds, cls = torch.unique(reach, dim=0, return_inverse=True)
@@ -1393,7 +1427,7 @@ def _split_by_reach(group, reach: torch.Tensor) -> list:
             if width:
                 sub_slots.append((spec, name, pos[rows, :width]))
         sub_links = [(link, conv_pos[rows]) for link, conv_pos in links if bool((conv_pos[rows] >= 0).all())]
-        out.append((root, rows.numel(), sub_slots, sub_links))
+        out.append((root, rows.numel(), sub_slots, sub_links, None))
     return out
 
 
@@ -1404,6 +1438,12 @@ def _merge_units(raw) -> list[ChannelGroup]:
     channels tied by such blocks must move together: the units are the connected components of the relation
     "in the same block of some grouped convolution" (a block of the input side being joined to the same block
     of the output side). Plain groups keep one channel per unit.
+
+    A group coupled across k equal parts (split attention: ``parts``, see :func:`_coupled_parts`) whose parts
+    are blocks of a grouped convolution (ResNeSt's radix blocks) joins its parts' i-th channels into one unit
+    too, and gives each block of the convolution its part, which the group on the other side of the
+    convolution takes. Each unit then keeps its channels part by part along the repeat axis, so a new model
+    has every kept unit's part 0, then every kept unit's part 1... (the layout of the radix view).
     """
     parent: dict = {}
 
@@ -1421,12 +1461,24 @@ def _merge_units(raw) -> list[ChannelGroup]:
         int, torch.Tensor
     ] = {}  # within a unit, channels keep the order a grouped conv reads them in
     linked = set()
-    for gi, (root, _n_root, _slots, links) in enumerate(raw):
+    coupled: dict = {}  # grouped convolutions whose blocks hold coupled parts -> (blocks, parts, group's root)
+    for gi, (root, n_root, _slots, links, parts) in enumerate(raw):
+        if parts is not None:
+            n_units = n_root // (int(parts.max()) + 1)
+            order_key[gi] = torch.arange(n_root)  # the coupled layout is the root layer's order
+            for r in range(n_root):
+                union(("ch", gi, r), ("ch", gi, r % n_units))
         for link, conv_pos in links:
             link: GroupedConvLink
             linked.add(gi)
-            for r, pos in enumerate(conv_pos.tolist()):
-                union(("ch", gi, r), ("block", link.layer, pos // link.block))
+            for r, row in enumerate(conv_pos.tolist()):
+                for pos in row:
+                    if pos >= 0:
+                        union(("ch", gi, r), ("block", link.layer, pos // link.block))
+            conv_pos = conv_pos[:, 0]
+            if parts is not None:
+                coupled[link.layer] = (link.groups, int(parts.max()) + 1, root)
+                continue
             if link.side == IN:
                 if gi in order_key and not torch.equal(order_key[gi], conv_pos):
                     raise FusionError(
@@ -1437,12 +1489,26 @@ def _merge_units(raw) -> list[ChannelGroup]:
             elif gi not in order_key:
                 order_key[gi] = conv_pos
 
+    # a block's part: its rank among the blocks of its convolution in the same unit (the radix view is part-major)
+    block_part: dict = {}
+    for layer, (n_blocks, k, root) in coupled.items():
+        seen: dict = {}
+        for b in range(n_blocks):
+            comp = find(("block", layer, b))
+            block_part[(layer, b)] = seen[comp] = seen.get(comp, -1) + 1
+        if any(n != k - 1 for n in seen.values()):
+            # (ResNeSt with cardinality > 1: fc2's blocks are the cardinal groups, each holding every radix part)
+            raise FusionError(
+                f"the channels of the group rooted at {root!r} are coupled across {k} equal parts, but the blocks "
+                f"of grouped convolution {layer!r} are not one part each: a fused model could not keep each "
+                "member's parts in their blocks; fusion refused"
+            )
     groups = []
     group_units: dict[int, list] = {}
     touching: dict = {}  # component -> groups with channels in it
     for gi in range(len(raw)):
         if gi not in linked:
-            _, n_root, slots, _ = raw[gi]
+            _, n_root, slots, _, _ = raw[gi]
             groups.append(
                 ChannelGroup(raw[gi][0], n_root, [_slot(s, n, pos[:, None, :]) for s, n, pos in slots])
             )
@@ -1464,20 +1530,38 @@ def _merge_units(raw) -> list[ChannelGroup]:
         n_units = len(comp_ids)
         slots = []
         for gi, units in members:
-            root, n_root, gslots, _ = raw[gi]
+            root, n_root, gslots, links, parts = raw[gi]
+            if parts is None:
+                parts = _parts_of_blocks(root, n_root, links, block_part)
+            k = int(parts.max()) + 1
             unit = torch.tensor([index[u] for u in units])
-            counts = torch.bincount(unit, minlength=n_units)
-            if counts.ne(counts[0]).any() or n_root % n_units:
+            counts = torch.bincount(unit * k + parts, minlength=n_units * k)
+            if counts.ne(counts[0]).any() or n_root % (n_units * k):
                 raise FusionError(
                     f"the channels of group {root!r} do not split evenly into convolution blocks"
                 )
-            order = torch.argsort(
-                unit * (n_root + 1) + torch.argsort(torch.argsort(order_key[gi])), stable=True
-            )
+            rank = torch.argsort(torch.argsort(order_key[gi]))
+            order = torch.argsort((unit * k + parts) * (n_root + 1) + rank, stable=True)
+            m = n_root // (n_units * k)
             for spec, name, pos in gslots:
-                slots.append(_slot(spec, name, pos[order].reshape(n_units, n_root // n_units, pos.shape[1])))
+                pos = pos[order].reshape(n_units, k, m, pos.shape[1]).transpose(1, 2)
+                slots.append(_slot(spec, name, pos.reshape(n_units, m, -1)))
         groups.append(ChannelGroup(raw[members[0][0]][0], n_units, slots, unit_kind="conv-block"))
     return groups
+
+
+def _parts_of_blocks(root: str, n_root: int, links, block_part: dict) -> torch.Tensor:
+    """The coupled part of each channel of a group, from the blocks of grouped convolutions its channels are
+    in (``block_part``, see :func:`_merge_units`); 0 where no block holds a part."""
+    parts = torch.full((n_root,), -1, dtype=torch.long)
+    for link, conv_pos in links:
+        for r, pos in enumerate(conv_pos[:, 0].tolist()):
+            part = block_part.get((link.layer, pos // link.block))
+            if part is not None:
+                if int(parts[r]) not in (-1, part):
+                    raise FusionError(f"the channels of group {root!r} hold different parts of split attentions")
+                parts[r] = part
+    return parts.clamp(min=0)
 
 
 # the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim

@@ -416,14 +416,14 @@ def test_coupled_units_only_over_equal_parts():
         (scale, "scale", torch.tensor([[-1], [-1], [-1], [0]])),
     ]
     with pytest.raises(fusion.FusionError, match=r"'scale' is reached by some of the coupled units only"):
-        _coupled_units("fc1", 4, slots, [], [(0, 2), (1, 3)])
+        _coupled_units("fc1", 4, slots, [(0, 2), (1, 3)])
     # uniform pairs are units of two channels along the repeat axis
-    group = _coupled_units("fc1", 4, slots[:1], [], [(0, 2), (1, 3)])
+    group = _coupled_units("fc1", 4, slots[:1], [(0, 2), (1, 3)])
     assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
     # neighbours, a chain, a lone pair, components of unequal sizes ({0, 1, 2} and {3}: edgenext crashed here)
     for pairs in ([(0, 1), (2, 3)], [(0, 1), (1, 2), (2, 3)], [(0, 2)], [(0, 1), (1, 2)]):
         with pytest.raises(fusion.FusionError, match="mixed here"):
-            _coupled_units("fc1", 4, slots[:1], [], pairs, "mixed here")
+            _coupled_units("fc1", 4, slots[:1], pairs, "mixed here")
 
 
 # ---------------------------------------------------------------------------- per-channel buffers and params
