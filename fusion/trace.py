@@ -28,7 +28,16 @@ from . import trace_cache
 from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot
-from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
+from .layers import (
+    IN,
+    OUT,
+    ROOT_TYPES,
+    GroupedConvLink,
+    customized_pruners,
+    item_slots,
+    recurrent_as_one_operation,
+    recurrent_refusal,
+)
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
@@ -313,6 +322,7 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
         warnings.catch_warnings(),
         _tolerant_index_mapping(),
         functional_linears_as_modules(skeleton),
+        recurrent_as_one_operation(skeleton),
     ):
         warnings.simplefilter("ignore")
         try:
@@ -367,11 +377,13 @@ def _channels_last_parameter(dg, node) -> bool:
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.RNNBase, nn.MultiheadAttention)):
+        if isinstance(mod, nn.MultiheadAttention):
             raise FusionError(
-                f"cannot fuse module {name!r} ({type(mod).__name__}): recurrent and nn.MultiheadAttention "
-                "layers are not supported"
+                f"cannot fuse module {name!r} ({type(mod).__name__}): nn.MultiheadAttention is not supported"
             )
+        reason = recurrent_refusal(name, mod) if isinstance(mod, nn.RNNBase) else None
+        if reason:
+            raise FusionError(reason)
     skeleton = meta_copy(model).eval()
     meta_inputs = map_inputs(example_inputs, lambda t: torch.empty_like(t, device="meta"))
     if output_layers is None:
@@ -417,7 +429,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         root_name = module_names.get(items[0].dep.target.module, "?")
         # attention: q and k meet per head, handled by _attention_heads
         meetings = _meetings(mixed, module_names, root_name) if mixed and root_name not in attention else None
-        slots, links = [], []
+        slots, links, spans = [], [], []
         for item in items:
             target = item.dep.target
             mod = target.module
@@ -429,7 +441,9 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                 continue
             by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
             for spec in specs:
-                slots.append((spec, name, by_root))
+                slots.append((spec, name, spec.positions(by_root)))
+                if spec.count:  # a part of the layer's channels (one direction of a recurrent layer)
+                    spans.append((slots[-1][2] >= 0).sum(1))
             if link is not None:
                 if by_root.shape[1] != 1 and meetings is None:
                     raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
@@ -441,7 +455,9 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         elif meetings is not None:
             paired.append(_coupled_units(root_name, n_root, slots, *meetings))
         elif slots or links:
-            raw.extend(_split_by_reach((root_name, n_root, slots, links, None), _reach(items, n_root)))
+            # roots reaching different parts of one layer's channels are not interchangeable either
+            reach = torch.cat([_reach(items, n_root)] + [s[:, None] for s in spans], 1)
+            raw.extend(_split_by_reach((root_name, n_root, slots, links, None), reach))
 
     groups = _head_major_heads(skeleton, _attention_heads(skeleton, _merge_units(raw) + paired, head_orders))
     shapes = {n: tuple(t.shape) for n, t in full_state(skeleton).items()}
@@ -1092,7 +1108,7 @@ def _axis_of(node, axes: dict, node_of: dict) -> int | None:
         return None
     nd = len(out)
     if isinstance(mod, nn.Module) and type(mod).__module__ != tp.ops.__name__:  # a layer, not an operation
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, (nn.Linear, nn.RNNBase)):
             return nd - 1
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
             return 1 if nd >= 2 else None
@@ -1559,7 +1575,7 @@ def _parts_of_blocks(root: str, n_root: int, links, block_part: dict) -> torch.T
             part = block_part.get((link.layer, pos // link.block))
             if part is not None:
                 if int(parts[r]) not in (-1, part):
-                    raise FusionError(f"the channels of group {root!r} hold different parts of split attentions")
+                    raise FusionError(f"the channels of {root!r} hold different parts of a split attention")
                 parts[r] = part
     return parts.clamp(min=0)
 

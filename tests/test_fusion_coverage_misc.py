@@ -3,6 +3,8 @@
 * split attention (timm's ``SplitAttn``, ResNeSt): a grouped convolution whose blocks are the radix parts, viewed
   as ``(B, radix, C)`` and softmaxed over the radix: the parts' i-th channels are coupled and the members'
   blocks interleave part by part in a fused model (NT at sparsity 0 is the ensemble);
+* recurrent layers (``nn.LSTM`` in timm's ``LSTM2d``, Sequencer; ``nn.GRU``, ``nn.RNN``): a hidden unit is one row
+  per gate of its direction's weights and biases and a column of its ``weight_hh``; each direction is a group;
 
 Models are small, hand-built from the timm modules (the timm families are walked by ``fusebench zoo``).
 """
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.layers import SplitAttn
+from timm.models.sequencer import LSTM2d
 
 import fusion
 from fusion.build import build_model
@@ -114,3 +117,86 @@ def test_split_attention_with_cardinal_groups_is_refused():
     """With cardinality 2, fc2's blocks each hold both radix parts: no fused layout keeps the members apart."""
     with pytest.raises(FusionError, match="not one part each"):
         fusion.channel_groups(_members(lambda: SplitNet(2, 2), 1)[0], _X)
+
+
+# ---------------------------------------------------------------------------- recurrent layers
+class SequencerNet(nn.Module):
+    """timm's LSTM2d (Sequencer): bidirectional, batch-first LSTMs along the rows and the columns of an NHWC map,
+    concatenated and mixed by a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(3, 8)
+        self.rnn = LSTM2d(8, 4)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.stem(x)).mean((1, 2)))
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, kind=nn.GRU, bidirectional: bool = False, batch_first: bool = False, **options):
+        super().__init__()
+        self.fc1, self.batch_first = nn.Linear(4, 6), batch_first
+        self.rnn = kind(6, 5, batch_first=batch_first, bidirectional=bidirectional, **options)
+        self.fc2 = nn.Linear(10 if bidirectional else 5, 2)
+
+    def forward(self, x):  # x: (B, N, 4)
+        h = self.fc1(x)
+        h, _ = self.rnn(h if self.batch_first else h.transpose(0, 1))
+        return self.fc2((h if self.batch_first else h.transpose(0, 1))[:, -1])
+
+
+_SEQ = torch.randn(2, 3, 4, 3, generator=torch.Generator().manual_seed(101))
+_TOKENS = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(102))
+
+
+def test_sequencer_lstm_fuses_to_the_ensemble():
+    _fuses_to_the_ensemble(SequencerNet, _SEQ)
+    _permutation_keeps_the_function(_members(SequencerNet, 1)[0], _SEQ)
+
+
+def test_lstm_directions_are_groups_of_gate_rows():
+    """Each direction of each LSTM is a group of its 4 hidden units; unit i holds rows i, 4 + i, 8 + i, 12 + i of
+    the direction's weight_ih, weight_hh and biases, column i of its weight_hh, and its place in the output
+    (the reverse direction after the forward one), where the mixing Linear reads it."""
+    graph = fusion.channel_groups(_members(SequencerNet, 1)[0], _SEQ)
+    rnn = [g for g in graph.groups if g.name == "rnn.rnn_h"]
+    assert [g.n_units for g in rnn] == [4, 4]
+    forward, reverse = ({s.tensor: s for s in g.slots if s.dim == 0 or "weight_hh" in s.tensor} for g in rnn)
+    assert forward["rnn.rnn_h.weight_ih_l0"].positions[1].tolist() == [[1, 5, 9, 13]]
+    assert reverse["rnn.rnn_h.weight_ih_l0_reverse"].positions[1].tolist() == [[1, 5, 9, 13]]
+    assert "rnn.rnn_h.weight_ih_l0_reverse" not in forward and "rnn.rnn_h.weight_ih_l0" not in reverse
+    # the output is cat([rnn_v's forward, reverse, rnn_h's forward, reverse]) along the channels
+    fc = [[s.positions[:, 0, 0].tolist() for s in g.slots if s.tensor == "rnn.fc.weight"] for g in rnn]
+    assert fc == [[[8, 9, 10, 11]], [[12, 13, 14, 15]]]
+
+
+def test_lstm_gates_of_a_unit_are_coupled():
+    """Negative control: swapping hidden units 0 and 1 in the input gate's rows only (not in the other gates)
+    changes the function."""
+    model = _members(SequencerNet, 1)[0]
+    state = full_state(model)
+    perm = torch.arange(16)
+    perm[0], perm[1] = 1, 0
+    new = dict(state, **{k: state[k][perm] for k in ("rnn.rnn_h.weight_ih_l0", "rnn.rnn_h.bias_ih_l0")})
+    assert _rel(_out(build_model(model, new), _SEQ), _out(model, _SEQ)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kind,bidirectional,batch_first",
+    [(nn.GRU, False, False), (nn.RNN, True, True), (nn.LSTM, True, False)],
+    ids=["gru", "rnn-bidirectional", "lstm-sequence-first"],
+)
+def test_recurrent_layers_fuse_to_the_ensemble(kind, bidirectional, batch_first):
+    _fuses_to_the_ensemble(lambda: RecurrentNet(kind, bidirectional, batch_first), _TOKENS)
+
+
+@pytest.mark.parametrize(
+    "options,reason",
+    [({"num_layers": 2}, "2 stacked layers"), ({"proj_size": 3}, "projection of its hidden state")],
+    ids=["stacked", "projection"],
+)
+def test_unsupported_lstm_is_refused_by_reason(options, reason):
+    with pytest.raises(FusionError, match=reason):
+        fusion.channel_groups(RecurrentNet(nn.LSTM, **options).eval(), _TOKENS)
