@@ -713,6 +713,7 @@ def _all_groups(dg, ignored_layers, root_types):
     _update_index_mappings(dg)
     _vector_reshapes_keep_channels(dg)
     axes = _reshapes_follow_channel_axis(dg)
+    _channels_as_matrices(dg)
     _remap_split_concat_slice(dg, axes)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
     channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
@@ -737,11 +738,14 @@ def _all_groups(dg, ignored_layers, root_types):
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
             reached = [names[mod] for mod in exc.reached if mod in names]
-            reason = _unknown_attention_reason(dg.model, names.get(m, ""), reached)
+            root = names.get(m, "")
+            reason = _unknown_attention_reason(dg.model, root, reached) or _shared_attention_layer_reason(
+                dg.model, root, reached
+            )
             if reason:
                 raise _ExplodedGroup(reason) from None
             raise _ExplodedGroup(
-                f"the channel group rooted at {names.get(m, '?')!r} reaches over {_MAX_INDICES:,} channel indices "
+                f"the channel group rooted at {root or '?'!r} reaches over {_MAX_INDICES:,} channel indices "
                 f"(most at {where!r}): torch-pruning maps channels through a reshape of spatial positions "
                 "(e.g. attention over flattened positions) as if they were channels; fusion refused"
             ) from None
@@ -775,6 +779,85 @@ def _unknown_attention_reason(model: nn.Module, root: str, reached: list[str] = 
             heads = _head_count(module) if module is not None else None
             if isinstance(heads, int) and heads > 0 and attention_layout(module) is None:
                 return _unknown_attention_message(modules, name, module, heads, parts[cut], root)
+    return None
+
+
+def _shared_attention_layer_reason(model: nn.Module, root: str, reached: list[str] = ()) -> str | None:
+    """The refusal for a group that exploded at a layer with parameters called by several attentions (one
+    module under several names, each inside its own module with a head count), or None. Such a layer reads the
+    heads of every one of them (CoaT's convolutional relative position encoding: depthwise convolutions over
+    v's heads reshaped into images, one module per stage shared by its blocks), so the heads of all of them
+    would have to move together."""
+    modules = dict(model.named_modules())
+    aliases: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    for path in [root, *reached]:
+        module = modules.get(path)
+        if module is None or not list(module.parameters()):
+            continue
+        owners = []
+        for alias in aliases[id(module)]:
+            parts = alias.split(".")
+            owner = next(
+                (
+                    ".".join(parts[:cut])
+                    for cut in range(len(parts) - 1, 0, -1)
+                    if isinstance(_head_count(modules.get(".".join(parts[:cut]))), int)
+                ),
+                None,
+            )
+            if owner is not None and owner not in owners:
+                owners.append(owner)
+        if len(owners) > 1:
+            return (
+                f"layer {path!r} ({type(module).__name__}) is shared by {len(owners)} attentions ({owners[0]!r}, "
+                f"{owners[1]!r}...) and reads their heads reshaped next to the spatial positions: the heads of all "
+                "of them would have to move together, which fusion does not support; fusion refused"
+            )
+    return None
+
+
+def _channels_as_matrices(dg) -> None:
+    """Refuse a model where a layer's pooled output channels, viewed as ``(parts..., rows, columns)``, are
+    multiplied as matrices (see :func:`_pooled_split`; BAT's bilinear transform: ``conv_p``'s channels viewed as
+    ``(groups, block, block)`` matrices multiplying the rows of the feature map): those channels are matrix
+    entries over spatial positions, not channels."""
+    names = {m: n for n, m in dg.model.named_modules()}
+    for node in getattr(dg, "fusion_matrices", []):
+        out = tuple(int(n) for n in _out_shape(node.grad_fn, 0))
+        layer = _layer_before(node, names) or "?"
+        raise FusionError(
+            f"the output channels of {layer!r} are viewed as {out[1:]} and multiplied as matrices with a feature "
+            "map (a transform over its spatial positions): they are matrix entries, not channels, which fusion "
+            "does not support; fusion refused"
+        )
+
+
+def _matrix_products(node, depth: int = 40) -> set:
+    """The matrix products (node ids) that read ``node``'s output through operations only (not past a layer)."""
+    seen, found, todo = set(), set(), [(node, 0)]
+    while todo:
+        n, d = todo.pop()
+        if id(n) in seen or d > depth:
+            continue
+        seen.add(id(n))
+        if n.grad_fn is not None and type(n.grad_fn).__name__.startswith(("BmmBackward", "MmBackward")):
+            found.add(id(n))
+            continue
+        todo.extend((o, d + 1) for o in n.outputs if type(o.module).__module__ == tp.ops.__name__)
+    return found
+
+
+def _layer_before(node, names: dict, depth: int = 10) -> str | None:
+    """The nearest model layer upstream of ``node`` through operations."""
+    todo = [(i, 0) for i in node.inputs]
+    while todo:
+        n, d = todo.pop(0)
+        if n.module in names:
+            return names[n.module]
+        if d < depth:
+            todo.extend((i, d + 1) for i in n.inputs)
     return None
 
 
@@ -1031,12 +1114,13 @@ def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None]
 
 
 def _pooled_split(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap] | None:
-    """A per-channel vector (every axis but the batch and the channels of size 1) viewed as ``(parts,
-    channels)``: the attention weights over the paths of selective kernel and split attention (ResNeSt's
-    ``(B, radix * C, 1, 1) -> (B, cardinality, radix, C / cardinality)``, softmaxed over the radix). The
-    channels are the fastest-varying part (the last axis of size > 1 inside the channel axis) and channel i
-    of every part is the same channel: ``i -> i mod C``, so the parts' i-th channels meet (coupled units)."""
-    if any(int(n) != 1 for d, n in enumerate(in_shape) if d not in (0, axis)):
+    """A pooled feature map (B, C, 1, 1) viewed as ``(parts, channels)``: the attention weights over the paths
+    of selective kernel and split attention (ResNeSt's ``(B, radix * C, 1, 1) -> (B, cardinality, radix, C /
+    cardinality)``, softmaxed over the radix). The channels are the fastest-varying part (the last axis of
+    size > 1 inside the channel axis) and channel i of every part is the same channel: ``i -> i mod C``, so
+    the parts' i-th channels meet (coupled units). Where such a view is multiplied as matrices instead, it is
+    refused (:func:`_channels_as_matrices`)."""
+    if axis != 1 or len(in_shape) < 3 or any(int(n) != 1 for n in in_shape[2:]):
         return None
     for b in range(len(out_shape) - 1, 0, -1):
         if int(out_shape[b]) == 1:
@@ -1184,6 +1268,7 @@ def _reshapes_follow_channel_axis(dg) -> dict:
     from torch_pruning.dependency import index_mapping as im
 
     axes = _channel_axes(dg)
+    dg.fusion_matrices = []
     for node in list(dg.module2node.values()):
         gf = node.grad_fn
         if node.type != tp.ops.OPTYPE.RESHAPE or gf is None or len(node.inputs) != 1:
@@ -1206,6 +1291,9 @@ def _reshapes_follow_channel_axis(dg) -> dict:
             m for d in edges + backs + outs for m in d.index_mapping if isinstance(m, im._FlattenIndexMapping)
         ]
         found = _reshape_axis(ins, a, out)
+        if found is not None and found[1] is not None and not found[1].expand and _matrix_products(node):
+            dg.fusion_matrices.append(node)  # a pooled view multiplied as matrices: refused
+            continue
         if found is not None and _read_across(node, found[0], len(out)):
             continue  # channels become a layer's sequence (ECA): torch-pruning's mapping names the layer mixing them
         if found is not None:

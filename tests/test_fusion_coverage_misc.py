@@ -5,6 +5,9 @@
   blocks interleave part by part in a fused model (NT at sparsity 0 is the ensemble);
 * recurrent layers (``nn.LSTM`` in timm's ``LSTM2d``, Sequencer; ``nn.GRU``, ``nn.RNN``): a hidden unit is one row
   per gate of its direction's weights and biases and a column of its ``weight_hh``; each direction is a group;
+* refused by their structural reason: a layer shared by several attentions and reading their heads (CoaT's
+  convolutional relative position encoding), a layer's pooled channels viewed as matrices that multiply a feature
+  map (BAT's bilinear transform).
 
 Models are small, hand-built from the timm modules (the timm families are walked by ``fusebench zoo``).
 """
@@ -15,6 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.layers import SplitAttn
+from timm.layers.non_local_attn import BilinearAttnTransform
+from timm.models.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
 from timm.models.sequencer import LSTM2d
 
 import fusion
@@ -200,3 +205,56 @@ def test_recurrent_layers_fuse_to_the_ensemble(kind, bidirectional, batch_first)
 def test_unsupported_lstm_is_refused_by_reason(options, reason):
     with pytest.raises(FusionError, match=reason):
         fusion.channel_groups(RecurrentNet(nn.LSTM, **options).eval(), _TOKENS)
+
+
+# ---------------------------------------------------------------------------- refused by their structural reason
+class CoatNet(nn.Module):
+    """Two factorized attentions sharing one convolutional relative position encoding (CoaT's ``shared_crpe``:
+    depthwise convolutions of two window sizes over v's two heads, reshaped into images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        crpe = ConvRelPosEnc(4, 2, {3: 1, 5: 1})
+        self.a1 = FactorAttnConvRelPosEnc(8, 2, shared_crpe=crpe)
+        self.a2 = FactorAttnConvRelPosEnc(8, 2, shared_crpe=crpe)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        t = self.embed(x.flatten(2).transpose(1, 2))
+        t = torch.cat([t.new_zeros(b, 1, 8), t], 1)  # a class token
+        t = t + self.a1(t, (h, w))
+        t = t + self.a2(t, (h, w))
+        return self.head(t.mean(1))
+
+
+class BilinearNet(nn.Module):
+    """BAT's bilinear attention transform: ``conv_p`` and ``conv_q`` make (2 groups, 4, 4) matrices from pooled
+    features, which multiply the rows and the columns of the feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.ba = BilinearAttnTransform(8, 4, 2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.ba(self.stem(x)).mean((2, 3)))
+
+
+_IMG = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(103))
+
+
+def test_a_layer_shared_by_attentions_is_refused_by_name():
+    with pytest.raises(
+        FusionError, match=r"layer 'a1\.crpe\.conv_list\.0' .* shared by 2 attentions \('a1', 'a2'"
+    ):
+        fusion.channel_groups(CoatNet().eval(), _IMG)
+
+
+def test_channels_viewed_as_matrices_are_refused_by_name():
+    with pytest.raises(
+        FusionError, match=r"'ba\.conv_[pq]' are viewed as \(2, 4, 4\) and multiplied as matrices"
+    ):
+        fusion.channel_groups(BilinearNet().eval(), _IMG)
