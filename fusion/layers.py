@@ -86,6 +86,9 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
     if isinstance(module, nn.GroupNorm):
         return _group_norm_slots(module, name, prefix)
 
+    if isinstance(module, _Blocks):
+        return [], GroupedConvLink(module.key, OUT, module.groups, module.block)
+
     if isinstance(pruner, (ChannelwisePruner, RecurrentPruner)):
         return pruner.slots(module, prefix, out), None
 
@@ -305,11 +308,95 @@ def recurrent_as_one_operation(model: nn.Module):
             del m.forward
 
 
+class _Blocks(nn.Module):
+    """Marks, while tracing, that the channels passing through are ``groups`` blocks of ``block`` channels of the
+    transform ``key`` (see :func:`bilinear_transforms_as_blocks`); a parameter-free, channel-wise layer."""
+
+    def __init__(self, key: str, groups: int, block: int):
+        super().__init__()
+        self.key, self.groups, self.block = key, groups, block
+
+    def forward(self, x):
+        return x.clone()
+
+
+class _PassThroughPruner(tpf.BasePruningFunc):
+    """torch-pruning's view of :class:`_Blocks` and :class:`_Transform`: channel-wise (input and output channels
+    coupled, as for :class:`ChannelwisePruner`), the channel count read from the neighbours."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("fusion does not prune with torch-pruning")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module):
+        return None
+
+    get_in_channels = get_out_channels
+
+
+class _Transform(nn.Module):
+    """The per-block transform of a feature map ``x`` by ``operands`` (the matrices), as one channel-wise operation
+    (nothing computed). The operands are its inputs only so that the graph holds the layers making them: the
+    tracer cuts their edges to it (:func:`transform_operands`), their channels are not the output's."""
+
+    def forward(self, x, *operands):
+        return _Opaque.apply(tuple(x.shape), x, *operands)
+
+
+class _Opaque(torch.autograd.Function):
+    """An output of ``shape`` made by one operation on its inputs (nothing computed: tracing on the meta device)."""
+
+    @staticmethod
+    def forward(ctx, shape, x, *operands):
+        return x.new_empty(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * (len(ctx.needs_input_grad))
+
+
+def transform_operands(dg):
+    """``(node, operand nodes)`` of every :class:`_Transform` in torch-pruning's graph ``dg``."""
+    for module, node in dg.module2node.items():
+        if isinstance(module, _Transform):
+            yield node, node.inputs[1:]
+
+
+def bilinear_transforms_as_blocks(skeleton: nn.Module) -> None:
+    """Trace timm's ``BilinearAttnTransform`` (BAT) by what couples its channels, on a skeleton (a meta copy).
+
+    It multiplies channel c of the feature map by the matrices ``p`` and ``q`` of its group g = c // (C /
+    groups): ``conv_p``'s and ``conv_q``'s output channels are those matrices' entries, ``(groups, block,
+    block)``, so rows g * block**2 ... (g + 1) * block**2 - 1 belong to group g. A unit is a whole group: its
+    channels of the feature map and its rows of ``conv_p`` and ``conv_q`` (linked like the blocks of a grouped
+    convolution), and a fused model has one group per kept unit (``groups`` follows ``conv_p``, see
+    :func:`resize_module`). The skeleton's forward becomes: the same layers, the matrices and the feature map
+    marked as blocks, the transform one channel-wise operation on them (see :class:`_Transform`), then
+    ``conv2``."""
+    for name, m in skeleton.named_modules():
+        if type(m).__name__ != "BilinearAttnTransform" or hasattr(m, "_fusion_blocks"):
+            continue
+        g, bs = m.groups, m.block_size
+        m._fusion_blocks = _Blocks(name, g, m.in_channels // g)
+        m._fusion_p, m._fusion_q = _Blocks(name, g, bs * bs), _Blocks(name, g, bs * bs)
+        m._fusion_transform = _Transform()
+
+        def forward(self, x):
+            out = self.conv1(x)
+            p = self._fusion_p(self.conv_p(nn.functional.adaptive_max_pool2d(out, (self.block_size, 1))))
+            q = self._fusion_q(self.conv_q(nn.functional.adaptive_max_pool2d(out, (1, self.block_size))))
+            return self.conv2(self._fusion_transform(self._fusion_blocks(x), p, q))
+
+        m.forward = types.MethodType(forward, m)
+
+
 def customized_pruners(model: nn.Module) -> dict:
     """The customized pruners torch-pruning needs for ``model``'s channel-wise buffer modules and recurrent layers
     (by type)."""
     pruner, recurrent = ChannelwisePruner(), RecurrentPruner()
     out = {type(m): pruner for m in model.modules() if type(m).__name__ in ChannelwisePruner.KNOWN}
+    out.update({t: _PassThroughPruner() for t in (_Blocks, _Transform)})
     out.update({type(m): recurrent for m in model.modules() if type(m) in GATES})
     return out
 
@@ -380,6 +467,8 @@ def resize_module(module: nn.Module, name: str) -> None:
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif type(module).__name__ == "BilinearAttnTransform":  # one group per block of conv_p's rows
+        module.groups = module.conv_p.weight.shape[0] // module.block_size**2  # (conv_p is resized later)
     elif isinstance(module, nn.RNNBase):
         module.input_size, module.hidden_size = module.weight_ih_l0.shape[1], module.weight_hh_l0.shape[1]
 

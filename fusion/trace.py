@@ -33,10 +33,12 @@ from .layers import (
     OUT,
     ROOT_TYPES,
     GroupedConvLink,
+    bilinear_transforms_as_blocks,
     customized_pruners,
     item_slots,
     recurrent_as_one_operation,
     recurrent_refusal,
+    transform_operands,
 )
 
 _CACHE: OrderedDict = OrderedDict()
@@ -339,6 +341,8 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
                 f"cannot trace {type(skeleton).__name__} with torch-pruning: {type(exc).__name__}: {exc}"
             ) from exc
     _channel_axis_of_feature_maps(dg)
+    for node, operands in transform_operands(dg):
+        _cut_edges(node, operands)
     return dg
 
 
@@ -385,6 +389,7 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         if reason:
             raise FusionError(reason)
     skeleton = meta_copy(model).eval()
+    bilinear_transforms_as_blocks(skeleton)
     meta_inputs = map_inputs(example_inputs, lambda t: torch.empty_like(t, device="meta"))
     if output_layers is None:
         output_layers = find_output_layers(skeleton)
@@ -820,9 +825,10 @@ def _shared_attention_layer_reason(model: nn.Module, root: str, reached: list[st
 
 def _channels_as_matrices(dg) -> None:
     """Refuse a model where a layer's pooled output channels, viewed as ``(parts..., rows, columns)``, are
-    multiplied as matrices (see :func:`_pooled_split`; BAT's bilinear transform: ``conv_p``'s channels viewed as
-    ``(groups, block, block)`` matrices multiplying the rows of the feature map): those channels are matrix
-    entries over spatial positions, not channels."""
+    multiplied as matrices (see :func:`_pooled_split`), e.g. ``(groups, block, block)`` matrices multiplying the
+    rows of the feature map: those channels are matrix entries over spatial positions, not channels. (timm's
+    BilinearAttnTransform, BAT, does this and is traced by its own knowledge, see
+    :func:`fusion.layers.bilinear_transforms_as_blocks`.)"""
     names = {m: n for n, m in dg.model.named_modules()}
     for node in getattr(dg, "fusion_matrices", []):
         out = tuple(int(n) for n in _out_shape(node.grad_fn, 0))

@@ -5,9 +5,12 @@
   blocks interleave part by part in a fused model (NT at sparsity 0 is the ensemble);
 * recurrent layers (``nn.LSTM`` in timm's ``LSTM2d``, Sequencer; ``nn.GRU``, ``nn.RNN``): a hidden unit is one row
   per gate of its direction's weights and biases and a column of its ``weight_hh``; each direction is a group;
+* BAT's bilinear attention transform (``BilinearAttnTransform``): channel c of the feature map is multiplied by
+  the matrices of its group, ``conv_p``'s and ``conv_q``'s rows viewed as ``(groups, block, block)``: a unit is a
+  group (its feature channels and its rows of both), and a fused model has one group per kept unit;
 * refused by their structural reason: a layer shared by several attentions and reading their heads (CoaT's
   convolutional relative position encoding), a layer's pooled channels viewed as matrices that multiply a feature
-  map (BAT's bilinear transform).
+  map in a layer fusion does not know.
 
 Models are small, hand-built from the timm modules (the timm families are walked by ``fusebench zoo``).
 """
@@ -207,6 +210,55 @@ def test_unsupported_lstm_is_refused_by_reason(options, reason):
         fusion.channel_groups(RecurrentNet(nn.LSTM, **options).eval(), _TOKENS)
 
 
+# ---------------------------------------------------------------------------- bilinear attention transform (BAT)
+class BilinearNet(nn.Module):
+    """BAT's bilinear attention transform: ``conv_p`` and ``conv_q`` make (2 groups, 4, 4) matrices from pooled
+    features, which multiply the rows and the columns of the feature map (of each 4 x 4 block of it on an 8 x 8
+    map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.ba = BilinearAttnTransform(8, 4, 2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.ba(torch.relu(self.bn(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [4, 8])
+def test_bilinear_transform_fuses_to_the_ensemble(size):
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(104))
+    _fuses_to_the_ensemble(BilinearNet, x)
+    _permutation_keeps_the_function(_members(BilinearNet, 1)[0], x)
+
+
+def test_bilinear_transform_units_are_its_groups():
+    """A unit is one of the 2 groups: 4 feature channels (stem rows) and 16 rows of conv_p and of conv_q."""
+    graph = fusion.channel_groups(_members(BilinearNet, 1)[0], _IMG)
+    group = next(g for g in graph.groups if "ba.conv_p" in g.layers and "stem" in g.layers)
+    assert group.unit_kind == "conv-block" and group.n_units == 2
+    slots = {(s.tensor, s.dim): s.positions for s in group.slots}
+    assert slots[("stem.weight", 0)][1, :, 0].tolist() == [4, 5, 6, 7]
+    assert slots[("ba.conv_p.weight", 0)][1, :, 0].tolist() == list(range(16, 32))
+    assert slots[("ba.conv_q.weight", 0)].shape == (2, 16, 1)
+
+
+def test_bilinear_transform_groups_are_coupled():
+    """Negative control: swapping feature channel 0 (group 0) with channel 4 (group 1), in every layer that makes
+    or reads them, changes the function: the channels are multiplied by their own group's matrices."""
+    model = _members(BilinearNet, 1)[0]
+    state = full_state(model)
+    perm = torch.arange(8)
+    perm[0], perm[4] = 4, 0
+    new = dict(state)
+    for k in ("stem.weight", "stem.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        new[k] = state[k][perm]
+    for k in ("ba.conv1.conv.weight", "ba.conv2.conv.weight"):
+        new[k] = state[k][:, perm]
+    assert _rel(_out(build_model(model, new), _IMG), _out(model, _IMG)) > 1e-4
+
+
 # ---------------------------------------------------------------------------- refused by their structural reason
 class CoatNet(nn.Module):
     """Two factorized attentions sharing one convolutional relative position encoding (CoaT's ``shared_crpe``:
@@ -229,18 +281,24 @@ class CoatNet(nn.Module):
         return self.head(t.mean(1))
 
 
-class BilinearNet(nn.Module):
-    """BAT's bilinear attention transform: ``conv_p`` and ``conv_q`` make (2 groups, 4, 4) matrices from pooled
-    features, which multiply the rows and the columns of the feature map."""
+class PooledMatrices(nn.Module):
+    """A layer's pooled channels viewed as (2, 1, 4, 4) matrices multiplying the feature map's rows, written out
+    (BAT's pattern outside its module)."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 1)
-        self.ba = BilinearAttnTransform(8, 4, 2)
-        self.head = nn.Linear(8, 5)
+        self.stem, self.gen, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 32, 1), nn.Linear(8, 5)
 
     def forward(self, x):
-        return self.head(self.ba(self.stem(x)).mean((2, 3)))
+        h = self.stem(x)
+        b = h.shape[0]
+        m = (
+            self.gen(h.mean((2, 3), keepdim=True))
+            .view(b, 2, 1, 4, 4)
+            .expand(b, 2, 4, 4, 4)
+            .reshape(b, 8, 4, 4)
+        )
+        return self.head((m @ h).mean((2, 3)))
 
 
 _IMG = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(103))
@@ -254,7 +312,5 @@ def test_a_layer_shared_by_attentions_is_refused_by_name():
 
 
 def test_channels_viewed_as_matrices_are_refused_by_name():
-    with pytest.raises(
-        FusionError, match=r"'ba\.conv_[pq]' are viewed as \(2, 4, 4\) and multiplied as matrices"
-    ):
-        fusion.channel_groups(BilinearNet().eval(), _IMG)
+    with pytest.raises(FusionError, match=r"'gen' are viewed as \(2, 1, 4, 4\) and multiplied as matrices"):
+        fusion.channel_groups(PooledMatrices().eval(), _IMG)
