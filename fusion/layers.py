@@ -11,6 +11,8 @@ with a :class:`FusionError` naming the module, rather than fused by guesswork.
 
 from __future__ import annotations
 
+import contextlib
+import types
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,22 @@ class SlotSpec:
     role: str  # OUT: the tensor produces the channels; IN: it consumes them
     kind: str  # "conv", "linear", "bn", "ln", "param", ... (used by importance)
     is_weight: bool  # the layer's main weight (magnitude importance looks only at these)
+    # the item's channels first ... first + count - 1 only (count 0: all), channel first + i at positions
+    # i + g * stride for g < repeats (a recurrent layer: one direction's hidden unit i, rows i, H + i... of its gates)
+    first: int = 0
+    count: int = 0
+    repeats: int = 1
+    stride: int = 0
+
+    def positions(self, by_root: torch.Tensor) -> torch.Tensor:
+        """The positions along this dimension of each root's channels (``by_root[r]``: the item's indices that
+        root channel r reaches, -1 padded), [n_root, R * repeats]."""
+        if self.count == 0 and self.repeats == 1:
+            return by_root
+        i = by_root - self.first
+        valid = (by_root >= 0) & (i >= 0) & ((i < self.count) if self.count else True)
+        pos = i[:, :, None] + self.stride * torch.arange(self.repeats)
+        return torch.where(valid[:, :, None], pos, -1).reshape(by_root.shape[0], -1)
 
 
 @dataclass(frozen=True)
@@ -68,8 +86,11 @@ def item_slots(module, name: str, handler, pruning_dim: int) -> tuple[list[SlotS
     if isinstance(module, nn.GroupNorm):
         return _group_norm_slots(module, name, prefix)
 
-    if isinstance(pruner, ChannelwisePruner):
-        return pruner.slots(module, prefix), None
+    if isinstance(module, _Blocks):
+        return [], GroupedConvLink(module.key, OUT, module.groups, module.block)
+
+    if isinstance(pruner, (ChannelwisePruner, RecurrentPruner)):
+        return pruner.slots(module, prefix, out), None
 
     if not isinstance(module, nn.Module) or (
         not list(module.parameters(recurse=False)) and not list(module.buffers(recurse=False))
@@ -189,17 +210,195 @@ class ChannelwisePruner(tpf.BasePruningFunc):
 
     get_in_channels = get_out_channels
 
-    def slots(self, module: nn.Module, prefix: str) -> list[SlotSpec]:
+    def slots(self, module: nn.Module, prefix: str, out: bool) -> list[SlotSpec]:
         buffers, attr = self.KNOWN[type(module).__name__]
         if getattr(module, attr, None) is None:
             return []  # a single filter expanded to the input's channels at run time: nothing per channel
         return [SlotSpec(prefix + b, 0, OUT, "buffer", False) for b in buffers]
 
 
+# blocks of rows per hidden unit in weight_ih, weight_hh and the biases
+GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+
+
+def recurrent_refusal(name: str, module: nn.RNNBase) -> str | None:
+    """Why a recurrent layer cannot be fused, or None (one layer, no projection: see :class:`RecurrentPruner`)."""
+    if type(module) not in GATES:
+        return f"cannot fuse module {name!r} ({type(module).__name__}): an unknown recurrent layer"
+    if module.num_layers != 1:
+        return (
+            f"cannot fuse module {name!r} ({type(module).__name__}): {module.num_layers} stacked layers (only one "
+            "layer is supported: a second layer's input columns follow both directions' hidden units)"
+        )
+    if getattr(module, "proj_size", 0):
+        return f"cannot fuse module {name!r} (LSTM): a projection of its hidden state (proj_size) is not supported"
+    return None
+
+
+class RecurrentPruner(tpf.BasePruningFunc):
+    """torch-pruning's view of a one-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (see :func:`recurrent_as_one_operation`):
+    its input channels are ``input_size`` features, its output channels the ``hidden_size`` units of each direction
+    (forward, then reverse: the output concatenates them). Hidden unit i of a direction owns rows
+    ``i, H + i, ...`` (one per gate) of that direction's ``weight_ih``, ``weight_hh`` and biases and column i of
+    its ``weight_hh``; permuting the units of a direction with all of these is a symmetry. fusion never prunes
+    through torch-pruning, so the pruning functions only record the coupling."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("fusion does not prune with torch-pruning")
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:  # not the same function: not coupled
+        raise NotImplementedError("fusion does not prune with torch-pruning")
+
+    def get_out_channels(self, layer: nn.RNNBase):
+        return layer.hidden_size * (2 if layer.bidirectional else 1)
+
+    def get_in_channels(self, layer: nn.RNNBase):
+        return layer.input_size
+
+    def slots(self, module: nn.RNNBase, prefix: str, out: bool) -> list[SlotSpec]:
+        h, gates = module.hidden_size, GATES[type(module)]
+        suffixes = ["_l0", "_l0_reverse"] if module.bidirectional else ["_l0"]
+        slots = []
+        for d, suffix in enumerate(suffixes):
+            if not out:  # every direction reads every input feature
+                slots.append(SlotSpec(f"{prefix}weight_ih{suffix}", 1, IN, "rnn", True))
+                continue
+            unit = {"first": d * h, "count": h}
+            rows = {**unit, "repeats": gates, "stride": h}
+            slots.append(SlotSpec(f"{prefix}weight_ih{suffix}", 0, OUT, "rnn", True, **rows))
+            slots.append(SlotSpec(f"{prefix}weight_hh{suffix}", 0, OUT, "rnn", True, **rows))
+            slots.append(SlotSpec(f"{prefix}weight_hh{suffix}", 1, IN, "rnn", True, **unit))
+            if module.bias:
+                for b in ("bias_ih", "bias_hh"):
+                    slots.append(SlotSpec(f"{prefix}{b}{suffix}", 0, OUT, "rnn", False, **rows))
+        return slots
+
+
+@contextlib.contextmanager
+def recurrent_as_one_operation(model: nn.Module):
+    """While torch-pruning traces ``model``: every recurrent layer's output is made by one operation on its input
+    (of the output's shape, nothing computed), not by the unrolled steps its forward records on the meta device
+    (one matrix product, gate split and product per time step, each taken for an operation on channels). The
+    layer is then one node between its input and its output, like a Linear, and :class:`RecurrentPruner` says
+    which tensors its channels occupy."""
+
+    class Opaque(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, shape):
+            return x.new_empty(shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, None
+
+    def forward(self, x, hx=None):
+        d = 2 if self.bidirectional else 1
+        out = Opaque.apply(x, (*x.shape[:-1], d * self.hidden_size))
+        batch = () if x.dim() == 2 else (x.shape[0 if self.batch_first else 1],)
+        state = x.new_zeros((d * self.num_layers, *batch, self.hidden_size))
+        return out, ((state, state) if isinstance(self, nn.LSTM) else state)
+
+    layers = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    for m in layers:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+class _Blocks(nn.Module):
+    """Marks, while tracing, that the channels passing through are ``groups`` blocks of ``block`` channels of the
+    transform ``key`` (see :func:`bilinear_transforms_as_blocks`); a parameter-free, channel-wise layer."""
+
+    def __init__(self, key: str, groups: int, block: int):
+        super().__init__()
+        self.key, self.groups, self.block = key, groups, block
+
+    def forward(self, x):
+        return x.clone()
+
+
+class _PassThroughPruner(tpf.BasePruningFunc):
+    """torch-pruning's view of :class:`_Blocks` and :class:`_Transform`: channel-wise (input and output channels
+    coupled, as for :class:`ChannelwisePruner`), the channel count read from the neighbours."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("fusion does not prune with torch-pruning")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module):
+        return None
+
+    get_in_channels = get_out_channels
+
+
+class _Transform(nn.Module):
+    """The per-block transform of a feature map ``x`` by ``operands`` (the matrices), as one channel-wise operation
+    (nothing computed). The operands are its inputs only so that the graph holds the layers making them: the
+    tracer cuts their edges to it (:func:`transform_operands`), their channels are not the output's."""
+
+    def forward(self, x, *operands):
+        return _Opaque.apply(tuple(x.shape), x, *operands)
+
+
+class _Opaque(torch.autograd.Function):
+    """An output of ``shape`` made by one operation on its inputs (nothing computed: tracing on the meta device)."""
+
+    @staticmethod
+    def forward(ctx, shape, x, *operands):
+        return x.new_empty(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * (len(ctx.needs_input_grad))
+
+
+def transform_operands(dg):
+    """``(node, operand nodes)`` of every :class:`_Transform` in torch-pruning's graph ``dg``."""
+    for module, node in dg.module2node.items():
+        if isinstance(module, _Transform):
+            yield node, node.inputs[1:]
+
+
+def bilinear_transforms_as_blocks(skeleton: nn.Module) -> None:
+    """Trace timm's ``BilinearAttnTransform`` (BAT) by what couples its channels, on a skeleton (a meta copy).
+
+    It multiplies channel c of the feature map by the matrices ``p`` and ``q`` of its group g = c // (C /
+    groups): ``conv_p``'s and ``conv_q``'s output channels are those matrices' entries, ``(groups, block,
+    block)``, so rows g * block**2 ... (g + 1) * block**2 - 1 belong to group g. A unit is a whole group: its
+    channels of the feature map and its rows of ``conv_p`` and ``conv_q`` (linked like the blocks of a grouped
+    convolution), and a fused model has one group per kept unit (``groups`` follows ``conv_p``, see
+    :func:`resize_module`). The skeleton's forward becomes: the same layers, the matrices and the feature map
+    marked as blocks, the transform one channel-wise operation on them (see :class:`_Transform`), then
+    ``conv2``."""
+    for name, m in skeleton.named_modules():
+        if type(m).__name__ != "BilinearAttnTransform" or hasattr(m, "_fusion_blocks"):
+            continue
+        g, bs = m.groups, m.block_size
+        m._fusion_blocks = _Blocks(name, g, m.in_channels // g)
+        m._fusion_p, m._fusion_q = _Blocks(name, g, bs * bs), _Blocks(name, g, bs * bs)
+        m._fusion_transform = _Transform()
+
+        def forward(self, x):
+            out = self.conv1(x)
+            p = self._fusion_p(self.conv_p(nn.functional.adaptive_max_pool2d(out, (self.block_size, 1))))
+            q = self._fusion_q(self.conv_q(nn.functional.adaptive_max_pool2d(out, (1, self.block_size))))
+            return self.conv2(self._fusion_transform(self._fusion_blocks(x), p, q))
+
+        m.forward = types.MethodType(forward, m)
+
+
 def customized_pruners(model: nn.Module) -> dict:
-    """The customized pruners torch-pruning needs for ``model``'s channel-wise buffer modules (by type)."""
-    pruner = ChannelwisePruner()
-    return {type(m): pruner for m in model.modules() if type(m).__name__ in ChannelwisePruner.KNOWN}
+    """The customized pruners torch-pruning needs for ``model``'s channel-wise buffer modules and recurrent layers
+    (by type)."""
+    pruner, recurrent = ChannelwisePruner(), RecurrentPruner()
+    out = {type(m): pruner for m in model.modules() if type(m).__name__ in ChannelwisePruner.KNOWN}
+    out.update({t: _PassThroughPruner() for t in (_Blocks, _Transform)})
+    out.update({type(m): recurrent for m in model.modules() if type(m) in GATES})
+    return out
 
 
 def _group_norm_slots(module: nn.GroupNorm, name: str, prefix: str):
@@ -268,9 +467,13 @@ def resize_module(module: nn.Module, name: str) -> None:
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif type(module).__name__ == "BilinearAttnTransform":  # one group per block of conv_p's rows
+        module.groups = module.conv_p.weight.shape[0] // module.block_size**2  # (conv_p is resized later)
+    elif isinstance(module, nn.RNNBase):
+        module.input_size, module.hidden_size = module.weight_ih_l0.shape[1], module.weight_hh_l0.shape[1]
 
 
-ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
+ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.RNNBase)
 
 
 def is_float(t: torch.Tensor) -> bool:

@@ -28,7 +28,18 @@ from . import trace_cache
 from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes
 from .errors import FusionError
 from .groups import ChannelGraph, ChannelGroup, Slot, serial
-from .layers import IN, OUT, ROOT_TYPES, GroupedConvLink, customized_pruners, item_slots
+from .layers import (
+    IN,
+    OUT,
+    ROOT_TYPES,
+    GroupedConvLink,
+    bilinear_transforms_as_blocks,
+    customized_pruners,
+    item_slots,
+    recurrent_as_one_operation,
+    recurrent_refusal,
+    transform_operands,
+)
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
@@ -322,6 +333,7 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
         warnings.catch_warnings(),
         _tolerant_index_mapping(),
         functional_linears_as_modules(skeleton),
+        recurrent_as_one_operation(skeleton),
     ):
         warnings.simplefilter("ignore")
         try:
@@ -342,6 +354,8 @@ def _build_dependency_graph(skeleton: nn.Module, meta_inputs):
                 h.remove()
     _channel_axis_of_feature_maps(dg)
     _cut_output_heads(dg, skeleton, outputs)
+    for node, operands in transform_operands(dg):
+        _cut_edges(node, operands)
     return dg
 
 
@@ -380,12 +394,15 @@ def _channels_last_parameter(dg, node) -> bool:
 
 def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) -> ChannelGraph:
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.RNNBase, nn.MultiheadAttention)):
+        if isinstance(mod, nn.MultiheadAttention):
             raise FusionError(
-                f"cannot fuse module {name!r} ({type(mod).__name__}): recurrent and nn.MultiheadAttention "
-                "layers are not supported"
+                f"cannot fuse module {name!r} ({type(mod).__name__}): nn.MultiheadAttention is not supported"
             )
+        reason = recurrent_refusal(name, mod) if isinstance(mod, nn.RNNBase) else None
+        if reason:
+            raise FusionError(reason)
     skeleton = meta_copy(model).eval()
+    bilinear_transforms_as_blocks(skeleton)
     meta_inputs = map_inputs(example_inputs, lambda t: torch.empty_like(t, device="meta"))
     if output_layers is None:
         output_layers = find_output_layers(skeleton)
@@ -414,7 +431,9 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     module_names = {m: n for n, m in skeleton.named_modules()}
     param_names = {p: n for n, p in skeleton.named_parameters()}
 
-    raw = []  # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C])])
+    # per tp group: (root name, n_root_channels, [(SlotSpec, layer, positions[C, r])], [(link, conv_pos[C, r])],
+    # the part of each root channel (coupled parts, see _equal_parts) or None)
+    raw = []
     attention = {
         f"{n}.{attr}"
         for n, mod in skeleton.named_modules()
@@ -433,7 +452,9 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
         # attention: q and k meet per head, handled by _attention_heads
         meetings = _meetings(mixed, module_names) if mixed and root_name not in attention else None
         roots = _equal_parts(n_root, meetings[0]) if meetings is not None else None
-        slots, links = _item_slots(items, n_root, module_names, param_names)
+        slots, links, spans = _item_slots(
+            items, n_root, module_names, param_names, coupled=meetings is not None
+        )
         if meetings is not None and roots is None:
             pinned.append(
                 (
@@ -442,10 +463,15 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
                     {(spec.tensor, spec.dim) for spec, _, _ in slots},
                 )
             )
+        elif meetings is not None and links:
+            # split attention: the coupled parts are blocks of a grouped convolution, units are made with its blocks
+            raw.append((root_name, n_root, slots, links, torch.arange(n_root) // roots.shape[0]))
         elif meetings is not None:
-            paired.append(_coupled_units(root_name, roots, slots, links))
+            paired.append(_coupled_units(root_name, roots, slots))
         elif slots or links:
-            raw.extend(_split_by_reach((root_name, n_root, slots, links), _reach(items, n_root)))
+            # roots reaching different parts of one layer's channels are not interchangeable either
+            reach = torch.cat([_reach(items, n_root)] + [s[:, None] for s in spans], 1)
+            raw.extend(_split_by_reach((root_name, n_root, slots, links, None), reach))
     raw, paired, pinned, pinned_dims = _pin_joined(raw, paired, pinned)
     # products over channels outside the attentions recognised by layout (whose heads keep members apart) and
     # outside pinned channels (averaged, so one member's worth)
@@ -481,10 +507,15 @@ def _trace(model: nn.Module, example_inputs, output_layers: list[str] | None) ->
     return graph
 
 
-def _item_slots(items, n_root: int, module_names: dict, param_names: dict) -> tuple[list, list]:
-    """The tensor slots ``(SlotSpec, layer, positions[n_root, r])`` and grouped-convolution links of a walk's
-    items (see :func:`fusion.layers.item_slots`); operation nodes of the tracer hold no tensor."""
-    slots, links = [], []
+def _item_slots(
+    items, n_root: int, module_names: dict, param_names: dict, coupled: bool = False
+) -> tuple[list, list, list]:
+    """The tensor slots ``(SlotSpec, layer, positions[n_root, r])``, grouped-convolution links ``(link,
+    positions[n_root, r])`` and spans (per slot that holds a part of its layer's channels, e.g. one direction of
+    a recurrent layer: how many positions each root reaches) of a walk's items (see
+    :func:`fusion.layers.item_slots`); operation nodes of the tracer hold no tensor. A grouped convolution is
+    reached once per root, except by ``coupled`` roots (split attention's parts are its blocks)."""
+    slots, links, spans = [], [], []
     for item in items:
         target = item.dep.target
         mod = target.module
@@ -496,12 +527,14 @@ def _item_slots(items, n_root: int, module_names: dict, param_names: dict) -> tu
             continue
         by_root = _positions_by_root(item.idxs, item.root_idxs, n_root, name)
         for spec in specs:
-            slots.append((spec, name, by_root))
+            slots.append((spec, name, spec.positions(by_root)))
+            if spec.count:  # a part of the layer's channels (one direction of a recurrent layer)
+                spans.append((slots[-1][2] >= 0).sum(1))
         if link is not None:
-            if by_root.shape[1] != 1:
+            if by_root.shape[1] != 1 and not coupled:
                 raise FusionError(f"grouped convolution {name!r} is reached twice by one channel group")
-            links.append((link, by_root[:, 0]))
-    return slots, links
+            links.append((link, by_root))
+    return slots, links, spans
 
 
 def _pin_joined(raw, paired, pinned):
@@ -568,7 +601,7 @@ def _equal_parts(n_root: int, pairs) -> torch.Tensor | None:
     return roots if units == roots.tolist() else None
 
 
-def _coupled_units(root_name: str, roots: torch.Tensor, slots, links) -> ChannelGroup:
+def _coupled_units(root_name: str, roots: torch.Tensor, slots) -> ChannelGroup:
     """One group whose units are root channels coupled across k equal parts (``roots[U, k]``, see
     :func:`_equal_parts`), each unit's channels in root order along the repeat axis of every slot. The repeat
     axis keeps that layout when units are selected: a new model's rows are the kept units' first parts, then
@@ -577,8 +610,6 @@ def _coupled_units(root_name: str, roots: torch.Tensor, slots, links) -> Channel
     parts) that selecting units would break; refused by name."""
     n_units, k = roots.shape
     where = f"the channels of the group rooted at {root_name!r} are coupled across {k} equal parts"
-    if links:
-        raise FusionError(f"{where} and also feed grouped convolution {links[0][0].layer!r}; not supported")
     out = []
     for spec, name, by_root in slots:
         pos = by_root[roots]  # [n_units, k, R]
@@ -752,6 +783,7 @@ def _all_groups(dg, ignored_layers, root_types):
     _update_index_mappings(dg)
     _vector_reshapes_keep_channels(dg)
     axes = _reshapes_follow_channel_axis(dg)
+    _channels_as_matrices(dg)
     _remap_split_concat_slice(dg, axes)
     ignored = {id(m) for m in list(ignored_layers) + list(dg.IGNORED_LAYERS_IN_TRACING)}
     channel_fastest_merges(dg)  # (..., P, C) -> (..., P * C): channel c at p * C + c
@@ -785,11 +817,14 @@ def _all_groups(dg, ignored_layers, root_types):
             names = {mod: n for n, mod in dg.model.named_modules()}
             where = names.get(exc.node.module) or type(exc.node.module).__name__
             reached = [names[mod] for mod in exc.reached if mod in names]
-            reason = _unknown_attention_reason(dg.model, names.get(m, ""), reached)
+            root = names.get(m, "")
+            reason = _unknown_attention_reason(dg.model, root, reached) or _shared_attention_layer_reason(
+                dg.model, root, reached
+            )
             if reason:
                 raise _ExplodedGroup(reason) from None
             raise _ExplodedGroup(
-                f"the channel group rooted at {names.get(m, '?')!r} reaches over {_MAX_INDICES:,} channel indices "
+                f"the channel group rooted at {root or '?'!r} reaches over {_MAX_INDICES:,} channel indices "
                 f"(most at {where!r}): torch-pruning maps channels through a reshape of spatial positions "
                 "(e.g. attention over flattened positions) as if they were channels; fusion refused"
             ) from None
@@ -852,6 +887,86 @@ def _outside_queries_reason(model: nn.Module, graph: ChannelGraph, exc: FusionEr
                     "the tensor they come from, and the channel group carrying them could not be traced as "
                     f"{heads} heads of {hd} channels; fusion refused"
                 )
+    return None
+
+
+def _shared_attention_layer_reason(model: nn.Module, root: str, reached: list[str] = ()) -> str | None:
+    """The refusal for a group that exploded at a layer with parameters called by several attentions (one
+    module under several names, each inside its own module with a head count), or None. Such a layer reads the
+    heads of every one of them (CoaT's convolutional relative position encoding: depthwise convolutions over
+    v's heads reshaped into images, one module per stage shared by its blocks), so the heads of all of them
+    would have to move together."""
+    modules = dict(model.named_modules())
+    aliases: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    for path in [root, *reached]:
+        module = modules.get(path)
+        if module is None or not list(module.parameters()):
+            continue
+        owners = []
+        for alias in aliases[id(module)]:
+            parts = alias.split(".")
+            owner = next(
+                (
+                    ".".join(parts[:cut])
+                    for cut in range(len(parts) - 1, 0, -1)
+                    if isinstance(_head_count(modules.get(".".join(parts[:cut]))), int)
+                ),
+                None,
+            )
+            if owner is not None and owner not in owners:
+                owners.append(owner)
+        if len(owners) > 1:
+            return (
+                f"layer {path!r} ({type(module).__name__}) is shared by {len(owners)} attentions ({owners[0]!r}, "
+                f"{owners[1]!r}...) and reads their heads reshaped next to the spatial positions: the heads of all "
+                "of them would have to move together, which fusion does not support; fusion refused"
+            )
+    return None
+
+
+def _channels_as_matrices(dg) -> None:
+    """Refuse a model where a layer's pooled output channels, viewed as ``(parts..., rows, columns)``, are
+    multiplied as matrices (see :func:`_pooled_split`), e.g. ``(groups, block, block)`` matrices multiplying the
+    rows of the feature map: those channels are matrix entries over spatial positions, not channels. (timm's
+    BilinearAttnTransform, BAT, does this and is traced by its own knowledge, see
+    :func:`fusion.layers.bilinear_transforms_as_blocks`.)"""
+    names = {m: n for n, m in dg.model.named_modules()}
+    for node in getattr(dg, "fusion_matrices", []):
+        out = tuple(int(n) for n in _out_shape(node.grad_fn, 0))
+        layer = _layer_before(node, names) or "?"
+        raise FusionError(
+            f"the output channels of {layer!r} are viewed as {out[1:]} and multiplied as matrices with a feature "
+            "map (a transform over its spatial positions): they are matrix entries, not channels, which fusion "
+            "does not support; fusion refused"
+        )
+
+
+def _matrix_products(node, depth: int = 40) -> set:
+    """The matrix products (node ids) that read ``node``'s output through operations only (not past a layer)."""
+    seen, found, todo = set(), set(), [(node, 0)]
+    while todo:
+        n, d = todo.pop()
+        if id(n) in seen or d > depth:
+            continue
+        seen.add(id(n))
+        if n.grad_fn is not None and type(n.grad_fn).__name__.startswith(("BmmBackward", "MmBackward")):
+            found.add(id(n))
+            continue
+        todo.extend((o, d + 1) for o in n.outputs if type(o.module).__module__ == tp.ops.__name__)
+    return found
+
+
+def _layer_before(node, names: dict, depth: int = 10) -> str | None:
+    """The nearest model layer upstream of ``node`` through operations."""
+    todo = [(i, 0) for i in node.inputs]
+    while todo:
+        n, d = todo.pop(0)
+        if n.module in names:
+            return names[n.module]
+        if d < depth:
+            todo.extend((i, d + 1) for i in n.inputs)
     return None
 
 
@@ -1104,6 +1219,26 @@ def _reshape_axis(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap | None]
             r, outer = nest
             same = r == 1 and outer == 1
             return b, None if same else _AxisMap(int(in_shape[axis]), r, outer, True)
+    return _pooled_split(in_shape, axis, out_shape)
+
+
+def _pooled_split(in_shape, axis: int, out_shape) -> tuple[int, _AxisMap] | None:
+    """A pooled feature map (B, C, 1, 1) viewed as ``(parts, channels)``: the attention weights over the paths
+    of selective kernel and split attention (ResNeSt's ``(B, radix * C, 1, 1) -> (B, cardinality, radix, C /
+    cardinality)``, softmaxed over the radix). The channels are the fastest-varying part (the last axis of
+    size > 1 inside the channel axis) and channel i of every part is the same channel: ``i -> i mod C``, so
+    the parts' i-th channels meet (coupled units). Where such a view is multiplied as matrices instead, it is
+    refused (:func:`_channels_as_matrices`)."""
+    if axis != 1 or len(in_shape) < 3 or any(int(n) != 1 for n in in_shape[2:]):
+        return None
+    for b in range(len(out_shape) - 1, 0, -1):
+        if int(out_shape[b]) == 1:
+            continue
+        nest = _nesting(out_shape, b, in_shape, axis)
+        if nest is None:
+            return None
+        r, outer = nest
+        return b, _AxisMap(int(out_shape[b]), r, outer, False)
     return None
 
 
@@ -1166,7 +1301,7 @@ def _axis_of(node, axes: dict, node_of: dict) -> int | None:
         return None
     nd = len(out)
     if isinstance(mod, nn.Module) and type(mod).__module__ != tp.ops.__name__:  # a layer, not an operation
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, (nn.Linear, nn.RNNBase)):
             return nd - 1
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
             return 1 if nd >= 2 else None
@@ -1242,6 +1377,7 @@ def _reshapes_follow_channel_axis(dg) -> dict:
     from torch_pruning.dependency import index_mapping as im
 
     axes = _channel_axes(dg)
+    dg.fusion_matrices = []
     for node in list(dg.module2node.values()):
         gf = node.grad_fn
         if node.type != tp.ops.OPTYPE.RESHAPE or gf is None or len(node.inputs) != 1:
@@ -1264,6 +1400,9 @@ def _reshapes_follow_channel_axis(dg) -> dict:
             m for d in edges + backs + outs for m in d.index_mapping if isinstance(m, im._FlattenIndexMapping)
         ]
         found = _reshape_axis(ins, a, out)
+        if found is not None and found[1] is not None and not found[1].expand and _matrix_products(node):
+            dg.fusion_matrices.append(node)  # a pooled view multiplied as matrices: refused
+            continue
         if found is not None and _read_across(node, found[0], len(out)):
             continue  # channels become a layer's sequence (ECA): torch-pruning's mapping names the layer mixing them
         if found is not None:
@@ -1484,7 +1623,7 @@ def _split_by_reach(group, reach: torch.Tensor) -> list:
     slots and grouped-convolution links a class does not reach are dropped from it. A group whose channels
     all take the same paths comes back as it is.
     """
-    root, n_root, slots, links = group
+    root, n_root, slots, links, _ = group
     if n_root == 0 or reach.shape[1] == 0:
         return [group]
     kinds, cls = torch.unique(reach, dim=0, return_inverse=True)
@@ -1502,7 +1641,7 @@ def _split_by_reach(group, reach: torch.Tensor) -> list:
             if width:
                 sub_slots.append((spec, name, pos[rows, :width]))
         sub_links = [(link, conv_pos[rows]) for link, conv_pos in links if bool((conv_pos[rows] >= 0).all())]
-        out.append((root, rows.numel(), sub_slots, sub_links))
+        out.append((root, rows.numel(), sub_slots, sub_links, None))
     return out
 
 
@@ -1513,6 +1652,12 @@ def _merge_units(raw) -> list[ChannelGroup]:
     channels tied by such blocks must move together: the units are the connected components of the relation
     "in the same block of some grouped convolution" (a block of the input side being joined to the same block
     of the output side). Plain groups keep one channel per unit.
+
+    A group coupled across k equal parts (split attention: ``parts``, see :func:`_equal_parts`) whose parts
+    are blocks of a grouped convolution (ResNeSt's radix blocks) joins its parts' i-th channels into one unit
+    too, and gives each block of the convolution its part, which the group on the other side of the
+    convolution takes. Each unit then keeps its channels part by part along the repeat axis, so a new model
+    has every kept unit's part 0, then every kept unit's part 1... (the layout of the radix view).
     """
     parent: dict = {}
 
@@ -1530,12 +1675,24 @@ def _merge_units(raw) -> list[ChannelGroup]:
         int, torch.Tensor
     ] = {}  # within a unit, channels keep the order a grouped conv reads them in
     linked = set()
-    for gi, (root, _n_root, _slots, links) in enumerate(raw):
+    coupled: dict = {}  # grouped convolutions whose blocks hold coupled parts -> (blocks, parts, group's root)
+    for gi, (root, n_root, _slots, links, parts) in enumerate(raw):
+        if parts is not None:
+            n_units = n_root // (int(parts.max()) + 1)
+            order_key[gi] = torch.arange(n_root)  # the coupled layout is the root layer's order
+            for r in range(n_root):
+                union(("ch", gi, r), ("ch", gi, r % n_units))
         for link, conv_pos in links:
             link: GroupedConvLink
             linked.add(gi)
-            for r, pos in enumerate(conv_pos.tolist()):
-                union(("ch", gi, r), ("block", link.layer, pos // link.block))
+            for r, row in enumerate(conv_pos.tolist()):
+                for pos in row:
+                    if pos >= 0:
+                        union(("ch", gi, r), ("block", link.layer, pos // link.block))
+            conv_pos = conv_pos[:, 0]
+            if parts is not None:
+                coupled[link.layer] = (link.groups, int(parts.max()) + 1, root)
+                continue
             if link.side == IN:
                 if gi in order_key and not torch.equal(order_key[gi], conv_pos):
                     raise FusionError(
@@ -1546,12 +1703,26 @@ def _merge_units(raw) -> list[ChannelGroup]:
             elif gi not in order_key:
                 order_key[gi] = conv_pos
 
+    # a block's part: its rank among the blocks of its convolution in the same unit (the radix view is part-major)
+    block_part: dict = {}
+    for layer, (n_blocks, k, root) in coupled.items():
+        seen: dict = {}
+        for b in range(n_blocks):
+            comp = find(("block", layer, b))
+            block_part[(layer, b)] = seen[comp] = seen.get(comp, -1) + 1
+        if any(n != k - 1 for n in seen.values()):
+            # (ResNeSt with cardinality > 1: fc2's blocks are the cardinal groups, each holding every radix part)
+            raise FusionError(
+                f"the channels of the group rooted at {root!r} are coupled across {k} equal parts, but the blocks "
+                f"of grouped convolution {layer!r} are not one part each: a fused model could not keep each "
+                "member's parts in their blocks; fusion refused"
+            )
     groups = []
     group_units: dict[int, list] = {}
     touching: dict = {}  # component -> groups with channels in it
     for gi in range(len(raw)):
         if gi not in linked:
-            _, n_root, slots, _ = raw[gi]
+            _, n_root, slots, _, _ = raw[gi]
             groups.append(
                 ChannelGroup(raw[gi][0], n_root, [_slot(s, n, pos[:, None, :]) for s, n, pos in slots])
             )
@@ -1573,20 +1744,38 @@ def _merge_units(raw) -> list[ChannelGroup]:
         n_units = len(comp_ids)
         slots = []
         for gi, units in members:
-            root, n_root, gslots, _ = raw[gi]
+            root, n_root, gslots, links, parts = raw[gi]
+            if parts is None:
+                parts = _parts_of_blocks(root, n_root, links, block_part)
+            k = int(parts.max()) + 1
             unit = torch.tensor([index[u] for u in units])
-            counts = torch.bincount(unit, minlength=n_units)
-            if counts.ne(counts[0]).any() or n_root % n_units:
+            counts = torch.bincount(unit * k + parts, minlength=n_units * k)
+            if counts.ne(counts[0]).any() or n_root % (n_units * k):
                 raise FusionError(
                     f"the channels of group {root!r} do not split evenly into convolution blocks"
                 )
-            order = torch.argsort(
-                unit * (n_root + 1) + torch.argsort(torch.argsort(order_key[gi])), stable=True
-            )
+            rank = torch.argsort(torch.argsort(order_key[gi]))
+            order = torch.argsort((unit * k + parts) * (n_root + 1) + rank, stable=True)
+            m = n_root // (n_units * k)
             for spec, name, pos in gslots:
-                slots.append(_slot(spec, name, pos[order].reshape(n_units, n_root // n_units, pos.shape[1])))
+                pos = pos[order].reshape(n_units, k, m, pos.shape[1]).transpose(1, 2)
+                slots.append(_slot(spec, name, pos.reshape(n_units, m, -1)))
         groups.append(ChannelGroup(raw[members[0][0]][0], n_units, slots, unit_kind="conv-block"))
     return groups
+
+
+def _parts_of_blocks(root: str, n_root: int, links, block_part: dict) -> torch.Tensor:
+    """The coupled part of each channel of a group, from the blocks of grouped convolutions its channels are
+    in (``block_part``, see :func:`_merge_units`); 0 where no block holds a part."""
+    parts = torch.full((n_root,), -1, dtype=torch.long)
+    for link, conv_pos in links:
+        for r, pos in enumerate(conv_pos[:, 0].tolist()):
+            part = block_part.get((link.layer, pos // link.block))
+            if part is not None:
+                if int(parts[r]) not in (-1, part):
+                    raise FusionError(f"the channels of {root!r} hold different parts of a split attention")
+                parts[r] = part
+    return parts.clamp(min=0)
 
 
 # the Linears that make an attention's q, k and v, and how many of them each makes (rows r * dim + head * head_dim
@@ -2647,7 +2836,7 @@ def _output_slots(dg, skeleton: nn.Module, module_names: dict, param_names: dict
                 f"attention {name!r}: torch-pruning has no rule for the operation making its output; fusion refused"
             )
         items, mixed = _pruning_group(dg, node.module, pruner.prune_out_channels, list(range(heads * dv)))
-        slots, links = _item_slots(items, heads * dv, module_names, param_names)
+        slots, links, _ = _item_slots(items, heads * dv, module_names, param_names)
         if mixed or links:
             raise FusionError(
                 f"attention {name!r}: the channels of its output are mixed with each other or read by a grouped "

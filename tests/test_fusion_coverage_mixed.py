@@ -418,9 +418,9 @@ def test_coupled_units_only_over_equal_parts():
     roots = _equal_parts(4, [(0, 2), (1, 3)])
     assert roots.tolist() == [[0, 2], [1, 3]]
     with pytest.raises(fusion.FusionError, match=r"'scale' is reached by some of the coupled units only"):
-        _coupled_units("fc1", roots, slots, [])
+        _coupled_units("fc1", roots, slots)
     # uniform pairs are units of two channels along the repeat axis
-    group = _coupled_units("fc1", roots, slots[:1], [])
+    group = _coupled_units("fc1", roots, slots[:1])
     assert group.n_units == 2 and group.slots[0].positions.tolist() == [[[0, 2]], [[1, 3]]]
     assert _equal_parts(6, [(0, 2), (2, 4), (1, 3), (3, 5)]).tolist() == [[0, 2, 4], [1, 3, 5]]
     # neighbours, a chain, a lone pair, components of unequal sizes ({0, 1, 2} and {3}: edgenext crashed here),
@@ -448,6 +448,7 @@ def test_a_group_sharing_a_pinned_dimension_is_pinned_too():
             2,
             [(SlotSpec(t, d, OUT, "linear", True), t, torch.tensor([[0], [1]])) for t, d in dims],
             [],
+            None,
         )
 
     pinned = [("mixed at 'eca'", {("c1.weight", 0), ("c2.weight", 1)})]
