@@ -102,7 +102,7 @@ def _averaged_tensors(graph, model) -> list[str]:
     """Float tensors no channel group holds, outside the output layers (whose bias averages exactly into the
     output average): one value shared by all channels (HGNetV2's learnable affine scalars), averaged across
     members by fusion, so the concatenation is not the ensemble (as with a LayerNorm)."""
-    from fusion.trace import full_state
+    from fusion.state import full_state
 
     outputs = tuple(f"{name}." for name in graph.output_layers)
     return [
@@ -142,7 +142,8 @@ def _members(name: str, size: int) -> list:
     switches its residual branches off, which would make the ensemble oracle blind to them."""
     import torch
 
-    from fusion.trace import full_state, live_parameters
+    from fusion.state import full_state
+    from fusion.verify import live_parameters
 
     torch.manual_seed(0)
     members = [_create(name, size=size).eval() for _ in range(2)]

@@ -21,7 +21,7 @@ from .errors import FusionError
 from .layers import is_float
 from .provenance import Provenance, attach, from_plans
 from .registry import check_options
-from .trace import full_state
+from .state import full_state
 
 _PLANNERS: dict[str, Callable] = {}
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .registry import check_options, get_method
-from .trace import full_state
+from .state import full_state
 
 
 def check_members(models) -> list[nn.Module]:

@@ -11,16 +11,12 @@ import torch.nn as nn
 
 from .errors import FusionError
 from .layers import resize_module
+from .state import attribute_memo, call, check_kernels, full_state, map_inputs
 from .trace import (
     _fingerprint,
     _wrapped_pointwise,
     attention_layout,
-    attribute_memo,
-    call,
-    check_kernels,
-    full_state,
     head_major_layout,
-    map_inputs,
     output_heads_layout,
     outside_query_layout,
 )

@@ -6,16 +6,15 @@ input and output groups into units of whole blocks. The result is then checked, 
 missed a coupling would otherwise give a silently wrong model:
 
 1. every tensor dimension that any group touches is covered exactly once by the groups;
-2. permuting every group at random (through the same ``assemble`` that builds fused models) leaves the
-   model's outputs unchanged on the example inputs, in float64 to 1e-9 relative (a correct trace changes them
-   only by reassociation; a missed coupling with a small effect is not hidden by float32 rounding). If not,
-   the group responsible is found and named.
+2. permuting every group at random leaves the model's outputs unchanged (:mod:`fusion.verify`).
+
+Attention is recognised by its layout (q/k/v producers, head orders, per-head tables) further below; the
+model's state, skeleton and calls are in :mod:`fusion.state`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -40,113 +39,19 @@ from .layers import (
     recurrent_refusal,
     transform_operands,
 )
+from .state import (
+    full_state,
+    infer_example_inputs,
+    map_inputs,
+    meta_copy,
+)
+from .verify import verify_permutation_invariance
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
 
 
 # ---------------------------------------------------------------------------- helpers
-def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All parameters and buffers (persistent or not) by name, detached, without copying."""
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    state.update({n: b.detach() for n, b in model.named_buffers() if b is not None})
-    return state
-
-
-def attribute_memo(model: nn.Module, tensor_fn) -> dict:
-    """A ``copy.deepcopy`` memo for the tensors a model holds outside its parameters and buffers.
-
-    Caches (a dict of tensors, e.g. timm's ``attention_bias_cache`` of LeViT / EfficientFormer) become empty
-    dicts: a copy must not return a cached value computed from another model's weights, and a cached tensor
-    with autograd history cannot be deep-copied at all. Other plain tensor attributes become
-    ``tensor_fn(t.detach())``.
-    """
-    memo: dict = {}
-    for module in model.modules():
-        for value in _plain_attributes(module):
-            if _is_tensor_cache(value):
-                memo[id(value)] = {}
-            elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                memo.setdefault(id(value), tensor_fn(value.detach()))
-    return memo
-
-
-def _plain_attributes(module: nn.Module):
-    """The values of ``module``'s own attributes, not its parameters, buffers or submodules."""
-    return [v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")]
-
-
-def _is_tensor_cache(value) -> bool:
-    return (
-        isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-    )
-
-
-def clear_tensor_caches(model: nn.Module) -> None:
-    """Empty every dict-of-tensors cache of ``model`` (see :func:`attribute_memo`)."""
-    for module in model.modules():
-        for value in _plain_attributes(module):
-            if _is_tensor_cache(value):
-                value.clear()
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose tensors live on the meta device (costs no memory)."""
-    memo = attribute_memo(model, torch.clone)  # a plain tensor attribute computes like a constant: kept
-    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = (
-            nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-        )
-    return copy.deepcopy(model, memo)
-
-
-def map_inputs(inputs, fn):
-    if isinstance(inputs, torch.Tensor):
-        return fn(inputs)
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(map_inputs(x, fn) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: map_inputs(v, fn) for k, v in inputs.items()}
-    return inputs
-
-
-def call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
-
-
-@contextlib.contextmanager
-def check_kernels():
-    """Kernels for fusion's own forward passes (a batch of one or two examples). On the CPU oneDNN reorders
-    every convolution weight into its blocked layout on each call, which for two examples costs more than
-    the convolution: timm vgg11, whose 7x7 head convolution holds 103 M weights, runs in 0.41 s instead of
-    0.95 s without it. Same results up to rounding; the previous setting is restored."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns about TF32 on oneDNN whenever the flags are set
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-
-
-def infer_example_inputs(model: nn.Module):
-    """Example inputs for a plain MLP (``nn.Sequential`` whose first parametric layer is Linear)."""
-    if isinstance(model, nn.Sequential):
-        for layer in model:
-            if isinstance(layer, nn.Flatten):
-                continue
-            if isinstance(layer, nn.Linear):
-                p = layer.weight
-                return torch.randn(2, layer.in_features, device=p.device, dtype=p.dtype)
-            break
-    raise FusionError(
-        f"example_inputs is required to trace a {type(model).__name__}: pass one batch shaped like the model's "
-        "input, e.g. example_inputs=torch.randn(1, 3, 32, 32)"
-    )
-
-
 def find_output_layers(model: nn.Module) -> list[str]:
     """Names of the layers whose outputs are the model's outputs (their output channels are never fused)."""
     names = {m: n for n, m in model.named_modules()}
@@ -2344,221 +2249,6 @@ def _check_coverage(graph: ChannelGraph) -> None:
                 raise FusionError(
                     f"output layer {name!r} produces traced channels; it cannot be an output layer"
                 )
-
-
-# ---------------------------------------------------------------------------- verification
-# A correctly traced permutation changes the function only by float reassociation: in float64 that is about
-# 1e-13 of the output's scale, so 1e-9 leaves a wide margin and still catches couplings whose effect is small
-# (ECA's 1-D convolution across channels of a freshly initialised model moved the float32 outputs by less
-# than the 1e-4 that float32 needs).
-TOL_FLOAT64 = 1e-9
-TOL_FLOAT32 = 1e-4
-# A badly conditioned model (a deep random net whose activations grow and cancel) amplifies float64 rounding
-# past 1e-9 too. Its amplification is measured, not guessed: the float32 forward differs from the float64 one
-# by about eps32 times it, so reassociation in float64 moves the output by about that difference times
-# eps64 / eps32 (2e-9). The tolerance is the larger of TOL_FLOAT64 and NOISE_MARGIN times that estimate;
-# a missed coupling moves the output by orders of magnitude more (a fraction of it, not 1e-7). Past
-# MAX_NOISE_TOL the outputs are rounding noise (float32 is off by more than 50 times their scale) and nothing
-# can be verified: refused.
-NOISE_MARGIN = 1e3
-MAX_NOISE_TOL = 1e-4
-_EPS_RATIO = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
-
-
-@torch.no_grad()
-def _outputs(skeleton: nn.Module, state: dict, inputs):
-    clear_tensor_caches(skeleton)  # a cache filled under other weights would be stale
-    with check_kernels():
-        return torch.func.functional_call(skeleton, state, inputs, strict=False)
-
-
-def _close(a, b, tol: float = TOL_FLOAT32, floor: float = 1.0) -> bool:
-    """``b`` equals ``a`` up to ``tol`` times the largest magnitude of ``a`` (per output tensor), or times
-    ``floor`` when that is larger."""
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return False
-        if not a.numel():
-            return True
-        if not a.is_floating_point():
-            return bool(torch.equal(a, b))
-        if a.dtype not in (torch.float32, torch.float64):
-            tol = max(tol, 2e-2)
-        diff = float((a.double() - b.double()).abs().max())
-        scale = max(floor, float(a.detach().abs().max()))
-        return diff <= tol * scale if scale > 0 else diff == 0.0
-    if isinstance(a, (list, tuple)):
-        return (
-            isinstance(b, (list, tuple))
-            and len(a) == len(b)
-            and all(_close(x, y, tol, floor) for x, y in zip(a, b))
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol, floor) for k in a)
-    return True
-
-
-def _rel_error(a, b) -> float:
-    """The largest ``|a - b|`` relative to the largest magnitude of ``a``, over the float tensors of two
-    outputs of the same structure."""
-    pairs = []
-    map_inputs(a, lambda t: pairs.append(t) if t.is_floating_point() else None)
-    others = []
-    map_inputs(b, lambda t: others.append(t) if t.is_floating_point() else None)
-    worst = 0.0
-    for x, y in zip(pairs, others):
-        scale = float(x.detach().abs().max()) if x.numel() else 0.0
-        if scale > 0:
-            worst = max(worst, float((x.double() - y.double()).abs().max()) / scale)
-    return worst
-
-
-def _float64_attributes(skeleton: nn.Module) -> None:
-    """Cast the plain float tensor attributes of a (meta-copied) skeleton to float64, in place: they compute
-    like constants together with the state."""
-    for module in skeleton.modules():
-        for key, value in list(vars(module).items()):
-            if key in ("_parameters", "_buffers", "_modules"):
-                continue
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
-                setattr(module, key, value.double())
-
-
-def _all_float64(out) -> bool:
-    found = []
-    map_inputs(out, lambda t: found.append(t.dtype) if t.is_floating_point() else None)
-    return all(d == torch.float64 for d in found)
-
-
-def _to_float64(state: dict) -> dict:
-    """``state`` with its float tensors in float64, always new tensors (a float64 member's own tensors must not
-    be handed out: the self-check overwrites this copy with permuted states); the others as they are."""
-    return {name: t.to(torch.float64, copy=True) if t.is_floating_point() else t for name, t in state.items()}
-
-
-def _float64_reference(model: nn.Module, state: dict, inputs):
-    """``(skeleton, inputs, reference outputs, state)`` in float64, or a reason why the model cannot run in it.
-    The float64 copy of the state is returned to be overwritten by the permuted states (see ``assemble``'s
-    ``into``)."""
-    if not state or not any(t.is_floating_point() for t in state.values()):
-        return None, "the model has no float tensors"
-    skeleton = meta_copy(model).eval()
-    _float64_attributes(skeleton)
-    inputs64 = map_inputs(inputs, lambda t: t.double() if t.is_floating_point() else t)
-    state64 = _to_float64(state)
-    try:
-        reference = _outputs(skeleton, state64, inputs64)
-    except Exception as exc:  # noqa: BLE001 - e.g. a layer that casts to float32 inside its forward
-        return None, f"it fails in float64 ({type(exc).__name__}: {str(exc)[:120]})"
-    if not _all_float64(reference):
-        return None, "its outputs are not float64 when its state and inputs are (it casts inside its forward)"
-    reference = map_inputs(reference, torch.clone)  # an output may alias the state that is overwritten next
-    return (skeleton, inputs64, reference, state64), None
-
-
-def live_parameters(model: nn.Module, state: dict, generator: torch.Generator) -> dict:
-    """``state`` with every all-zero float parameter replaced by random values drawn from ``generator`` (new
-    tensors; ``state`` and the model are untouched), for the self-check, and for ``fusebench zoo``'s members.
-
-    A fresh timm ResNet's last BatchNorm scale in every block is zero (zero_init_last), so the block's branch
-    contributes nothing and a coupling missed inside it would pass the check; a zero bias hides nothing but
-    costs nothing to fill. The trace is a property of the architecture, so the check may run at any weights:
-    scales and biases get U(0.5, 1.5), matrices N(0, 1 / fan-in). Parameters are only tested with a full read
-    when their first entries are zero (trained weights are not)."""
-    out = state
-    for name, _ in model.named_parameters():
-        t = state.get(name)
-        if t is None or not t.is_floating_point() or t.numel() == 0:
-            continue
-        flat = t.reshape(-1)
-        if bool(flat[:64].any()) or bool(t.any()):
-            continue
-        if t.dim() >= 2:
-            fill = torch.randn(t.shape, generator=generator) / max(1, t[0].numel()) ** 0.5
-        else:
-            fill = torch.rand(t.shape, generator=generator) + 0.5
-        if out is state:
-            out = dict(state)
-        out[name] = fill.to(device=t.device, dtype=t.dtype)
-    return out
-
-
-def _moving_every_group(selection):
-    """``selection`` with every group of two or more units that a random permutation left in place rolled by one
-    instead: a group that does not move is not checked at all (two heads stay in place half the time), and the
-    check is what catches a head layout read wrongly."""
-    out = []
-    for members, units in selection:
-        if units.numel() > 1 and torch.equal(units, torch.arange(units.numel())):
-            units = units.roll(1)
-        out.append((members, units))
-    return out
-
-
-def verify_permutation_invariance(
-    model: nn.Module, graph: ChannelGraph, example_inputs, *, seed: int = 0
-) -> None:
-    """Refuse a trace under which a random permutation of the groups changes the model's function.
-
-    The check runs in float64 with a relative tolerance of :data:`TOL_FLOAT64` (state, plain tensor
-    attributes and inputs cast; a float32 value is exact in float64, so a permuted state is gathered from
-    the model's tensors straight into float64), so that a coupling with a small effect is not hidden by float32
-    rounding. A model that cannot run in float64 is checked in its own precision at :data:`TOL_FLOAT32`; the
-    reason is kept on the graph as ``graph.check_precision``.
-    """
-    state = live_parameters(model, full_state(model), torch.Generator().manual_seed(seed))
-    device = next(iter(state.values())).device if state else torch.device("cpu")
-    inputs = inputs32 = map_inputs(example_inputs, lambda t: t.to(device))
-    ready, why = _float64_reference(model, state, inputs)
-    if ready is not None:
-        skeleton, inputs, reference, state64 = ready
-        tol, floor = TOL_FLOAT64, 0.0  # relative to the output's own scale, however small
-        graph.check_precision = "float64"
-
-        def run(selection):
-            permuted = graph.assemble([state], selection, dtype=torch.float64, into=state64)
-            return _outputs(skeleton, permuted, inputs)
-    else:
-        skeleton = meta_copy(model).eval()
-        try:
-            reference = _outputs(skeleton, state, inputs)
-        except Exception as exc:  # noqa: BLE001
-            raise FusionError(f"the model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
-        tol, floor = TOL_FLOAT32, 1.0
-        graph.check_precision = f"model precision, tolerance {tol:g}: {why}"
-
-        def run(selection):
-            return _outputs(skeleton, graph.assemble([state], selection), inputs)
-
-    gen = torch.Generator().manual_seed(seed)
-    permuted = _moving_every_group(graph.random_permutation(gen))
-    out = run(permuted)
-    if _close(reference, out, tol, floor):
-        return
-    if ready is not None:  # is the model's own rounding amplified past TOL_FLOAT64? (see NOISE_MARGIN)
-        noise = _rel_error(reference, _outputs(meta_copy(model).eval(), state, inputs32))
-        tol = max(tol, NOISE_MARGIN * noise * _EPS_RATIO)
-        if tol > MAX_NOISE_TOL:
-            raise FusionError(
-                f"the model's outputs on the example inputs are rounding noise (float32 differs from float64 "
-                f"by {noise:.1e} of their scale), so its channel groups cannot be verified; fusion refused "
-                "(try the trained model or other example inputs)"
-            )
-        graph.check_precision = f"float64, tolerance {tol:.1e} (its float32 output is off by {noise:.1e})"
-        if _close(reference, out, tol, floor):
-            return
-    # find the culprit: permute one group at a time
-    identity = graph.identity_selection()
-    for gi, g in enumerate(graph.groups):
-        sel = list(identity)
-        sel[gi] = permuted[gi]
-        if not _close(reference, run(sel), tol, floor):
-            raise FusionError(
-                f"channel group rooted at {g.name!r} is not traced completely: permuting it changes the model's "
-                "output, so some layer coupled to it was missed; fusion refused (its layers: "
-                f"{', '.join(g.layers[:6])}{f' and {len(g.layers) - 6} more' if len(g.layers) > 6 else ''})"
-            )
-    raise FusionError("permuting the traced channel groups changes the model's output; fusion refused")
 
 
 # ---------------------------------------------------------------------------- head-major attention

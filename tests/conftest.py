@@ -164,3 +164,16 @@ def chromium_or_skip() -> str:
             pytest.fail("chromium is not installed but CI=true: .ci/run must apt-get install chromium")
         pytest.skip("chromium not installed (apt-get install -y chromium); the browser tests need it")
     return exe
+
+
+def model_out(model, x):
+    """The model's output on ``x`` in eval mode, without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def rel_err(a, b) -> float:
+    """The largest absolute difference of ``a`` from the reference ``b``, relative to ``b``'s largest magnitude."""
+    return float((a - b).abs().max() / b.abs().max())

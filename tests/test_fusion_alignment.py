@@ -18,7 +18,7 @@ import fusion
 from fusion import FusionError
 from fusion.build import build_model
 from fusion.methods.weight_matching import weight_matching_plans
-from fusion.trace import full_state
+from fusion.state import full_state
 
 METHODS = ["weight_matching", "activation_matching"]
 ARCHS = ["mlp", "resnet18", "grouped", "mobilenetv3_small_100"]

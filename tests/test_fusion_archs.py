@@ -20,18 +20,14 @@ from functools import cached_property
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FUSION_BIG, FUSION_SMALL, fusion_example_input, make_fusion_member
+from conftest import FUSION_BIG, FUSION_SMALL, fusion_example_input, make_fusion_member, model_out, rel_err
 
 import fusion
 from fusion.build import build_model
-from fusion.trace import full_state
+from fusion.state import full_state
 
 SMALL, BIG = FUSION_SMALL, FUSION_BIG
 LAYERNORM_OVER_CHANNELS = {"convnext_atto"}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 class Case:
@@ -72,15 +68,10 @@ def case(request):
     gc.collect()
 
 
-def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
 # ---------------------------------------------------------------------------- oracle 1
 def test_random_group_permutation_keeps_outputs(case):
     model = case.members[0]
-    reference = _out(model, case.x)
+    reference = model_out(model, case.x)
     state = full_state(model)
     g = case.graph
     assert g.groups, "no channel group traced"
@@ -90,7 +81,7 @@ def test_random_group_permutation_keeps_outputs(case):
     assert len(moved) >= len(g.tensor_dims) // 2, (
         f"only {len(moved)} of {len(g.tensor_dims)} group tensors moved"
     )
-    assert rel_err(_out(build_model(model, new), case.x), reference) < 1e-5
+    assert rel_err(model_out(build_model(model, new), case.x), reference) < 1e-5
 
 
 def _roll_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -106,7 +97,7 @@ def _roll_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
 def test_permuting_only_the_producer_changes_outputs(case):
     """Negative control for oracle 1: a group's consumers must follow its producer."""
     model = case.members[0]
-    reference = _out(model, case.x)
+    reference = model_out(model, case.x)
     state = full_state(model)
     groups = [g for g in case.graph.groups if g.n_units > 1][:2]
     assert groups
@@ -117,7 +108,7 @@ def test_permuting_only_the_producer_changes_outputs(case):
                 index = _roll_positions(s.positions, state[s.tensor].shape[s.dim])
                 new[s.tensor] = state[s.tensor].index_select(s.dim, index)
         assert any(not torch.equal(new[k], state[k]) for k in state)
-        assert rel_err(_out(build_model(model, new), case.x), reference) > 1e-3, g
+        assert rel_err(model_out(build_model(model, new), case.x), reference) > 1e-3, g
 
 
 # ---------------------------------------------------------------------------- oracle 2 (and 6)
@@ -149,7 +140,7 @@ def test_nt_sparsity0(case):
             c0, o0, g0 = member_convs[name]
             stem = c0 == 3  # the input image is shared by the members
             assert (cin, cout, groups) == (c0 if stem else n * c0, n * o0, n * g0 if g0 > 1 else 1), name
-        out, ens = _out(fused, case.x), case.ensemble_out(n)
+        out, ens = model_out(fused, case.x), case.ensemble_out(n)
         del fused
         if case.arch in LAYERNORM_OVER_CHANNELS:
             assert rel_err(out, ens) > 1e-2, "LayerNorm model unexpectedly equals the ensemble"
@@ -158,7 +149,7 @@ def test_nt_sparsity0(case):
     if case.arch in LAYERNORM_OVER_CHANNELS:
         copies = [case.members[0]] * 2
         same = fusion.fuse(copies, "nt", example_inputs=case.x, sparsity=0.0)
-        assert rel_err(_out(same, case.x), _out(case.members[0], case.x)) < 1e-5
+        assert rel_err(model_out(same, case.x), model_out(case.members[0], case.x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------- oracle 3 (and 6)
@@ -172,9 +163,9 @@ def test_nt_default_is_member_architecture(case):
         assert _conv_shapes(fused) == _conv_shapes(case.members[0])  # groups of grouped convs unchanged
         fresh = case.fresh()
         fresh.load_state_dict(state, strict=True, assign=True)  # strict: same keys and shapes
-        out = _out(fresh, case.x)
+        out = model_out(fresh, case.x)
         assert torch.isfinite(out).all()
-        assert torch.allclose(out, _out(fused, case.x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(out, model_out(fused, case.x), rtol=1e-5, atol=1e-6)
         # the fused model draws on every member (the members differ, so one member never wins every group)
         for m in case.members[:n]:
             assert any(
@@ -236,7 +227,7 @@ def _permutation_keeps_function(model: nn.Module, x: torch.Tensor, graph) -> Non
     state = full_state(model)
     new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(3)))
     assert any(not torch.equal(new[k], state[k]) for k in graph.tensor_dims)
-    assert rel_err(_out(build_model(model, new), x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(build_model(model, new), x), model_out(model, x)) < 1e-5
 
 
 def _tiny_caformer(seed: int) -> nn.Module:
@@ -270,7 +261,7 @@ def test_metaformer_mlp_head_its_last_layer_is_the_output_layer():
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = _tiny_caformer(9)
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.isfinite(_out(fresh, x)).all()
+    assert torch.isfinite(model_out(fresh, x)).all()
 
 
 class _Eca(nn.Module):
@@ -335,7 +326,7 @@ def test_channels_mixed_across_the_channel_axis_are_pinned_and_averaged():
         state[k] = state[k][perm]
     state["c2.weight"] = state["c2.weight"][:, perm]
     moved = torch.func.functional_call(members[0], state, (x,))
-    assert rel_err(moved, _out(members[0], x)) > 1e-3
+    assert rel_err(moved, model_out(members[0], x)) > 1e-3
 
     # NT at sparsity 0: mean over members of their own head on the averaged front
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
@@ -343,11 +334,13 @@ def test_channels_mixed_across_the_channel_axis_are_pinned_and_averaged():
     front.load_state_dict(fusion.fuse(members, "avg", example_inputs=x).state_dict())
     with torch.no_grad():
         expected = torch.stack([m.head(front.front(x)) for m in members]).mean(0)
-    assert rel_err(_out(wide, x), expected) < 1e-5
-    assert rel_err(_out(wide, x), _out(fusion.ensemble(members), x)) > 1e-3  # the hybrid is not the ensemble
+    assert rel_err(model_out(wide, x), expected) < 1e-5
+    assert (
+        rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) > 1e-3
+    )  # the hybrid is not the ensemble
     # two copies of one member give that member
     twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
-    assert rel_err(_out(twin, x), _out(members[0], x)) < 1e-6
+    assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-6
 
     for method in ("nt", "avg", "ot", "weight_matching"):
         fused = fusion.fuse(members, method, example_inputs=x).state_dict()
@@ -372,7 +365,7 @@ def test_eca_resnets_fuse_with_their_residual_streams_pinned():
     assert all(re.search(r"mixed with each other at 'layer\d\.\d\.se\.conv'", p) for p in graph.pinned)
     assert len(graph.groups) >= 8
     twin = fusion.fuse([model, model], "nt", example_inputs=x, sparsity=0.0)
-    assert rel_err(_out(twin, x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(twin, x), model_out(model, x)) < 1e-5
 
 
 class _CachedBias(nn.Module):
@@ -402,7 +395,7 @@ def test_a_model_with_a_tensor_cache_fuses_and_the_fused_model_does_not_reuse_it
     assert fused[1].cache == {} or not torch.equal(fused[1].cache["b"], members[0][1].cache["b"])
     expected = nn.Sequential(nn.Linear(4, 6), _CachedBias(6), nn.ReLU(), nn.Linear(6, 3)).eval()
     expected.load_state_dict(fused.state_dict())
-    assert rel_err(_out(fused, x), _out(expected, x)) < 1e-6
+    assert rel_err(model_out(fused, x), model_out(expected, x)) < 1e-6
 
 
 def test_a_group_that_explodes_through_reshapes_is_refused_by_name(monkeypatch):

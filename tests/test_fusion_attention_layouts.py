@@ -14,19 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import model_out, rel_err
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup, Slot
-from fusion.trace import full_state, verify_permutation_invariance
-
-
-def _out(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from fusion.state import full_state
+from fusion.verify import verify_permutation_invariance
 
 
 def _members(make, n: int = 2) -> list[nn.Module]:
@@ -54,11 +47,11 @@ def _permuted_keeps_function(make, model: nn.Module, graph, x) -> None:
     state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
     permuted = make()
     permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)
-    assert _rel(_out(permuted, x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(permuted, x), model_out(model, x)) < 1e-5
 
 
 def _ensemble_err(fused, members, x) -> float:
-    return _rel(_out(fused, x), sum(_out(m, x) for m in members) / len(members))
+    return rel_err(model_out(fused, x), sum(model_out(m, x) for m in members) / len(members))
 
 
 def _replace_slots(graph, change) -> ChannelGraph:
@@ -126,7 +119,7 @@ def test_levit_attention_behind_linear_norms_moves_whole_heads(downsample):
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = LeViTNet(downsample)
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the norm over the rows left in place: its channels do not follow the heads
     _refused(members[0], _replace_slots(graph, lambda s: None if s.tensor == f"{rows}.bn.weight" else s), x)
 
@@ -182,7 +175,7 @@ def test_conv_norm_attention_with_local_values_moves_whole_heads(downsample):
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = ConvNormAttnNet(downsample)
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the depthwise convolution over v left in place: its channels would not follow v's
     _refused(
         members[0],
@@ -226,7 +219,7 @@ def test_outlook_attention_weights_move_with_the_heads():
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = OutlookNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the attention weights left in place: a head would read another head's weights
     _refused(members[0], _replace_slots(graph, lambda s: None if s.tensor.startswith("attn.attn.") else s), x)
 
@@ -283,13 +276,13 @@ def test_attention_whose_output_is_its_heads_values(kind, size):
     _permuted_keeps_function(lambda: OutputHeadsNet(kind), members[0], graph, x)
     twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert twin.attn.num_heads == 4 and twin.attn.dim_out_qk == 12 and twin.attn.dim_out_v == 16
-    assert _rel(_out(twin, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-5
     members[1].attn.pos_embed.load_state_dict(members[0].attn.pos_embed.state_dict())  # one shared table
     assert _ensemble_err(fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0), members, x) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = OutputHeadsNet(kind)
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the readers of the output left in place: they would read other heads' values
     _refused(members[0], _replace_slots(graph, lambda s: None if s.tensor == "conv3.weight" else s), x)
     if kind == "bottleneck":  # the head-major layout of the qkv rows on this role-first module
@@ -348,11 +341,11 @@ def test_queries_from_outside_make_their_stream_move_by_heads():
     _permuted_keeps_function(GlobalQueryNet, members[0], graph, x)
     twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)  # LayerNorms: the twin
     assert twin.stage.blocks[1].attn.num_heads == 4
-    assert _rel(_out(twin, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = GlobalQueryNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the layer making the global query, or the global attention's per-head table, left in place
     query = ("stage.global_block.blocks.conv1.conv_pw.weight", 0)
     _refused(members[0], _replace_slots(graph, lambda s: None if (s.tensor, s.dim) == query else s), x)

@@ -12,19 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import model_out, rel_err
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup, Slot
-from fusion.trace import full_state, verify_permutation_invariance
-
-
-def _out(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from fusion.state import full_state
+from fusion.verify import verify_permutation_invariance
 
 
 def _members(cls, n: int = 2) -> list[nn.Module]:
@@ -43,7 +36,7 @@ def _permuted_keeps_function(cls, model: nn.Module, graph, x) -> None:
     state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
     permuted = cls()
     permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)  # persistent ones
-    assert _rel(_out(permuted, x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(permuted, x), model_out(model, x)) < 1e-5
 
 
 def _without_slot(graph, tensor: str, dim: int) -> ChannelGraph:
@@ -92,11 +85,11 @@ def test_talking_heads_mix_heads_rows_and_columns():
     # the heads of two members do not mix: the concatenation is the ensemble
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 8 and wide.attn.proj_l.weight.shape == (8, 8)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = TalkingNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # permuting the heads on the rows of proj_l but not on its columns changes the function
     broken = _without_slot(graph, "attn.proj_l.weight", 1)
     try:
@@ -140,11 +133,11 @@ def test_reduction_convolution_in_attention_is_not_per_head():
     # a LayerNorm after the reduction normalizes across channels: the concatenation of a member with itself
     # is the member
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(same, x), model_out(members[0], x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = SubSampleNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
 
 
 # ---------------------------------------------------------------------------- expands (GCViT's global query)
@@ -169,7 +162,7 @@ def test_expand_along_the_batch_keeps_channels():
     assert len(graph.groups) == 1 and set(graph.groups[0].layers) == {"c1", "c2", "fc"}
     _permuted_keeps_function(RepeatNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
     try:  # c2's input columns left out of the group: caught
         verify_permutation_invariance(members[0], _without_slot(graph, "c2.weight", 1), x)
     except fusion.FusionError as exc:
@@ -199,7 +192,7 @@ def test_gated_positional_attention_moves_whole_heads():
     x = torch.randn(2, 16, 8)
     members = _members(GpsaNet)
     for m in members:
-        _out(m, x)  # GPSA sizes its relative indices at the first forward
+        model_out(m, x)  # GPSA sizes its relative indices at the first forward
     graph = fusion.channel_groups(members[0], x)
     heads = next(g for g in graph.groups if g.unit_kind == "head")
     assert heads.n_units == 4 and {"attn.qk", "attn.v", "attn.proj"} <= set(heads.layers)
@@ -208,11 +201,11 @@ def test_gated_positional_attention_moves_whole_heads():
     _permuted_keeps_function(GpsaNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 8
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = GpsaNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     try:  # the gates left in place while the heads move
         verify_permutation_invariance(members[0], _without_slot(graph, "attn.gating_param", 0), x)
     except fusion.FusionError as exc:
@@ -252,13 +245,13 @@ def test_head_major_attention_moves_whole_heads(ratio):
     _permuted_keeps_function(lambda: HeadMajorNet(ratio), members[0], graph, x)
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert same.attn.num_heads == 8 and same.attn.out_dim == 8 * 4 * ratio
-    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(same, x), model_out(members[0], x)) < 1e-5
     wider = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.25)
     assert wider.attn.num_heads == 6 and wider.attn.attention_biases.shape == (6, 16)
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = HeadMajorNet(ratio)
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # the q, k, v block layout (rows r * dim + h * head_dim + j) on this module is refused by the self-check
     if ratio == 1:
         blocks = torch.stack([torch.arange(4)[:, None] * 4 + torch.arange(4) + r * 16 for r in range(3)], 2)
@@ -322,12 +315,12 @@ def test_layers_shared_by_all_heads_stay_and_heads_move_whole():
     # shared by the heads, these layers are averaged across members: a member with itself is the member
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert same.attn.num_heads == 4 and same.attn.dim_out == 32
-    assert _rel(_out(same, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(same, x), model_out(members[0], x)) < 1e-5
     assert fusion.fuse(members, "nt", example_inputs=x, sparsity=0.25).attn.num_heads == 3
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = PoolingAttnNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # channels moved within a head (each channel its own unit) break the shared layers: caught
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(members[0], _heads_as_channels(graph, heads), x)
@@ -368,11 +361,11 @@ def test_functional_qkv_with_split_biases_and_rotary_moves_whole_heads():
     _permuted_keeps_function(RopeNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)  # no norm across channels here
     assert wide.attn.num_heads == 8 and wide.attn.k_bias.shape == (32,)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-6
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = RopeNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     # channels moved within a head break the rotary pairs: caught
     with pytest.raises(fusion.FusionError, match="not traced completely"):
         verify_permutation_invariance(members[0], _heads_as_channels(graph, heads), x)
@@ -412,7 +405,7 @@ def test_heads_sharing_a_table_move_together():
     fused = fusion.fuse(members, "nt", example_inputs=x)  # the members' width (the MLP keeps num_heads)
     fresh = SharedRelPosNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
     with pytest.raises(fusion.FusionError, match="not traced completely"):  # the shared rows left in place
         verify_permutation_invariance(members[0], _without_slot(graph, "rel_pos.mlp.fc2.weight", 0), x)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import model_out, rel_err
 from timm.layers import SplitAttn
 from timm.layers.non_local_attn import BilinearAttnTransform
 from timm.models.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
@@ -28,16 +29,7 @@ from timm.models.sequencer import LSTM2d
 import fusion
 from fusion.build import build_model
 from fusion.errors import FusionError
-from fusion.trace import full_state
-
-
-def _out(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from fusion.state import full_state
 
 
 def _members(make, n: int = 2) -> list[nn.Module]:
@@ -57,12 +49,12 @@ def _fuses_to_the_ensemble(make, x) -> None:
     """NT at sparsity 0 is the output ensemble; default NT and averaging load strictly into a fresh model."""
     members = _members(make)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
     for method in ("nt", "avg"):
         fused = fusion.fuse(members, method, example_inputs=x)
         fresh = make().eval()
         fresh.load_state_dict(fused.state_dict(), strict=True)
-        assert torch.isfinite(_out(fresh, x)).all()
+        assert torch.isfinite(model_out(fresh, x)).all()
 
 
 def _permutation_keeps_the_function(model: nn.Module, x) -> None:
@@ -70,7 +62,7 @@ def _permutation_keeps_the_function(model: nn.Module, x) -> None:
     state = full_state(model)
     new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(3)))
     assert any(not torch.equal(new[k], state[k]) for k in graph.tensor_dims)
-    assert _rel(_out(build_model(model, new), x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(build_model(model, new), x), model_out(model, x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------- split attention
@@ -118,7 +110,7 @@ def test_split_attention_parts_are_coupled():
     new = dict(state)
     for k in ("sa.conv.weight", "sa.bn0.weight", "sa.bn0.bias", "sa.bn0.running_mean", "sa.bn0.running_var"):
         new[k] = state[k][perm]
-    assert _rel(_out(build_model(model, new), _X), _out(model, _X)) > 1e-3
+    assert rel_err(model_out(build_model(model, new), _X), model_out(model, _X)) > 1e-3
 
 
 def test_split_attention_with_cardinal_groups_is_refused():
@@ -188,7 +180,7 @@ def test_lstm_gates_of_a_unit_are_coupled():
     perm = torch.arange(16)
     perm[0], perm[1] = 1, 0
     new = dict(state, **{k: state[k][perm] for k in ("rnn.rnn_h.weight_ih_l0", "rnn.rnn_h.bias_ih_l0")})
-    assert _rel(_out(build_model(model, new), _SEQ), _out(model, _SEQ)) > 1e-4
+    assert rel_err(model_out(build_model(model, new), _SEQ), model_out(model, _SEQ)) > 1e-4
 
 
 @pytest.mark.parametrize(
@@ -256,7 +248,7 @@ def test_bilinear_transform_groups_are_coupled():
         new[k] = state[k][perm]
     for k in ("ba.conv1.conv.weight", "ba.conv2.conv.weight"):
         new[k] = state[k][:, perm]
-    assert _rel(_out(build_model(model, new), _IMG), _out(model, _IMG)) > 1e-4
+    assert rel_err(model_out(build_model(model, new), _IMG), model_out(model, _IMG)) > 1e-4
 
 
 # ---------------------------------------------------------------------------- refused by their structural reason

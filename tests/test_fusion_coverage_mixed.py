@@ -15,18 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import model_out, rel_err
 
 import fusion
-from fusion.trace import _trace, full_state, verify_permutation_invariance
-
-
-def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from fusion.state import full_state
+from fusion.trace import _trace
+from fusion.verify import verify_permutation_invariance
 
 
 # ---------------------------------------------------------------------------- the float64 self-check
@@ -76,7 +70,7 @@ def test_self_check_refuses_a_small_missed_coupling():
         graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(0))),
         (x,),
     )
-    err = _rel(permuted.detach(), _out(model, x))
+    err = rel_err(permuted.detach(), model_out(model, x))
     assert 1e-9 < err < 1e-4
     with pytest.raises(fusion.FusionError, match=r"rooted at 'c1'.*not traced completely"):
         verify_permutation_invariance(model, graph, x)
@@ -145,7 +139,7 @@ def test_self_check_tolerance_follows_measured_rounding_noise():
     perm = graph.assemble(
         [full_state(model)], graph.random_permutation(torch.Generator().manual_seed(0)), dtype=torch.float64
     )
-    err = _rel(torch.func.functional_call(model, perm, (x.double(),)).detach(), ref.detach())
+    err = rel_err(torch.func.functional_call(model, perm, (x.double(),)).detach(), ref.detach())
     assert err > 1e-9  # a fixed float64 tolerance of 1e-9 would refuse this correct trace
     verify_permutation_invariance(model, graph, x)
     assert graph.check_precision.startswith("float64, tolerance")
@@ -189,7 +183,7 @@ def test_self_check_runs_zero_initialised_branches_at_live_weights(monkeypatch):
         verify_permutation_invariance(model, graph, x)
     assert not model.bn.weight.any()  # the member itself is untouched
     # at the model's own weights the missed coupling is invisible: the old check passed it
-    monkeypatch.setattr(fusion.trace, "live_parameters", lambda model, state, generator: state)
+    monkeypatch.setattr(fusion.verify, "live_parameters", lambda model, state, generator: state)
     verify_permutation_invariance(model, graph, x)
 
 
@@ -231,7 +225,7 @@ def test_group_norm_is_traced_and_fused(g1, g2):
     )
     permuted = GNNet(g1, g2)
     permuted.load_state_dict(state, strict=True)
-    assert _rel(_out(permuted, x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(permuted, x), model_out(members[0], x)) < 1e-5
     # G > 1: groups move as whole blocks (units of 16 / G channels)
     n2 = next(g for g in graph.groups if "n2" in g.layers)
     assert n2.n_units == (16 if g2 == 1 else g2)
@@ -244,7 +238,7 @@ def test_group_norm_is_traced_and_fused(g1, g2):
         # NT at sparsity 0 is exactly the ensemble (with one group the statistics mix the members, by design)
         wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
         assert wide.n1.num_groups == 2 * g1 and wide.n2.num_groups == 2 * g2
-        assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+        assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
 
 
 def test_group_norm_over_blocks_without_affine_is_refused():
@@ -334,7 +328,7 @@ def test_attention_layouts_move_whole_heads(kind):
     # NT at sparsity 0 is the ensemble: 8 heads, each as wide as before
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 8
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = AttnNet(kind)
     fresh.load_state_dict(fused.state_dict(), strict=True)
@@ -393,7 +387,7 @@ def test_gated_mlp_halves_move_as_pairs():
     fc1 = next(s for s in pairs[0].slots if s.tensor == "mlp.fc1.weight")
     assert fc1.positions[3].tolist() == [[3, 19]]  # channel 3 of the first half with channel 3 of the second
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = GluNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
@@ -496,11 +490,11 @@ def test_blur_pool_filter_follows_its_channels():
     assert "aa.filt" in {s.tensor for s in c1.slots}
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.aa.channels == 16 and wide.aa.filt.shape == (16, 1, 3, 3)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = BlurNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))
 
 
 class StdConvNet(nn.Module):
@@ -540,4 +534,4 @@ def test_scaled_std_conv_gain_is_per_output_channel():
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = StdConvNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.allclose(_out(fresh, x), _out(fused, x))
+    assert torch.allclose(model_out(fresh, x), model_out(fused, x))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import fusion
 from fusion.build import build_model
-from fusion.trace import full_state
+from fusion.state import full_state
 
 
 class PartialConv(nn.Module):

@@ -349,8 +349,8 @@ def test_check_runs_does_not_rerun_a_model_shaped_like_its_member_but_runs_one_n
     assert _Counted.calls == 0
     fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0, verify=False)
     assert _Counted.calls == 1
-    broken = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 2))
-    with pytest.raises(fusion.FusionError, match="the fused model does not run"):  # another structure than like
-        from fusion.build import check_runs
+    from fusion.build import check_runs
 
+    broken = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 2))  # another structure than like's: run, and fails
+    with pytest.raises(fusion.FusionError, match="the fused model does not run"):
         check_runs(broken, x, like=member(0))

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup, Slot
-from fusion.trace import full_state, verify_permutation_invariance
+from fusion.state import full_state
+from fusion.verify import verify_permutation_invariance
 
 N, P, C, D = 4, 3, 8, 10  # patches, pixels per patch, inner channels, outer channels
 

@@ -114,7 +114,7 @@ def test_hand_mlp_importances_are_the_definition():
     models = [hand_mlp("A"), hand_mlp("B")]
     g = fusion.channel_groups(models[0], X4)
     assert len(g.groups) == 2
-    states = [fusion.trace.full_state(m) for m in models]
+    states = [fusion.state.full_state(m) for m in models]
     by_root = {grp.name: gi for gi, grp in enumerate(g.groups)}
     # layer 1, neuron j: (|w1 row j|^2 + |w2 column j|^2) / 2
     hand_h1 = {"A": [(1 + 5) / 2, (9 + 1) / 2, (4 + 4) / 2], "B": [(4 + 1) / 2, (2 + 5) / 2, (9 + 9) / 2]}
@@ -199,7 +199,7 @@ def test_assemble_writes_every_entry_even_when_a_member_loses_a_whole_group(monk
     )
     models = [hand_mlp("A"), hand_mlp("B")]
     g = fusion.channel_groups(models[0], X4)
-    states = [fusion.trace.full_state(m) for m in models]
+    states = [fusion.state.full_state(m) for m in models]
     by_root = {grp.name: gi for gi, grp in enumerate(g.groups)}
     selection = [None, None]
     selection[by_root["0"]] = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]))
@@ -214,7 +214,7 @@ def test_assemble_into_given_tensors_overwrites_every_entry():
     entry of them: filled with NaN first, the result equals a fresh assembly."""
     models = [hand_mlp("A"), hand_mlp("B")]
     g = fusion.channel_groups(models[0], X4)
-    states = [fusion.trace.full_state(m) for m in models]
+    states = [fusion.state.full_state(m) for m in models]
     by_root = {grp.name: gi for gi, grp in enumerate(g.groups)}
     selection = [None, None]
     selection[by_root["0"]] = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]))

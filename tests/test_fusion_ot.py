@@ -9,7 +9,7 @@ from conftest import FUSION_BIG, FUSION_SMALL
 
 import fusion
 from fusion.build import build_model
-from fusion.trace import full_state
+from fusion.state import full_state
 
 # every architecture of the fusion core; the big ones with two members only
 ARCHS_3, ARCHS_2 = FUSION_SMALL, FUSION_BIG

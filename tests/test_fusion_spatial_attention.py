@@ -12,8 +12,9 @@ import torch.nn as nn
 
 import fusion
 import fusion.trace as trace
+import fusion.verify as verify
 from fusion.build import build_model
-from fusion.trace import full_state
+from fusion.state import full_state
 
 
 class ConvAttention(nn.Module):
@@ -296,8 +297,8 @@ def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_f
     wrong = trace._trace(a, x, None)
     for seed in range(6):
         with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'"):
-            trace.verify_permutation_invariance(a, wrong, x, seed=seed)
-    moved = trace._moving_every_group(wrong.identity_selection())
+            verify.verify_permutation_invariance(a, wrong, x, seed=seed)
+    moved = verify._moving_every_group(wrong.identity_selection())
     assert all(
         not torch.equal(u, torch.arange(g.n_units)) for (_, u), g in zip(moved, wrong.groups) if g.n_units > 1
     )

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup
-from fusion.trace import full_state, verify_permutation_invariance
+from fusion.state import full_state
+from fusion.verify import verify_permutation_invariance
 
 
 class TokenMixer(nn.Module):

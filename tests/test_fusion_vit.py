@@ -10,7 +10,7 @@ from conftest import _randomize_fusion_member
 
 import fusion
 from fusion.build import build_model
-from fusion.trace import full_state
+from fusion.state import full_state
 
 TINY = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
 

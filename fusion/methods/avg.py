@@ -7,7 +7,7 @@ from ..groups import mean_tensor
 from ..layers import is_float
 from ..provenance import Provenance, attach
 from ..registry import register
-from ..trace import full_state
+from ..state import full_state
 
 
 @register("avg")

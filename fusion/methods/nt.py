@@ -21,7 +21,8 @@ from ..errors import FusionError
 from ..groups import ChannelGraph
 from ..provenance import Provenance, attach, compose, from_selection, identity, provenance_of
 from ..registry import register
-from ..trace import channel_groups, full_state
+from ..state import full_state
+from ..trace import channel_groups
 
 
 def _check_sparsity(sparsity) -> None:

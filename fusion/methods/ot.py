@@ -36,7 +36,8 @@ from ..errors import FusionError
 from ..groups import ChannelGraph
 from ..layers import OUT, is_float
 from ..registry import register
-from ..trace import channel_groups, full_state, map_inputs, meta_copy
+from ..state import full_state, map_inputs, meta_copy
+from ..trace import channel_groups
 
 SOLVERS = ("emd", "sinkhorn")
 METRICS = ("weights", "activations")

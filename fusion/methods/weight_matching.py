@@ -22,7 +22,8 @@ from ..build import check_runs
 from ..errors import FusionError
 from ..layers import is_float
 from ..registry import register
-from ..trace import channel_groups, full_state
+from ..state import full_state
+from ..trace import channel_groups
 from .ot import WeightCost, _same, assignment, transform_tensor
 
 

@@ -38,7 +38,8 @@ from ..groups import ChannelGraph, mean_tensor
 from ..layers import OUT, is_float
 from ..provenance import Provenance, attach
 from ..registry import register
-from ..trace import channel_groups, full_state, map_inputs
+from ..state import full_state, map_inputs
+from ..trace import channel_groups
 from .ot import _Observer, _producers, _unit_features
 
 
