@@ -45,7 +45,8 @@ _RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "_
 _LINEAR_INPUT_VIEWS = _RESHAPES | {"CloneBackward0", "ExpandBackward0"}
 
 
-def _shape(gf, nr: int = 0):
+def out_shape(gf, nr: int = 0):
+    """The shape of output ``nr`` of autograd node ``gf`` (a leaf: its variable's), or None."""
     var = getattr(gf, "variable", None)
     if var is not None:
         return tuple(var.shape)
@@ -150,7 +151,7 @@ class AxisLabels:
     def of(self, gf, nr: int = 0):
         lab = self.labels.get((gf, nr))
         if lab is None:
-            shape = _shape(gf, nr) if gf is not None else None
+            shape = out_shape(gf, nr) if gf is not None else None
             return None if shape is None else (None,) * len(shape)
         return lab
 
@@ -159,7 +160,7 @@ class AxisLabels:
 
     def _visit(self, gf) -> None:
         kind = type(gf).__name__
-        out = _shape(gf, 0)
+        out = out_shape(gf, 0)
         if out is None:
             return
         n_out = len(getattr(gf, "_input_metadata", ())) or 1
@@ -193,7 +194,7 @@ class AxisLabels:
             if src is not None:
                 labels = tuple(src[_axis(d, len(out))] for d in gf._saved_dims)
         elif kind in _RESHAPES:
-            src_shape = _shape(*ins[0]) if ins and ins[0][0] is not None else None
+            src_shape = out_shape(*ins[0]) if ins and ins[0][0] is not None else None
             if src_shape is not None:
                 labels = tuple(_reshape(list(self.of(*ins[0])), src_shape, out))
         elif kind in ("SplitBackward0", "SplitWithSizesBackward0"):
@@ -221,7 +222,7 @@ class AxisLabels:
         for f, nr in ins:
             if f is None:
                 continue
-            shape = _shape(f, nr)
+            shape = out_shape(f, nr)
             if shape is None:
                 continue
             lab = self.of(f, nr)
@@ -292,8 +293,8 @@ def channels_last_views(dg, labels: AxisLabels) -> None:
         if node.type != tp.ops.OPTYPE.RESHAPE or gf is None or type(gf).__name__ not in _RESHAPES:
             continue
         src = gf.next_functions[0] if gf.next_functions else (None, 0)
-        ins = _shape(*src) if src[0] is not None else None
-        out = _shape(gf, 0)
+        ins = out_shape(*src) if src[0] is not None else None
+        out = out_shape(gf, 0)
         if not ins or not out or ins[-1] != out[-1] or not is_feature(labels.of(*src)[-1]):
             continue
         edges = list(node.dependencies) + [
@@ -430,7 +431,7 @@ def channel_fastest_merges(dg) -> None:
         if node.type != tp.ops.OPTYPE.RESHAPE or gf is None:
             continue
         ins = tuple(int(s) for s in getattr(gf, "_saved_self_sym_sizes", ()) or ())
-        out = _shape(gf, 0)
+        out = out_shape(gf, 0)
         if len(ins) != 3 or out is None or len(out) < 2:
             continue
         merged = None

@@ -9,17 +9,17 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from .errors import FusionError
-from .layers import resize_module
-from .state import attribute_memo, call, check_kernels, full_state, map_inputs
-from .trace import (
-    _fingerprint,
+from .attention import (
     _wrapped_pointwise,
     attention_layout,
     head_major_layout,
     output_heads_layout,
     outside_query_layout,
 )
+from .errors import FusionError
+from .layers import resize_module
+from .state import attribute_memo, call, check_kernels, full_state, map_inputs
+from .trace import _fingerprint
 
 # widths of all heads together that an attention keeps, and the attribute holding the per-head width each is a
 # multiple of (None: the traced head width, the width of each head's values)

@@ -48,6 +48,11 @@ class Slot:
         return f"Slot({self.tensor}[dim {self.dim}], {self.role}, units={self.positions.shape[0]}x{self.positions.shape[1]})"
 
 
+def slot_of(spec, layer: str, positions: torch.Tensor) -> Slot:
+    """The slot of one traced tensor dimension (a :class:`fusion.layers.SlotSpec`) at ``positions``."""
+    return Slot(spec.tensor, spec.dim, spec.role, spec.kind, spec.is_weight, layer, positions)
+
+
 @dataclass
 class ChannelGroup:
     """Channels that must be kept, dropped, permuted or aligned together."""

@@ -432,9 +432,9 @@ def test_coupled_units_only_over_equal_parts():
 def test_a_group_sharing_a_pinned_dimension_is_pinned_too():
     """Pinned channels stay in place in every dimension they occupy, so a group on one of those dimensions is
     pinned as well, and so on transitively; a group on other dimensions of the same tensors stays free."""
-    from fusion.groups import ChannelGroup
+    from fusion.groups import ChannelGroup, slot_of
     from fusion.layers import IN, OUT, SlotSpec
-    from fusion.trace import _pin_joined, _slot
+    from fusion.trace import _pin_joined
 
     def raw(root, *dims):
         return (
@@ -452,7 +452,7 @@ def test_a_group_sharing_a_pinned_dimension_is_pinned_too():
     free = raw("free", ("c2.weight", 0), ("fc.weight", 1))  # c2's rows, not its pinned columns
     paired = [
         ChannelGroup(
-            "glu", 2, [_slot(SlotSpec("y.weight", 1, IN, "linear", True), "y", torch.zeros(2, 1, 1))]
+            "glu", 2, [slot_of(SlotSpec("y.weight", 1, IN, "linear", True), "y", torch.zeros(2, 1, 1))]
         )
     ]
     kept_raw, kept_paired, notes, dims = _pin_joined([a, b, c, free], paired, pinned)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import fusion
+import fusion.attention as attention
 import fusion.trace as trace
 import fusion.verify as verify
 from fusion.build import build_model
@@ -197,7 +198,7 @@ def test_the_head_order_is_read_from_the_reshape_and_a_wrong_one_is_refused(monk
         else:  # head 0's rows in q, k and v
             assert qkv.positions[0].T.tolist() == [[0, 1, 2], [6, 7, 8], [12, 13, 14]]
         wrong = "role-first" if head_first else "head-first"
-        monkeypatch.setattr(trace, "_producer_row_order", lambda *args, wrong=wrong: wrong)
+        monkeypatch.setattr(attention, "_producer_row_order", lambda *args, wrong=wrong: wrong)
         trace._CACHE.clear()
         with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'.*not traced completely"):
             fusion.channel_groups(a, x)
@@ -239,7 +240,7 @@ def test_a_proj_read_in_the_wrong_head_order_is_refused(monkeypatch):
     permutation of heads moves the wrong columns, which the self-check catches."""
     (a,) = _members(lambda: BlockNet(True), 1)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(trace, "_proj_column_order", lambda *args: "head-first")
+    monkeypatch.setattr(attention, "_proj_column_order", lambda *args: "head-first")
     trace._CACHE.clear()
     with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'.*not traced completely"):
         fusion.channel_groups(a, x)
@@ -283,9 +284,9 @@ def test_an_attention_in_an_unknown_layout_is_refused_by_name(monkeypatch):
     assert message.endswith("; 'rel' (7, 4) is shared by all heads; fusion refused")
     # a group rooted outside that reached the attention (EfficientViT's residual stream into its cascaded group
     # attention) is refused naming the attention too; a group that reached none keeps the generic refusal
-    reason = trace._unknown_attention_reason(model, "0", ["1", "2.qkv"])
+    reason = attention._unknown_attention_reason(model, "0", ["1", "2.qkv"])
     assert reason.startswith("attention '2' (SharedTableAttention): the channels of '0' reach it")
-    assert trace._unknown_attention_reason(model, "0", ["1", "3"]) is None
+    assert attention._unknown_attention_reason(model, "0", ["1", "3"]) is None
 
 
 def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_for_every_seed(monkeypatch):
@@ -293,7 +294,7 @@ def test_the_self_check_moves_every_group_so_a_wrong_two_head_layout_is_caught_f
     self-check rolls such a group instead, so a wrong layout is refused whatever the seed."""
     (a,) = _members(lambda: ConvNet(True), 1)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(trace, "_producer_row_order", lambda *args: "role-first")
+    monkeypatch.setattr(attention, "_producer_row_order", lambda *args: "role-first")
     wrong = trace._trace(a, x, None)
     for seed in range(6):
         with pytest.raises(fusion.FusionError, match=r"rooted at 'attn.qkv'"):
