@@ -394,6 +394,8 @@ def write_table(rows: dict[str, dict], path: Path) -> str:
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "—"
         why = (r.get("reason") or r.get("ensemble_check") or "").replace("|", "\\|")
         status = f"{r['status']} (at {r['input']}px)" if r.get("input") else r["status"]
+        if r.get("pinned"):
+            status += f", {r['pinned']} channel sets pinned"
         lines.append(f"| {name} | {params} | {status} | {why} |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,7 @@ def test_table_counts_and_reason_classes(tmp_path):
         in text
     )
     assert "NT cannot widen them; 1 with some channels pinned" in text
+    assert "| f | — | fused, 2 channel sets pinned |" in text
     assert "| e | — | fused | not possible, NT cannot widen it: x |" in text
     # one refusal class for both models: names and sizes are not part of the class
     assert "| refused | channel tracing is inconsistent for '…' (dimension N of size N) | 2 |" in text
