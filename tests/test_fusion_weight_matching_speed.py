@@ -219,3 +219,30 @@ def test_bad_tolerance():
     for tol in (-0.1, 1.0, True, "1e-6"):
         with pytest.raises(FusionError, match="tol"):
             fusion.fuse(members, "weight_matching", example_inputs=x, tol=tol)
+
+
+def test_incremental_cross_terms_equal_the_recomputed_ones():
+    """A kept term updated from the positions a few swaps moved equals the term computed afresh at the
+    same plans, through more swaps than the refresh interval (so both the updates and the refresh run)."""
+    members, x = _members(2)
+    graph = fusion.channel_groups(members[0], x)
+    a, b = (full_state(m) for m in members)
+    n = len(graph.groups)
+    gen = torch.Generator().manual_seed(0)
+    plans, versions = [None] * n, [0] * n
+    cost = WeightCost(graph, a, b, incoming_only=False, incremental=True)
+    updated = 0
+    for step in range(2 * WeightCost.REFRESH + 3):
+        h = step % n
+        perm = plans[h].clone() if plans[h] is not None else torch.arange(graph.groups[h].n_units)
+        i, j = torch.randperm(perm.numel(), generator=gen)[:2].tolist()
+        perm[[i, j]] = perm[[j, i]]
+        plans[h], versions[h] = perm, versions[h] + 1
+        for gi in range(n):
+            got = cost.cross(gi, plans, versions)
+            if got is None:
+                continue
+            fresh = WeightCost(graph, a, b, incoming_only=False).cross(gi, plans, versions)
+            torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-5)
+        updated = max([updated, *(entry[3] for entry in cost._terms.values())])
+    assert updated > 0, "the terms must have been updated, not only recomputed"

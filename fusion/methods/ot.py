@@ -156,14 +156,24 @@ class WeightCost:
     its other groups' permutations in one index per dimension).
     """
 
+    #: incremental updates of a kept term before it is recomputed from scratch (bounds float drift)
+    REFRESH = 8
+
     def __init__(
-        self, graph: ChannelGraph, anchor: dict, member: dict, incoming_only: bool, anchor_cache=None
+        self,
+        graph: ChannelGraph,
+        anchor: dict,
+        member: dict,
+        incoming_only: bool,
+        anchor_cache=None,
+        incremental: bool = False,
     ):
         self.graph, self.anchor, self.member = graph, anchor, member
         self.incoming_only = incoming_only
+        self.incremental = incremental and not incoming_only
         self._anchor: dict[int, tuple[list, torch.Tensor]] = {} if anchor_cache is None else anchor_cache
-        # per (group, slot): (plan versions of the slot's other groups, cross term)
-        self._terms: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        # per (group, slot): (plan versions of the slot's other groups, cross term, their plans, updates)
+        self._terms: dict[tuple[int, int], tuple] = {}
         # per (group, slot): the member's unit norms, which permutations of other groups do not change
         self._norms: dict[tuple[int, int], torch.Tensor] = {}
         # per group: the plan versions of its dependencies when it was last costed and solved
@@ -191,7 +201,8 @@ class WeightCost:
         out = []
         for si, s, others in chosen:
             per_unit = self.anchor[s.tensor].numel() // max(1, s.positions.shape[0])
-            out.append((si, s, others, mixed and not self.incoming_only and per_unit >= 16))
+            worth = not self.incoming_only and per_unit >= 16
+            out.append((si, s, others, worth and (mixed or self.incremental)))
         return out
 
     def slots(self, gi):
@@ -227,6 +238,46 @@ class WeightCost:
         computing norms or the U x U sum (weight matching needs no more)."""
         return self._cost(gi, plans, versions, norms=False)
 
+    def _update(self, gi: int, si: int, s, others, cached, plans, slot_key):
+        """A kept term brought to the current plans from the change alone, or None (recompute it).
+
+        The term is ``sum_c <a[u, c], b[v, idx[c]]>`` over the tensor's other dimension, ``idx`` being what the
+        other groups' permutations make of it. When they move only the positions ``K`` (a few units swapped),
+        the new term is the old one plus ``a[:, K] (b[:, new[K]] - b[:, old[K]])^T``: a product over ``|K|``
+        positions instead of all. Exact up to rounding; a term is recomputed after ``REFRESH`` updates, when
+        a third of the positions or more moved, or where this form does not apply (more than one other
+        dimension, soft plans, units with missing channels).
+        """
+        _, term, old, updates = cached
+        dims = self.graph.tensor_dims[s.tensor]
+        if updates >= self.REFRESH or len(dims) != 2 or (s.positions < 0).any():
+            return None
+        if any(p is not None and p.dim() != 1 for p in (*old.values(), *(plans[h] for h in others))):
+            return None
+        ((d, refs),) = [(d, refs) for d, refs in dims.items() if d != s.dim]
+        a, b = self.anchor[s.tensor], self.member[s.tensor]
+
+        def index(pl):
+            idx = torch.arange(b.shape[d])
+            for h, hi in refs:
+                if h != gi and pl[h] is not None:
+                    dst, src = _permutation_index(self.graph, h, hi, pl[h])
+                    idx[dst] = src
+            return idx
+
+        was, now = index(old), index(plans)
+        moved = (was != now).nonzero().flatten()
+        if 3 * moved.numel() >= b.shape[d]:
+            return None
+        if moved.numel():
+            fa = _unit_features(a.index_select(d, moved.to(a.device)), s.positions, s.dim)
+            fb_now = _unit_features(b.index_select(d, now[moved].to(b.device)), s.positions, s.dim)
+            fb_was = _unit_features(b.index_select(d, was[moved].to(b.device)), s.positions, s.dim)
+            term.addmm_(fa, (fb_now - fb_was).T)
+        entry = (slot_key, term, {h: plans[h] for h in others}, updates + 1)
+        self._terms[(gi, si)] = entry
+        return entry
+
     def _cost(self, gi: int, plans, versions, norms: bool) -> torch.Tensor | None:
         key = tuple(versions[h] for h in sorted(self.deps[gi]))
         if self._solved_at.get(gi) == key:
@@ -245,6 +296,8 @@ class WeightCost:
         for (si, s, others, keep), fa in zip(slots, feats):
             slot_key = tuple(versions[h] for h in others)
             cached = self._terms.get((gi, si))
+            if cached is not None and cached[0] != slot_key and self.incremental:
+                cached = self._update(gi, si, s, others, cached, plans, slot_key)
             if cached is not None and cached[0] == slot_key:
                 term, fresh = cached[1], False
                 if norms:
@@ -258,7 +311,8 @@ class WeightCost:
                     fb = self._member_features(gi, si, s, others, plans)
                 term, fresh = fa @ fb.T, True
                 if keep:
-                    self._terms[(gi, si)], fresh = (slot_key, term), False
+                    self._terms[(gi, si)] = (slot_key, term, {h: plans[h] for h in others}, 0)
+                    fresh = False
             # the terms are summed in slot order whether kept or recomputed: the same cost either way
             cross = (term if fresh else term.clone()) if cross is None else cross.add_(term)
             if norms:

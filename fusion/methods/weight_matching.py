@@ -64,7 +64,7 @@ def match(
     n = len(graph.groups)
     plans = list(plans) if plans is not None else [None] * n
     versions = [0] * n
-    cost = WeightCost(graph, target, member, incoming_only=False)
+    cost = WeightCost(graph, target, member, incoming_only=False, incremental=True)
     history = [objective(graph, target, member, plans)] if trace else []
     changed = True
     for _ in range(max_iter):
