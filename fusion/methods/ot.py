@@ -167,10 +167,14 @@ class WeightCost:
         incoming_only: bool,
         anchor_cache=None,
         incremental: bool = False,
+        start=None,
     ):
         self.graph, self.anchor, self.member = graph, anchor, member
         self.incoming_only = incoming_only
         self.incremental = incremental and not incoming_only
+        # (the member's state with the plans ``plans`` applied, plans): while a slot's groups still hold those
+        # plans, its features are read from that state instead of permuting the member's tensor again
+        self._start = start
         self._anchor: dict[int, tuple[list, torch.Tensor]] = {} if anchor_cache is None else anchor_cache
         # per (group, slot): (plan versions of the slot's other groups, cross term, their plans, updates)
         self._terms: dict[tuple[int, int], tuple] = {}
@@ -237,6 +241,26 @@ class WeightCost:
         the same constant to every permutation's total: maximising this term is minimising the cost, without
         computing norms or the U x U sum (weight matching needs no more)."""
         return self._cost(gi, plans, versions, norms=False)
+
+    def _term_at_start(self, gi: int, s, others, plans, fa):
+        """The slot's cross term from the start state, or None when a plan moved since or it does not apply.
+
+        The start state holds every group's plan, this group's too: its unit ``u`` is the member's unit
+        ``plan[u]``, so its products with ``fa`` are the term's columns in the order ``plan``, and the term is
+        that product with the columns put back (``[:, argsort(plan)]``): one U x U gather, no copy of the
+        member's tensor under the other groups' permutations."""
+        if self._start is None:
+            return None
+        state, start = self._start
+        if any(plans[h] is not start[h] for h in (gi, *others)):
+            return None
+        if any(p is not None and p.dim() != 1 for p in (plans[gi], *(plans[h] for h in others))):
+            return None
+        dims = self.graph.tensor_dims[s.tensor]
+        if any(h == gi for d, refs in dims.items() if d != s.dim for h, _ in refs):
+            return None  # the group also on another dimension: its cost leaves that one unpermuted
+        term = fa @ _unit_features(state[s.tensor], s.positions, s.dim).T
+        return term if plans[gi] is None else term[:, torch.argsort(plans[gi]).to(term.device)]
 
     def _update(self, gi: int, si: int, s, others, cached, plans, slot_key):
         """A kept term brought to the current plans from the change alone, or None (recompute it).
@@ -305,11 +329,13 @@ class WeightCost:
                     if slot_norms is None:  # a soft plan was involved: norms are not kept
                         slot_norms = self._member_side(gi, si, s, others, plans)[1]
             else:
-                if norms:
+                term = None if norms else self._term_at_start(gi, s, others, plans, fa)
+                if term is None and norms:
                     fb, slot_norms = self._member_side(gi, si, s, others, plans)
-                else:
-                    fb = self._member_features(gi, si, s, others, plans)
-                term, fresh = fa @ fb.T, True
+                    term = fa @ fb.T
+                elif term is None:
+                    term = fa @ self._member_features(gi, si, s, others, plans).T
+                fresh = True
                 if keep:
                     self._terms[(gi, si)] = (slot_key, term, {h: plans[h] for h in others}, 0)
                     fresh = False

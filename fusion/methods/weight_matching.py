@@ -56,15 +56,24 @@ def match(
     plans=None,
     trace=False,
     converged_flag=False,
+    start=None,
 ):
     """Permutations of ``member``'s groups maximising the inner product with ``target``; returns
     ``(plans, history)`` where ``history`` is the objective before the first and after every sweep (only
     with ``trace``: evaluating it costs a pass over every weight per sweep, about a third of the solve);
-    with ``converged_flag`` also whether the last sweep changed nothing (rather than ``max_iter`` ran out)."""
+    with ``converged_flag`` also whether the last sweep changed nothing (rather than ``max_iter`` ran out).
+    ``start``: ``member`` with ``plans`` applied, if at hand (the first sweep reads its features there)."""
     n = len(graph.groups)
     plans = list(plans) if plans is not None else [None] * n
     versions = [0] * n
-    cost = WeightCost(graph, target, member, incoming_only=False, incremental=True)
+    cost = WeightCost(
+        graph,
+        target,
+        member,
+        incoming_only=False,
+        incremental=True,
+        start=None if start is None else (start, list(plans)),
+    )
     history = [objective(graph, target, member, plans)] if trace else []
     changed = True
     for _ in range(max_iter):
@@ -175,6 +184,7 @@ def merge_many(graph, states, *, max_iter, generator, tol=0.0, history=None, rou
                 plans=member_plans[i],
                 trace=history is not None,
                 converged_flag=True,
+                start=aligned[i] if member_plans[i] is not None else None,
             )
             if history is not None:
                 history.append(hist)
