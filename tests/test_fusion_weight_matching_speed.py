@@ -246,3 +246,14 @@ def test_incremental_cross_terms_equal_the_recomputed_ones():
             torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-5)
         updated = max([updated, *(entry[3] for entry in cost._terms.values())])
     assert updated > 0, "the terms must have been updated, not only recomputed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_many_leaves_the_members_alone(dtype):
+    """The running sum starts from a copy of member 0's tensors, also when they are already float64."""
+    members, x = _members(3, width=16)
+    members = [m.to(dtype) for m in members]
+    before = [{n: t.clone() for n, t in m.state_dict().items()} for m in members]
+    fusion.fuse(members, "weight_matching", example_inputs=x.to(dtype))
+    for m, kept in zip(members, before):
+        assert all(torch.equal(t, kept[n]) for n, t in m.state_dict().items())

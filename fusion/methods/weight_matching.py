@@ -7,7 +7,8 @@ written by every block), so the permutations are found by coordinate descent: vi
 order (``seed``), solve each one exactly as a linear assignment with the others fixed, and sweep until no
 permutation changes (at most ``max_iter`` sweeps). Each step is the exact optimum of its sub-problem, so the
 objective never decreases. For N > 2 members, MergeMany: align every member in turn to the mean of the
-others (already aligned), until no permutation changes; the fused model is the mean of the aligned members.
+others (already aligned), until no permutation changes or a round raises MergeMany's objective by at most
+``tol`` (relative); the fused model is the mean of the aligned members.
 
 No per-architecture permutation spec is written by hand: the groups come from the tracer (residual
 streams, depthwise and grouped convolutions as whole blocks, attention heads as units).
@@ -124,7 +125,7 @@ def _aligned_sum(names, aligned) -> dict:
     """The members' sum per tensor, in float64 (summed afresh, in member order)."""
     total = {}
     for name in names:
-        acc = aligned[0][name].double()  # a copy
+        acc = aligned[0][name].to(torch.float64, copy=True)  # never the member's own tensor
         for a in aligned[1:]:
             acc += a[name]
         total[name] = acc
