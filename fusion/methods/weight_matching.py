@@ -97,7 +97,7 @@ def match(
 
 
 def weight_matching_plans(
-    models, *, example_inputs=None, max_iter=100, seed=0, verify=True, tol=1e-6, history=None, rounds=None
+    models, *, example_inputs=None, max_iter=100, seed=0, verify=True, tol=0.0, history=None, rounds=None
 ):
     """(graph, per member: its permutations). ``history``: a list that receives the objective per sweep of
     every match; ``rounds``: a list that receives MergeMany's objective (the sum of the aligned members'
@@ -231,7 +231,7 @@ def _in_frame_of_first(member_plans):
 
 
 @register("weight_matching")
-def weight_matching(models, *, example_inputs=None, max_iter=100, seed=0, verify=True, tol=1e-6):
+def weight_matching(models, *, example_inputs=None, max_iter=100, seed=0, verify=True, tol=0.0):
     """Permute the members to maximise weight inner products (Git Re-Basin; MergeMany for N > 2), then average.
     ``tol``: MergeMany stops once a round raises its objective by at most ``tol`` (relative); 0: only once no
     permutation changes."""
