@@ -11,6 +11,8 @@ here walks the dependency graph itself.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -618,25 +620,12 @@ def _shared_head_tables(
             n
         ) in names:  # each attention's own head slots, as _attention_heads makes them (names made absolute)
             (own_group,) = _attention_heads(modules[n], [])
-            slots += [
-                Slot(n + s.tensor, s.dim, s.role, s.kind, s.is_weight, n + s.layer, s.positions)
-                for s in own_group.slots
-            ]
+            slots += [dataclasses.replace(s, tensor=n + s.tensor, layer=n + s.layer) for s in own_group.slots]
         seen = set()
         for s in extras:
             if (s.tensor, s.dim) not in seen:
                 seen.add((s.tensor, s.dim))
-                slots.append(
-                    Slot(
-                        s.tensor,
-                        s.dim,
-                        s.role,
-                        s.kind,
-                        s.is_weight,
-                        s.layer,
-                        torch.arange(heads)[:, None, None],
-                    )
-                )
+                slots.append(dataclasses.replace(s, positions=torch.arange(heads)[:, None, None]))
         groups = [g for gi, g in enumerate(groups) if gi not in set(gis)]
         groups.append(ChannelGroup(f"{names[0]}.heads", heads, slots, unit_kind="head"))
         handled |= set(names)

@@ -15,6 +15,7 @@ model's state, skeleton and calls are in :mod:`fusion.state`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -43,7 +44,7 @@ from .attention import (
 )
 from .axes import channel_fastest_merges, functional_linears_as_modules, label_axes, out_shape
 from .errors import FusionError
-from .groups import ChannelGraph, ChannelGroup, Slot, serial, slot_of
+from .groups import ChannelGraph, ChannelGroup, serial, slot_of
 from .layers import (
     IN,
     OUT,
@@ -584,7 +585,7 @@ def _one_slot_per_segment(groups: list[ChannelGroup], dims: set) -> list[Channel
                 for r in range(s.positions.shape[2]):
                     piece = s.positions[:, :, r : r + 1]
                     if bool((piece >= 0).any()):
-                        slots.append(Slot(s.tensor, s.dim, s.role, s.kind, s.is_weight, s.layer, piece))
+                        slots.append(dataclasses.replace(s, positions=piece))
             else:
                 slots.append(s)
         out.append(ChannelGroup(g.name, g.n_units, slots, unit_kind=g.unit_kind))

@@ -9,6 +9,8 @@ trace is refused by the self-check. Small hand-built models (timm's own attentio
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -415,15 +417,7 @@ def _heads_as_channels(graph: ChannelGraph, heads: ChannelGroup) -> ChannelGraph
     move within and across heads."""
     gi = graph.groups.index(heads)
     chans = [
-        Slot(
-            s.tensor,
-            s.dim,
-            s.role,
-            s.kind,
-            s.is_weight,
-            s.layer,
-            s.positions.reshape(-1, 1, s.positions.shape[2]),
-        )
+        dataclasses.replace(s, positions=s.positions.reshape(-1, 1, s.positions.shape[2]))
         for s in heads.slots
     ]
     n = chans[0].positions.shape[0]
