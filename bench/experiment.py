@@ -8,7 +8,6 @@ leaves no run and no cache entry; anything that fails later leaves the run FAILE
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
 import time
@@ -281,8 +280,9 @@ class Experiment:
         cost[schema.FUSED_LATENCY_MS] = latency_ms(self.fused, lat_batch)
         cost[schema.ENSEMBLE_LATENCY_MS] = latency_ms(self.ensemble, lat_batch)
         cost[schema.FUSED_ACC_RAW] = evaluate(self.fused, self.data.test)[0]
-        with contextlib.suppress(fusion.FusionError):  # the trace the fusion used (cached), if it traced
-            cost[schema.PINNED_CHANNEL_SETS] = len(fusion.channel_groups(self.models[0], self.example).pinned)
+        prov = fusion.provenance_of(self.fused)
+        if prov is not None and prov.sources is not None:  # a method on the traced groups (plain averaging has none)
+            cost[schema.PINNED_CHANNEL_SETS] = len(prov.pinned)
         self.timings["cost_measure"] = time.perf_counter() - t
         self._log(cost)
 

@@ -64,7 +64,7 @@ def average_aligned(method: str, models, graph, member_plans, template_index: in
             if is_float(t):
                 t.div_(len(models))
     fused = build_model(models[template_index], total)
-    return attach(fused, from_plans(method, [g.n_units for g in graph.groups], member_plans))
+    return attach(fused, from_plans(method, [g.n_units for g in graph.groups], member_plans, graph.pinned))
 
 
 def align(models, method: str, *, example_inputs=None, **options) -> list[nn.Module]:

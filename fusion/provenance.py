@@ -34,6 +34,8 @@ class Provenance:
     sources: list[Sources] | None
     # with sources None: the members' weights in that average (None: uniform); e.g. (1 - a, a) on a linear path
     member_weights: tuple[float, ...] | None = None
+    # the traced channel sets kept in place and averaged (``ChannelGraph.pinned``): in no group, so in no sources
+    pinned: tuple[str, ...] = ()
 
     def group_sources(self, gi: int, n_units: int) -> Sources:
         """The entries of group ``gi`` (``n_units``: the members' units in that group)."""
@@ -65,16 +67,16 @@ class Provenance:
         return out / total.clamp(min=1e-12).reshape(-1, *([1] * (out.dim() - 1)))
 
 
-def from_selection(method: str, n_members: int, selection) -> Provenance:
+def from_selection(method: str, n_members: int, selection, pinned=()) -> Provenance:
     """NT-style: fused unit k of a group is exactly unit ``units[k]`` of member ``members[k]``."""
     sources = []
     for members, units in selection:
         k = members.numel()
         sources.append((torch.arange(k), members.clone().cpu(), units.clone().cpu(), torch.ones(k)))
-    return Provenance(method, n_members, sources)
+    return Provenance(method, n_members, sources, pinned=tuple(pinned))
 
 
-def from_plans(method: str, group_units: list[int], member_plans: list[list | None]) -> Provenance:
+def from_plans(method: str, group_units: list[int], member_plans: list[list | None], pinned=()) -> Provenance:
     """Alignment then averaging: ``member_plans[m]`` is None for the anchor (identity) or one plan per group:
     None (identity), a permutation (aligned unit i is member unit ``perm[i]``) or a row-stochastic matrix
     ``M`` (aligned unit i is ``sum_j M[i, j]`` member unit j). Every fused unit is the mean of the aligned units.
@@ -97,7 +99,7 @@ def from_plans(method: str, group_units: list[int], member_plans: list[list | No
                 w = plan.cpu()[rows, cols].float() / n
                 parts.append((rows, torch.full_like(rows, m), cols, w))
         sources.append(tuple(torch.cat([p[i] for p in parts]) for i in range(4)))
-    return Provenance(method, n, sources)
+    return Provenance(method, n, sources, pinned=tuple(pinned))
 
 
 def identity(n_units: list[int], member: int, n_members: int) -> Provenance:
@@ -131,7 +133,7 @@ def compose(outer: Provenance, inner: list[Provenance], group_units: list[int]) 
             idx = starts[refs].repeat_interleave(c) + offset
             parts.append((fused[pick][entry], m2[idx], u2[idx], w2[idx] * weights[pick][entry]))
         sources.append(tuple(torch.cat([p[i] for p in parts]) for i in range(4)))
-    return Provenance(outer.method, inner[0].n_members, sources)
+    return Provenance(outer.method, inner[0].n_members, sources, pinned=outer.pinned)
 
 
 def attach(model: nn.Module, provenance: Provenance) -> nn.Module:

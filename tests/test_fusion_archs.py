@@ -343,7 +343,10 @@ def test_channels_mixed_across_the_channel_axis_are_pinned_and_averaged():
     assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-6
 
     for method in ("nt", "avg", "ot", "weight_matching"):
-        fused = fusion.fuse(members, method, example_inputs=x).state_dict()
+        model = fusion.fuse(members, method, example_inputs=x)
+        prov = fusion.provenance_of(model)
+        assert prov.pinned == (() if method == "avg" else (pinned,)), method  # what experiments log
+        fused = model.state_dict()
         for k in ("c1.weight", "bn1.weight", "eca.conv.weight"):
             mean = (members[0].state_dict()[k] + members[1].state_dict()[k]) / 2
             assert torch.allclose(fused[k], mean, atol=1e-6), (method, k)

@@ -67,7 +67,7 @@ def transplant(models, example_inputs, sparsity, p, verify=True, method="nt", in
         state = graph.assemble(states, selection)
     fused = build_model(models[0], state)
     check_runs(fused, example_inputs, like=models[0])
-    prov = from_selection(method, len(models), selection)
+    prov = from_selection(method, len(models), selection, graph.pinned)
     if inner is not None:
         prov = compose(prov, inner, [g.n_units for g in graph.groups])
     return attach(fused, prov)

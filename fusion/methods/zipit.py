@@ -350,4 +350,4 @@ def zipit(models, *, example_inputs=None, data=None, alpha=0.3, beta=0.125, veri
                 fused_state[name] = total.div_(n) if graph.is_consumer_only(name) else total
     fused = build_model(models[0], fused_state)
     check_runs(fused, inputs)
-    return attach(fused, Provenance("zipit", n, sources))
+    return attach(fused, Provenance("zipit", n, sources, pinned=tuple(graph.pinned)))
