@@ -177,3 +177,24 @@ def model_out(model, x):
 def rel_err(a, b) -> float:
     """The largest absolute difference of ``a`` from the reference ``b``, relative to ``b``'s largest magnitude."""
     return float((a - b).abs().max() / b.abs().max())
+
+
+def permuted_keeps_function(make, model, graph, x, seed: int = 1) -> None:
+    """Oracle: ``model`` with every traced group permuted at random, loaded into a fresh ``make()``, computes the
+    same function (persistent tensors only: the assembled state also holds non-persistent buffers)."""
+    import torch
+
+    from fusion.state import full_state
+
+    state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(seed)))
+    permuted = make()
+    permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)
+    assert rel_err(model_out(permuted, x), model_out(model, x)) < 1e-5
+
+
+def claims(graph, tensor: str, dim: int):
+    """How many times each position of a tensor dimension is claimed by the graph's slots."""
+    import torch
+
+    pos = torch.cat([graph._slot(r).positions.reshape(-1) for r in graph.tensor_dims[tensor][dim]])
+    return torch.bincount(pos[pos >= 0], minlength=graph.shapes[tensor][dim])

@@ -14,11 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import model_out, rel_err
+from conftest import model_out, permuted_keeps_function, rel_err
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup, Slot
-from fusion.state import full_state
 from fusion.verify import verify_permutation_invariance
 
 
@@ -41,13 +40,6 @@ def _members(make, n: int = 2) -> list[nn.Module]:
 def _head_group(graph) -> ChannelGroup:
     (heads,) = [g for g in graph.groups if g.unit_kind == "head"]
     return heads
-
-
-def _permuted_keeps_function(make, model: nn.Module, graph, x) -> None:
-    state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
-    permuted = make()
-    permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)
-    assert rel_err(model_out(permuted, x), model_out(model, x)) < 1e-5
 
 
 def _ensemble_err(fused, members, x) -> float:
@@ -112,7 +104,7 @@ def test_levit_attention_behind_linear_norms_moves_whole_heads(downsample):
     } <= set(tensors)
     if downsample:
         assert tensors[("attn.q.ln.linear.weight", 0)].positions.shape == (2, 4, 1)
-    _permuted_keeps_function(lambda: LeViTNet(downsample), members[0], graph, x)
+    permuted_keeps_function(lambda: LeViTNet(downsample), members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)  # BatchNorms keep channels apart
     assert wide.attn.num_heads == 4 and wide.attn.val_attn_dim == 4 * 8
     assert _ensemble_err(wide, members, x) < 1e-5
@@ -168,7 +160,7 @@ def test_conv_norm_attention_with_local_values_moves_whole_heads(downsample):
         ("attn.proj.conv.weight", 1),
         ("attn.attention_biases", 0),
     } <= set(tensors)
-    _permuted_keeps_function(lambda: ConvNormAttnNet(downsample), members[0], graph, x)
+    permuted_keeps_function(lambda: ConvNormAttnNet(downsample), members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 4 and wide.attn.dh == 4 * 8
     assert _ensemble_err(wide, members, x) < 1e-5
@@ -212,7 +204,7 @@ def test_outlook_attention_weights_move_with_the_heads():
     assert heads.n_units == 2
     assert tensors[("attn.attn.weight", 0)].positions[1, :, 0].tolist() == list(range(81, 162))
     assert {("attn.attn.bias", 0), ("attn.v.weight", 0), ("attn.proj.weight", 1)} <= set(tensors)
-    _permuted_keeps_function(OutlookNet, members[0], graph, x)
+    permuted_keeps_function(OutlookNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 4 and wide.attn.attn.out_features == 4 * 81
     assert _ensemble_err(wide, members, x) < 1e-5
@@ -273,7 +265,7 @@ def test_attention_whose_output_is_its_heads_values(kind, size):
         assert tensors[("attn.kv.weight", 0)].positions[1, :, 0].tolist() == list(range(7, 14))
     # the relative-position tables [positions, dim_head_qk] are read by every head: in no group
     assert not any(s.tensor.startswith("attn.pos_embed") for g in graph.groups for s in g.slots)
-    _permuted_keeps_function(lambda: OutputHeadsNet(kind), members[0], graph, x)
+    permuted_keeps_function(lambda: OutputHeadsNet(kind), members[0], graph, x)
     twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert twin.attn.num_heads == 4 and twin.attn.dim_out_qk == 12 and twin.attn.dim_out_v == 16
     assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-5
@@ -338,7 +330,7 @@ def test_queries_from_outside_make_their_stream_move_by_heads():
         ("stage.global_norm.weight", 0),
         ("stage.blocks.1.attn.rel_pos.relative_position_bias_table", 1),
     } <= set(tensors)
-    _permuted_keeps_function(GlobalQueryNet, members[0], graph, x)
+    permuted_keeps_function(GlobalQueryNet, members[0], graph, x)
     twin = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)  # LayerNorms: the twin
     assert twin.stage.blocks[1].attn.num_heads == 4
     assert rel_err(model_out(twin, x), model_out(members[0], x)) < 1e-5

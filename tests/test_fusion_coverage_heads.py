@@ -14,11 +14,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from conftest import model_out, rel_err
+from conftest import model_out, permuted_keeps_function, rel_err
 
 import fusion
 from fusion.groups import ChannelGraph, ChannelGroup, Slot
-from fusion.state import full_state
 from fusion.verify import verify_permutation_invariance
 
 
@@ -32,13 +31,6 @@ def _members(cls, n: int = 2) -> list[nn.Module]:
                 p.add_(torch.randn_like(p) * 0.1)
         out.append(m)
     return out
-
-
-def _permuted_keeps_function(cls, model: nn.Module, graph, x) -> None:
-    state = graph.assemble([full_state(model)], graph.random_permutation(torch.Generator().manual_seed(1)))
-    permuted = cls()
-    permuted.load_state_dict({k: state[k] for k in permuted.state_dict()}, strict=True)  # persistent ones
-    assert rel_err(model_out(permuted, x), model_out(model, x)) < 1e-5
 
 
 def _without_slot(graph, tensor: str, dim: int) -> ChannelGraph:
@@ -83,7 +75,7 @@ def test_talking_heads_mix_heads_rows_and_columns():
         for layer in ("proj_l", "proj_w")
         for t, d in (("weight", 0), ("weight", 1), ("bias", 0))
     }
-    _permuted_keeps_function(TalkingNet, members[0], graph, x)
+    permuted_keeps_function(TalkingNet, members[0], graph, x)
     # the heads of two members do not mix: the concatenation is the ensemble
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 8 and wide.attn.proj_l.weight.shape == (8, 8)
@@ -131,7 +123,7 @@ def test_reduction_convolution_in_attention_is_not_per_head():
         g for g in graph.groups if any((s.tensor, s.dim) == ("attn.sr.weight", 0) for s in g.slots)
     )
     assert reduced.unit_kind == "channel" and reduced.n_units == 16  # sr -> norm -> kv, its own channels
-    _permuted_keeps_function(SubSampleNet, members[0], graph, x)
+    permuted_keeps_function(SubSampleNet, members[0], graph, x)
     # a LayerNorm after the reduction normalizes across channels: the concatenation of a member with itself
     # is the member
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
@@ -162,7 +154,7 @@ def test_expand_along_the_batch_keeps_channels():
     members = _members(RepeatNet)
     graph = fusion.channel_groups(members[0], x)  # traced (no division by zero) and self-checked
     assert len(graph.groups) == 1 and set(graph.groups[0].layers) == {"c1", "c2", "fc"}
-    _permuted_keeps_function(RepeatNet, members[0], graph, x)
+    permuted_keeps_function(RepeatNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
     try:  # c2's input columns left out of the group: caught
@@ -200,7 +192,7 @@ def test_gated_positional_attention_moves_whole_heads():
     assert heads.n_units == 4 and {"attn.qk", "attn.v", "attn.proj"} <= set(heads.layers)
     per_head = {(s.tensor, s.dim) for s in heads.slots if s.kind == "param"}
     assert per_head == {("attn.pos_proj.weight", 0), ("attn.pos_proj.bias", 0), ("attn.gating_param", 0)}
-    _permuted_keeps_function(GpsaNet, members[0], graph, x)
+    permuted_keeps_function(GpsaNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
     assert wide.attn.num_heads == 8
     assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
@@ -244,7 +236,7 @@ def test_head_major_attention_moves_whole_heads(ratio):
     width = 8 + 4 * ratio
     assert heads.n_units == 4 and qkv.positions[1, :, 0].tolist() == list(range(width, 2 * width))
     assert ("attn.attention_biases", 0) in {(s.tensor, s.dim) for s in heads.slots}
-    _permuted_keeps_function(lambda: HeadMajorNet(ratio), members[0], graph, x)
+    permuted_keeps_function(lambda: HeadMajorNet(ratio), members[0], graph, x)
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert same.attn.num_heads == 8 and same.attn.out_dim == 8 * 4 * ratio
     assert rel_err(model_out(same, x), model_out(members[0], x)) < 1e-5
@@ -313,7 +305,7 @@ def test_layers_shared_by_all_heads_stay_and_heads_move_whole():
     assert heads.n_units == 2
     claimed = {s.tensor for g in graph.groups for s in g.slots}
     assert not claimed & {"attn.pool_q.weight", "attn.norm_q.weight", "attn.rel_pos_h", "attn.pool_k.weight"}
-    _permuted_keeps_function(PoolingAttnNet, members[0], graph, x)
+    permuted_keeps_function(PoolingAttnNet, members[0], graph, x)
     # shared by the heads, these layers are averaged across members: a member with itself is the member
     same = fusion.fuse([members[0], members[0]], "nt", example_inputs=x, sparsity=0.0)
     assert same.attn.num_heads == 4 and same.attn.dim_out == 32
@@ -360,7 +352,7 @@ def test_functional_qkv_with_split_biases_and_rotary_moves_whole_heads():
     assert {"attn.q_bias", "attn.k_bias", "attn.v_bias", "attn.qkv.weight"} <= {s.tensor for s in heads.slots}
     stream = next(g for g in graph.groups if any(s.tensor == "embed.weight" for s in g.slots))
     assert ("attn.qkv.weight", 1) in {(s.tensor, s.dim) for s in stream.slots}
-    _permuted_keeps_function(RopeNet, members[0], graph, x)
+    permuted_keeps_function(RopeNet, members[0], graph, x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)  # no norm across channels here
     assert wide.attn.num_heads == 8 and wide.attn.k_bias.shape == (32,)
     assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-6
@@ -403,7 +395,7 @@ def test_heads_sharing_a_table_move_together():
     heads = [g for g in graph.groups if g.unit_kind == "head"]
     assert len(heads) == 1 and heads[0].n_units == 4
     assert {"attn1.qkv", "attn2.qkv", "rel_pos.mlp.fc2"} <= set(heads[0].layers)
-    _permuted_keeps_function(SharedRelPosNet, members[0], graph, x)
+    permuted_keeps_function(SharedRelPosNet, members[0], graph, x)
     fused = fusion.fuse(members, "nt", example_inputs=x)  # the members' width (the MLP keeps num_heads)
     fresh = SharedRelPosNet()
     fresh.load_state_dict(fused.state_dict(), strict=True)

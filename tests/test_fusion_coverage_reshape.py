@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import claims, model_out, rel_err
 
 import fusion
 from fusion import trace
@@ -133,20 +134,6 @@ def _x():
     return torch.randn(2, 3, 8, 8)
 
 
-def _out(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def _claims(graph, tensor: str, dim: int) -> torch.Tensor:
-    pos = torch.cat([graph._slot(r).positions.reshape(-1) for r in graph.tensor_dims[tensor][dim]])
-    return torch.bincount(pos[pos >= 0], minlength=graph.shapes[tensor][dim])
-
-
 def _fresh_trace(model, x):
     trace._CACHE.clear()
     return fusion.channel_groups(model, x)
@@ -169,16 +156,16 @@ def test_reshape_models_trace_claim_every_channel_once_and_load(cls, kw):
     graph = _fresh_trace(members[0], x)  # the self-check runs inside: a random permutation keeps the function
     for tensor, dims in graph.tensor_dims.items():
         for d in dims:
-            assert (_claims(graph, tensor, d) == 1).all(), (tensor, d)
+            assert (claims(graph, tensor, d) == 1).all(), (tensor, d)
     state = full_state(members[0])
     new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(3)))
     assert sum(not torch.equal(new[k], state[k]) for k in graph.tensor_dims) >= len(graph.tensor_dims) // 2
-    assert _rel(_out(build_model(members[0], new), x), _out(members[0], x)) < 1e-5
+    assert rel_err(model_out(build_model(members[0], new), x), model_out(members[0], x)) < 1e-5
     for method in ("nt", "avg"):
         fused = fusion.fuse(members, method, example_inputs=x)
         fresh = cls(**kw).eval()
         fresh.load_state_dict(fused.state_dict(), strict=True)
-        assert torch.isfinite(_out(fresh, x)).all()
+        assert torch.isfinite(model_out(fresh, x)).all()
 
 
 @pytest.mark.parametrize("cls", [PatchMerging, SelectiveKernel], ids=["patch_merging", "selective_kernel"])
@@ -188,7 +175,7 @@ def test_nt_at_sparsity0_is_the_ensemble_through_reshapes(cls):
     members = _members(cls)
     x = _x()
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
 
 
 def test_patch_merging_inputs_are_four_segments_of_the_same_channels():
@@ -211,9 +198,9 @@ def test_patch_merging_inputs_are_four_segments_of_the_same_channels():
     good["reduction.weight"] = state["reduction.weight"][:, cols[:, perm].reshape(-1)]
     stride = torch.arange(4 * c).reshape(c, 4)  # the wrong layout: channel j at 4j ... 4j + 3
     bad["reduction.weight"] = state["reduction.weight"][:, stride[perm].reshape(-1)]
-    ref = _out(model, x)
-    assert _rel(_out(build_model(model, good), x), ref) < 1e-5
-    assert _rel(_out(build_model(model, bad), x), ref) > 1e-3
+    ref = model_out(model, x)
+    assert rel_err(model_out(build_model(model, good), x), ref) < 1e-5
+    assert rel_err(model_out(build_model(model, bad), x), ref) > 1e-3
 
 
 def test_selective_kernel_logits_pair_channel_i_with_i_plus_c():
@@ -335,4 +322,4 @@ def test_channels_merged_into_the_batch_axis_keep_torch_pruning_mapping():
     x = _x()
     _fresh_trace(members[0], x)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5

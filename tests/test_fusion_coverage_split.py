@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import claims, model_out, rel_err
 
 import fusion
 from fusion.build import build_model
@@ -121,21 +122,6 @@ def _x(cls):
     return torch.randn(2, 7, 4) if cls is TokenChunk else torch.randn(2, 3, 12, 12)
 
 
-def _out(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def _claims(graph, tensor: str, dim: int) -> torch.Tensor:
-    """How many times each position of a tensor dimension is claimed by the graph's slots."""
-    pos = torch.cat([graph._slot(r).positions.reshape(-1) for r in graph.tensor_dims[tensor][dim]])
-    return torch.bincount(pos[pos >= 0], minlength=graph.shapes[tensor][dim])
-
-
 CASES = [PartialConv, CrossStage, FourBranches, TokenChunk]
 
 
@@ -147,7 +133,7 @@ def test_split_models_trace_and_every_channel_is_claimed_once(cls):
     for tensor, dims in graph.tensor_dims.items():
         for d in dims:
             assert torch.equal(
-                _claims(graph, tensor, d), torch.ones(graph.shapes[tensor][d], dtype=torch.long)
+                claims(graph, tensor, d), torch.ones(graph.shapes[tensor][d], dtype=torch.long)
             ), (
                 tensor,
                 d,
@@ -156,7 +142,7 @@ def test_split_models_trace_and_every_channel_is_claimed_once(cls):
     state = full_state(model)
     new = graph.assemble([state], graph.random_permutation(torch.Generator().manual_seed(3)))
     assert sum(not torch.equal(new[k], state[k]) for k in graph.tensor_dims) >= len(graph.tensor_dims) // 2
-    assert _rel(_out(build_model(model, new), x), _out(model, x)) < 1e-5
+    assert rel_err(model_out(build_model(model, new), x), model_out(model, x)) < 1e-5
 
 
 def test_a_split_group_becomes_one_group_per_chunk():
@@ -177,7 +163,7 @@ def test_a_split_group_becomes_one_group_per_chunk():
     new = dict(state)
     new["stem.weight"], new["stem.bias"] = state["stem.weight"][perm], state["stem.bias"][perm]
     new["mix.weight"] = state["mix.weight"][:, perm]
-    assert _rel(_out(build_model(model, new), x), _out(model, x)) > 1e-3
+    assert rel_err(model_out(build_model(model, new), x), model_out(model, x)) > 1e-3
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["split", "slice"])
@@ -193,7 +179,7 @@ def test_fixed_size_split_fuses_at_member_width(sliced):
         fused = fusion.fuse(members, method, example_inputs=x)
         fresh = PartialConv(sliced=sliced).eval()
         fresh.load_state_dict(fused.state_dict(), strict=True)
-        assert torch.isfinite(_out(fresh, x)).all()
+        assert torch.isfinite(model_out(fresh, x)).all()
 
 
 @pytest.mark.parametrize("cls", [CrossStage, TokenChunk], ids=lambda c: c.__name__)
@@ -203,11 +189,11 @@ def test_nt_at_sparsity0_is_the_ensemble_through_chunks(cls):
     members = _members(cls)
     x = _x(cls)
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
     fused = fusion.fuse(members, "nt", example_inputs=x)
     fresh = cls().eval()
     fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert torch.isfinite(_out(fresh, x)).all()
+    assert torch.isfinite(model_out(fresh, x)).all()
 
 
 @pytest.mark.parametrize("arch", ["inception_next_atto", "fasternet_t0"])
@@ -222,7 +208,7 @@ def test_timm_split_models_trace_with_every_channel_claimed_once(arch):
     graph = fusion.channel_groups(model, x)
     for tensor, dims in graph.tensor_dims.items():
         for d in dims:
-            assert (_claims(graph, tensor, d) == 1).all(), (tensor, d)
+            assert (claims(graph, tensor, d) == 1).all(), (tensor, d)
 
 
 class Aggregation(nn.Module):
@@ -251,4 +237,4 @@ def test_a_group_concatenated_twice_around_another_keeps_the_concatenation_order
     runs = sorted(int(s.positions.min()) for s in a.slots if s.tensor == "root.weight")
     assert runs == [0, 7]
     wide = fusion.fuse(members, "nt", example_inputs=x, sparsity=0.0)
-    assert _rel(_out(wide, x), _out(fusion.ensemble(members), x)) < 1e-5
+    assert rel_err(model_out(wide, x), model_out(fusion.ensemble(members), x)) < 1e-5
